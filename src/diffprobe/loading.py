@@ -1,0 +1,91 @@
+"""``diffprobe.load``: an alias, hub id or local folder -> a :class:`~diffprobe.models.Model`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffprobe.errors import ModelLoadError
+from diffprobe.models import Model, adapter_for_pipeline
+from diffprobe.registry import ModelSpec, resolve
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def from_pipeline(pipe: Any, spec: ModelSpec | None = None, name: str | None = None) -> Model:
+    """Wrap an already built diffusers pipeline."""
+    return adapter_for_pipeline(pipe)(pipe, spec, name)
+
+
+def _hub_failure(spec: ModelSpec, name: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    why = "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache" if offline else (
+        f"the hub could not be reached or refused access ({type(err).__name__})"
+    )
+    return ModelLoadError(
+        f"could not load '{name}' from the Hugging Face hub ({spec.source}): {why}. "
+        f"Log in (`hf auth login`), accept the licence at https://huggingface.co/{spec.source} "
+        "if it is gated, or pass a local diffusers folder: diffprobe.load('/path/to/folder')."
+    )
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    **pipeline_kwargs: Any,
+) -> Model:
+    """Load a model by alias (``diffprobe models`` lists them), hub id or local folder.
+
+    ``dtype`` defaults to float32 (the safe choice on CPU); ``device`` to CPU.
+    """
+    from diffusers import DiffusionPipeline
+
+    name = str(name_or_path)
+    spec = resolve(name)
+    torch_dtype = parse_dtype(dtype) or torch.float32
+    kwargs = {"torch_dtype": torch_dtype, **pipeline_kwargs}
+    if spec.family in ("sd",) and spec.alias not in (None, "tiny"):
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
+    if spec.local:
+        folder = Path(spec.source)
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"'{name}': no diffusers pipeline at {folder} (model_index.json missing)"
+                + (" — run `diffprobe train-tiny` to rebuild it" if spec.alias == "tiny" else "")
+            )
+        pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    else:
+        try:
+            # the cache first: no network round trip when the weights are already here
+            pipe = DiffusionPipeline.from_pretrained(spec.source, local_files_only=True, **kwargs)
+        except Exception:  # noqa: BLE001 - any failure here just means "not cached"
+            try:
+                pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs)
+            except Exception as err:  # noqa: BLE001 - hub errors come in many types
+                raise _hub_failure(spec, name, err) from None
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return from_pipeline(pipe, spec, spec.alias or name)

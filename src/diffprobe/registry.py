@@ -1,0 +1,103 @@
+"""The model registry: aliases for the published models, and how to resolve a name to a source.
+
+Each alias records its family (which adapter wraps it), its hub id, native resolution and
+prediction type. ``list_models()`` gives them all; ``resolve()`` turns an alias, a hub id or a
+local diffusers folder into a :class:`ModelSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffprobe.errors import UnknownModelError, did_you_mean
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What diffprobe knows about a model before loading it."""
+
+    alias: str | None
+    family: str  # sd, sdxl, sd3, flux, if, ddpm
+    source: str  # hub id or local folder
+    resolution: int
+    prediction_type: str  # epsilon, v_prediction, flow
+    description: str = ""
+    local: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.alias is None:
+        raise ValueError("a registered model needs an alias")
+    _MODELS[spec.alias] = spec
+    return spec
+
+
+for _spec in [
+    ModelSpec("tiny", "sd", str(ASSETS / "tiny"), 64, "epsilon",
+              "diffprobe's own SD trained on the shapes world (embedded, offline)", local=True),
+    ModelSpec("sd1.5", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", 512, "epsilon",
+              "Stable Diffusion 1.5"),
+    ModelSpec("sd2.1", "sd", "stabilityai/stable-diffusion-2-1", 768, "v_prediction",
+              "Stable Diffusion 2.1, 768 px, v-prediction"),
+    ModelSpec("sd2.1-base", "sd", "stabilityai/stable-diffusion-2-1-base", 512, "epsilon",
+              "Stable Diffusion 2.1 base, 512 px"),
+    ModelSpec("sd-turbo", "sd", "stabilityai/sd-turbo", 512, "epsilon",
+              "SD-Turbo (adversarial distillation of SD 2.1), 1-4 steps, no CFG"),
+    ModelSpec("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", 1024, "epsilon",
+              "Stable Diffusion XL base 1.0"),
+    ModelSpec("sdxl-turbo", "sdxl", "stabilityai/sdxl-turbo", 512, "epsilon",
+              "SDXL-Turbo, 1-4 steps, no CFG"),
+    ModelSpec("sd3", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 1024, "flow",
+              "Stable Diffusion 3 medium (MMDiT, rectified flow)"),
+    ModelSpec("sd3.5", "sd3", "stabilityai/stable-diffusion-3.5-large", 1024, "flow",
+              "Stable Diffusion 3.5 large (MMDiT, rectified flow)"),
+    ModelSpec("flux-schnell", "flux", "black-forest-labs/FLUX.1-schnell", 1024, "flow",
+              "FLUX.1 schnell (timestep-distilled, 1-4 steps, no CFG)"),
+    ModelSpec("if-i", "if", "DeepFloyd/IF-I-XL-v1.0", 64, "epsilon",
+              "DeepFloyd IF stage I (pixel space, T5-XXL)"),
+    ModelSpec("ddpm-celebahq", "ddpm", "google/ddpm-celebahq-256", 256, "epsilon",
+              "pixel DDPM UNet2DModel on CelebA-HQ 256 (the Asyrp setting)"),
+]:
+    register_model(_spec)
+
+
+def list_models() -> list[ModelSpec]:
+    """Every registered alias, in registration order."""
+    return list(_MODELS.values())
+
+
+def resolve(name_or_path: str | Path) -> ModelSpec:
+    """Turn an alias, a local diffusers folder or a hub id into a :class:`ModelSpec`.
+
+    The family of a folder or hub id is unknown until it is loaded (``family="auto"``).
+    """
+    name = str(name_or_path)
+    if name in _MODELS:
+        return _MODELS[name]
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UnknownModelError(
+                f"'{name}' is a path but not a diffusers pipeline folder (no model_index.json "
+                "in it); pass a folder written by `pipeline.save_pretrained(...)`"
+            )
+        return ModelSpec(None, "auto", str(path.resolve()), 0, "auto", local=True)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return ModelSpec(None, "auto", name, 0, "auto")
+    close = did_you_mean(name, list(_MODELS))
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model '{name}'.{hint} Known aliases: {', '.join(_MODELS)}. "
+        "Also accepted: a hub id ('org/name') or a local diffusers folder. "
+        "`diffprobe models` lists the aliases."
+    )
