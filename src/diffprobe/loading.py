@@ -31,6 +31,16 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
 
 
+def _dtype_keyword() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (0.36+); use what the installed one takes."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    except ImportError:
+        return "torch_dtype"
+
+
 def from_pipeline(pipe: Any, spec: ModelSpec | None = None, name: str | None = None) -> Model:
     """Wrap an already built diffusers pipeline."""
     return adapter_for_pipeline(pipe)(pipe, spec, name)
@@ -64,7 +74,7 @@ def load(
     name = str(name_or_path)
     spec = resolve(name)
     torch_dtype = parse_dtype(dtype) or torch.float32
-    kwargs = {"torch_dtype": torch_dtype, **pipeline_kwargs}
+    kwargs = {_dtype_keyword(): torch_dtype, **pipeline_kwargs}
     if spec.family in ("sd",) and spec.alias not in (None, "tiny"):
         kwargs.setdefault("safety_checker", None)
         kwargs.setdefault("requires_safety_checker", False)

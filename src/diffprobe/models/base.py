@@ -80,6 +80,18 @@ class Conditioning:
         )
 
 
+def negative_prompts(prompts: Sequence[str], negative: Sequence[str] | str | None) -> list[str] | None:
+    """One negative prompt per prompt (a single string is repeated), or None for no CFG."""
+    if negative is None:
+        return None
+    if isinstance(negative, str):
+        return [negative] * len(prompts)
+    negative = list(negative)
+    if len(negative) != len(prompts):
+        raise DiffprobeError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+    return negative
+
+
 def _as_indices(index: slice | Sequence[int] | torch.Tensor, length: int) -> list[int]:
     if isinstance(index, slice):
         return list(range(length))[index]

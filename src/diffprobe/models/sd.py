@@ -6,12 +6,13 @@ UNet2DConditionModel). Denoiser sites: ``unet.*``; text: ``text_encoder.*``; VAE
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from diffprobe.models.base import Conditioning, Model, TextEncoding
+from diffprobe.models.base import Conditioning, Model, TextEncoding, negative_prompts
 from diffprobe.models.registry import register_adapter
 
 
@@ -25,7 +26,8 @@ class StableDiffusionModel(Model):
         return int(self.pipe.unet.config.sample_size) * self.pipe.vae_scale_factor
 
     def size_multiple(self) -> int:
-        return int(self.pipe.vae_scale_factor)
+        # StableDiffusionPipeline.check_inputs demands multiples of 8 whatever the VAE
+        return math.lcm(8, int(self.pipe.vae_scale_factor))
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
         # same rule as StableDiffusionPipeline.do_classifier_free_guidance
@@ -46,13 +48,14 @@ class StableDiffusionModel(Model):
     ) -> Conditioning:
         """The pipeline's own ``encode_prompt``; ``negative`` (e.g. "") adds the uncond branch."""
         prompts = list(prompts)
+        negative = negative_prompts(prompts, negative)
         with torch.no_grad():
             cond, uncond = self.pipe.encode_prompt(
                 prompts,
                 self.device,
                 1,
                 negative is not None,
-                negative_prompt=None if negative is None else negative,
+                negative_prompt=negative,
             )
         return Conditioning(
             {"encoder_hidden_states": cond},
