@@ -8,6 +8,7 @@
 """
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.extract.store import Run, open_run
 from diffprobe.hooks.engine import Cache, CallState, Edit, Record, StopForward, capture, edit
 from diffprobe.loading import from_pipeline, load
 from diffprobe.models import Conditioning, Model
@@ -30,4 +31,6 @@ __all__ = [
     "from_pipeline",
     "list_models",
     "load",
+    "open_run",
+    "Run",
 ]

@@ -85,6 +85,72 @@ def sites(
     typer.echo(f"{len(chosen)} sites", err=True)
 
 
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"--shard takes i/n (e.g. 0/4), got {text!r}") from None
+    return index, count
+
+
+@app.command()
+def extract(
+    model: Annotated[str, typer.Option(help="alias, hub id or local diffusers folder")],
+    data: Annotated[str, typer.Option(help="image folder, THINGS root, or shapes:N")],
+    sites: Annotated[list[str], typer.Option("--sites", help="denoiser sites (repeat or space-separate)")],
+    out: Annotated[Path, typer.Option(help="run folder")],
+    noise: Annotated[str | None, typer.Option(help="noise levels p in [0,1], e.g. 0,0.1,0.5")] = None,
+    timesteps: Annotated[str | None, typer.Option(help="timesteps instead of noise levels")] = None,
+    condition: Annotated[str, typer.Option(help="empty | template | captions | prompt")] = "empty",
+    template: Annotated[str | None, typer.Option(help="e.g. 'a photo of a {label}'")] = None,
+    captions: Annotated[Path | None, typer.Option(help="captions file (id,caption CSV or lines)")] = None,
+    guidance_scale: Annotated[float, typer.Option(help="> 1 stores the cond and uncond branches")] = 1.0,
+    pooling: Annotated[str, typer.Option(help="none | mean | max")] = "mean",
+    batch_size: int = 16,
+    chunk_items: Annotated[int, typer.Option(help="items per store chunk (the resume unit)")] = 32,
+    seed: int = 0,
+    size: Annotated[int | None, typer.Option(help="image size (default: model native)")] = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    store_dtype: Annotated[str, typer.Option(help="float32 or float16")] = "float32",
+    shard: Annotated[str, typer.Option(help="i/n: this process fills every n-th chunk")] = "0/1",
+    on_error: Annotated[str, typer.Option(help="unreadable images: skip | fail")] = "fail",
+    overwrite: bool = False,
+    quiet: Quiet = False,
+) -> None:
+    """Extract every site x noise level x condition in one pass over the data into RUN."""
+    _setup(quiet)
+    import diffprobe
+    from diffprobe.data.sources import open_source
+    from diffprobe.extract.engine import Condition, ExtractionPlan
+    from diffprobe.extract.engine import extract as run_extract
+
+    site_list = [s for entry in sites for s in entry.split()]
+    kind = "captions" if captions is not None and condition == "empty" else condition
+    if kind in ("template", "prompt") and not template:
+        raise typer.BadParameter(f"--condition {kind} needs --template")
+    plan = ExtractionPlan(
+        sites=site_list, noise_levels=_floats(noise, "--noise"),
+        timesteps=_floats(timesteps, "--timesteps"),
+        conditions=[Condition(kind, kind, template, guidance_scale)], pooling=pooling, seed=seed,
+        image_size=size, chunk_items=chunk_items, store_dtype=store_dtype,
+    )
+    source = open_source(data, on_error)
+    loaded = diffprobe.load(model, dtype=dtype, device=device)
+    root = run_extract(loaded, source, plan, out, batch_size=batch_size, shard=_shard(shard),
+                       overwrite=overwrite, captions_file=captions, progress=not quiet)
+    typer.echo(str(root))
+
+
 @app.command("train-tiny")
 def train_tiny_command(
     out: Annotated[Path, typer.Option(help="where checkpoints and the pipeline go")] = Path(

@@ -197,8 +197,21 @@ def _element_key(module: nn.Module, output: Any, element: str | None) -> Any:
     raise DiffprobeError(f"{type(module).__name__} returned {type(output).__name__}, not a tensor")
 
 
-def _get_element(output: Any, key: Any) -> torch.Tensor:
-    return output if key is None else output[key]
+def _get_element(output: Any, key: Any, module: nn.Module, site: Site) -> torch.Tensor:
+    value = output if key is None else output[key]
+    if not isinstance(value, torch.Tensor):
+        # e.g. a down block's res_samples: a tuple of tensors has no single value to read
+        what = (
+            f"a tuple of {len(value)} tensors"
+            if isinstance(value, (tuple, list))
+            else type(value).__name__
+        )
+        raise DiffprobeError(
+            f"site '{site.full}' reads {what} from {type(module).__name__}, not one tensor; "
+            "read the submodule that makes the tensor you want instead (for a down "
+            "block's res_samples: its resnets.N, attentions.N or downsamplers.0)"
+        )
+    return value
 
 
 def _set_element(output: Any, key: Any, value: torch.Tensor) -> Any:
@@ -304,7 +317,7 @@ class _Session:
         state.timestep = _timestep_of(args, kwargs)
         state.batch = _batch_of(args, kwargs)
         layout = self.layout()
-        state.layout = layout if layout and state.batch and state.batch % 2 == 0 else None
+        state.layout = layout if layout and state.batch and state.batch % len(layout) == 0 else None
         state.active = True
 
     def _leave_call(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -380,7 +393,7 @@ def capture(
     def output_hook(site: Site) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             key = _element_key(module, output, site.element)
-            store(site, _get_element(output, key))
+            store(site, _get_element(output, key, module, site))
 
         return hook
 
@@ -463,6 +476,8 @@ def edit(
         layout = state.layout if in_denoiser else None
         if spec.branch == "uncond" and not layout:
             return old
+        if spec.branch is not None and layout and spec.branch not in layout:
+            return old  # a denoiser call that runs only the other branch
         if spec.op == "add":
             new = old + _broadcast_value(spec.value, old)
         elif spec.op == "replace":
@@ -496,7 +511,8 @@ def edit(
     def output_hook(spec: Edit, site: Site) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             key = _element_key(module, output, site.element)
-            return _set_element(output, key, apply(spec, site, _get_element(output, key)))
+            value = _get_element(output, key, module, site)
+            return _set_element(output, key, apply(spec, site, value))
 
         return hook
 

@@ -271,6 +271,8 @@ class Model:
         if (noise_level is None) == (timestep is None):
             raise DiffprobeError("give exactly one of noise_level and timestep")
         t = self.timestep_for(noise_level) if noise_level is not None else float(timestep)
+        if not self.flow_matching:
+            t = float(round(t))  # DDPM-type schedules are defined on integer timesteps
         items = list(range(x0.shape[0])) if items is None else list(items)
         noise = item_noise(x0.shape[1:], seed, items, device=x0.device, dtype=torch.float32)
         if self.flow_matching:

@@ -73,7 +73,14 @@ NATIVE_SIZE: dict[str, int] = {
 DENOISERS = ("unet", "transformer")
 # Components that get sites, in the order they are reported; others in a folder (scheduler,
 # tokenizer, safety_checker, feature_extractor) are not networks we look inside.
-_COMPONENT_ORDER = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+_COMPONENT_ORDER = (
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+)
 _COMPONENT_NAME = re.compile(r"^(unet|transformer|vae|text_encoder(_\d+)?)$")
 
 BATCH = 2  # dummy batch; an axis 0 of this length is the batch axis and is removed
@@ -147,7 +154,10 @@ def _folder_components(folder: Path) -> list[str]:
 
 def _ordered(names: list[str]) -> list[str]:
     def key(name: str) -> tuple[int, str]:
-        return (_COMPONENT_ORDER.index(name) if name in _COMPONENT_ORDER else len(_COMPONENT_ORDER), name)
+        return (
+            _COMPONENT_ORDER.index(name) if name in _COMPONENT_ORDER else len(_COMPONENT_ORDER),
+            name,
+        )
 
     return sorted(names, key=key)
 
@@ -164,7 +174,11 @@ _all_components = components  # site_shapes has a parameter of the same name
 
 
 # transformers configs saved without a model (no "architectures"): the encoder class by model_type
-_TEXT_ENCODER_CLASS = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel", "umt5": "UMT5EncoderModel"}
+_TEXT_ENCODER_CLASS = {
+    "clip_text_model": "CLIPTextModel",
+    "t5": "T5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+}
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,9 +201,13 @@ def component_config(alias: str | Path, component: str) -> dict:
     config = json.loads(_read_config(str(path), path.stat().st_mtime_ns))
     if "_class_name" not in config:
         architectures = config.get("architectures") or []
-        class_name = architectures[0] if architectures else _TEXT_ENCODER_CLASS.get(config.get("model_type"))
+        class_name = (
+            architectures[0] if architectures else _TEXT_ENCODER_CLASS.get(config.get("model_type"))
+        )
         if class_name is None:
-            raise ValueError(f"{path} names no class (no _class_name, architectures or known model_type)")
+            raise ValueError(
+                f"{path} names no class (no _class_name, architectures or known model_type)"
+            )
         config["_class_name"] = class_name
         config.setdefault("_library", "transformers")
     config.setdefault("_library", "diffusers")
@@ -380,9 +398,10 @@ def _unet_condition_inputs(config: dict, geometry: dict) -> dict[str, Any]:
     addition = config.get("addition_embed_type")
     if addition == "text_time":
         time_ids = 6  # original size, crop top-left, target size
-        text_embeds = config["projection_class_embeddings_input_dim"] - time_ids * config[
-            "addition_time_embed_dim"
-        ]
+        text_embeds = (
+            config["projection_class_embeddings_input_dim"]
+            - time_ids * config["addition_time_embed_dim"]
+        )
         inputs["added_cond_kwargs"] = {
             "text_embeds": _empty(BATCH, text_embeds),
             "time_ids": _empty(BATCH, time_ids),
@@ -494,7 +513,7 @@ def _record(class_name: str, output: Any) -> tuple[tuple, dict[str, tuple]] | No
         names = TUPLE_ELEMENTS.get(class_name)
         if names is None or len(names) != len(described):
             names = tuple(str(i) for i in range(len(described)))
-        elements = {n: d for n, d in zip(names, described) if d is not None}
+        elements = {n: d for n, d in zip(names, described, strict=True) if d is not None}
         default = described[element_index(class_name, None, len(described))]
         if default is None:
             default = next(d for d in described if d is not None)
@@ -541,7 +560,9 @@ def _component_sites(source: str, component: str, size: int | None) -> dict[str,
         geometry = latent_geometry(source, size)
         config = component_config(source, "vae")
         image = _empty(BATCH, int(config.get("in_channels", 3)), size, size)
-        latent = _empty(BATCH, geometry["latent_channels"], geometry["latent_size"], geometry["latent_size"])
+        latent = _empty(
+            BATCH, geometry["latent_channels"], geometry["latent_size"], geometry["latent_size"]
+        )
 
         def run(vae):
             vae.encode(image)

@@ -61,11 +61,21 @@ class StableDiffusionXLModel(Model):
     def encode_images(self, images: Any, size: int | None = None) -> torch.Tensor:
         """Pixels -> latents (items, 4, size/f, size/f): the VAE posterior mean, normalised the
         way the pipeline un-normalises before decoding (``latents_mean``/``latents_std`` when the
-        VAE config has them, else times ``scaling_factor``). No posterior sample is drawn."""
+        VAE config has them, else times ``scaling_factor``). No posterior sample is drawn.
+
+        A float16 VAE with ``force_upcast`` (SDXL's overflows in float16) runs in float32 for the
+        call and is cast back, as the pipeline does around decoding."""
         pixels = self.prepare_images(images, size)
         vae = self.pipe.vae
-        with torch.no_grad():
-            mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            with torch.no_grad():
+                mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
         config = vae.config
         latents_mean = getattr(config, "latents_mean", None)
         latents_std = getattr(config, "latents_std", None)

@@ -1,0 +1,318 @@
+"""The grid engine: items × noise levels × conditions -> one denoiser pass each -> the store.
+
+For every chunk of items: the images are encoded once (shared by all noise levels and
+conditions); for every condition the prompts are encoded once; for every noise level each batch
+gets one denoiser pass that captures all sites and stops after the deepest one. Features are
+pooled on the model's device, then written to the chunk of every array, and the chunk is marked
+done. Shards take every n-th chunk, so n processes fill disjoint chunks of one store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffprobe.data.sources import Source, read_captions
+from diffprobe.errors import DiffprobeError
+from diffprobe.extract.store import (
+    RUN_JSON,
+    RunStore,
+    array_path,
+    noise_key,
+    write_json_atomic,
+)
+from diffprobe.hooks.engine import capture
+from diffprobe.hooks.sites import parse_site
+from diffprobe.models.base import Model
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("none", "mean", "max")
+
+
+class ExtractionError(DiffprobeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Condition:
+    """How items are conditioned.
+
+    ``kind``: ``"empty"`` (the empty prompt), ``"template"`` (``template`` with ``{label}``
+    filled from the item label), ``"captions"`` (each item's caption, from the data or a file),
+    ``"prompt"`` (one fixed prompt ``template`` for every item). With ``guidance_scale`` > 1 the
+    denoiser runs the CFG batch [uncond "", cond] and both halves are stored separately.
+    """
+
+    name: str
+    kind: str = "empty"
+    template: str | None = None
+    guidance_scale: float = 1.0
+
+    def prompts(self, source: Source, indices: Sequence[int], captions: list[str] | None) -> list[str]:
+        if self.kind == "empty":
+            return [""] * len(indices)
+        if self.kind == "prompt":
+            return [self.template or ""] * len(indices)
+        if self.kind == "template":
+            return [self.template.format(label=source.items[i].label) for i in indices]
+        if self.kind == "captions":
+            if captions is not None:
+                return [captions[i] for i in indices]
+            found = [source.items[i].caption for i in indices]
+            if any(c is None for c in found):
+                raise ExtractionError(
+                    f"condition '{self.name}' needs captions, but items of {source.description} "
+                    "have none; pass a captions file (--captions FILE)"
+                )
+            return found
+        raise ExtractionError(f"unknown condition kind {self.kind!r}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def stored_names(self) -> list[str]:
+        return [f"{self.name}.uncond", f"{self.name}.cond"] if self.uses_cfg else [self.name]
+
+
+def pool_fn(pooling: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Spatial / token pooling applied on the device before features leave it.
+
+    (items, C, H, W) maps pool over H, W; (items, tokens, C) sequences over tokens. For DiT
+    blocks the default element holds only the image tokens, so pooling never mixes text and
+    image tokens (capture ``:encoder_hidden_states`` for the text stream)."""
+    if pooling not in POOLINGS:
+        raise ExtractionError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+    if pooling == "none":
+        return None
+
+    def reduce(value: torch.Tensor) -> torch.Tensor:
+        if value.dim() == 4:
+            dims = (2, 3)
+        elif value.dim() == 3:
+            dims = (1,)
+        else:
+            return value
+        if pooling == "mean":
+            return value.float().mean(dim=dims)
+        return value.float().amax(dim=dims)
+
+    return reduce
+
+
+@dataclass
+class ExtractionPlan:
+    sites: list[str]
+    noise_levels: list[float] | None = None
+    timesteps: list[float] | None = None
+    conditions: list[Condition] = field(default_factory=lambda: [Condition("empty")])
+    pooling: str = "mean"
+    seed: int = 0
+    image_size: int | None = None
+    chunk_items: int = 32
+    store_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if (self.noise_levels is None) == (self.timesteps is None):
+            raise ExtractionError("give noise levels (--noise) or timesteps (--timesteps), not both")
+        grid = self.noise_levels if self.noise_levels is not None else self.timesteps
+        if not grid:
+            raise ExtractionError("the noise grid is empty")
+        if not self.sites:
+            raise ExtractionError("no sites given; `diffprobe sites MODEL` lists them")
+        if len(set(c.name for c in self.conditions)) != len(self.conditions):
+            raise ExtractionError("condition names must be unique")
+
+    def grid(self) -> list[dict]:
+        if self.noise_levels is not None:
+            return [{"key": noise_key(noise_level=p), "noise_level": p} for p in self.noise_levels]
+        return [{"key": noise_key(timestep=t), "timestep": t} for t in self.timesteps]
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+    import zarr
+
+    import diffprobe
+
+    return {
+        "diffprobe": diffprobe.__version__, "torch": torch.__version__,
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "zarr": zarr.__version__, "numpy": np.__version__, "python": platform.python_version(),
+    }
+
+
+def _model_info(model: Model) -> dict:
+    config = getattr(model.pipe, "config", {}) or {}
+    return {
+        "name": model.name, "family": model.family, "pipeline": type(model.pipe).__name__,
+        "source": model.spec.source if model.spec else config.get("_name_or_path"),
+        "revision": config.get("_commit_hash") if hasattr(config, "get") else None,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "denoiser_parameters": sum(p.numel() for p in model.denoiser.parameters()),
+    }
+
+
+def identity(info: dict) -> str:
+    """What must match for a run folder to be resumed (not batch size, device or shard)."""
+    keys = ("model", "sites", "noise", "conditions", "pooling", "seed", "image_size",
+            "chunk_items", "store_dtype", "items")
+    blob = json.dumps({k: info[k] for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _prepare_run(root: Path, info: dict, overwrite: bool) -> None:
+    path = root / RUN_JSON
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing.get("identity") == info["identity"]:
+            return
+        if not overwrite:
+            raise ExtractionError(
+                f"{root} already holds a different extraction (its run.json differs in model, "
+                "sites, grid, conditions, pooling, seed or items); choose another --out or pass "
+                "--overwrite to replace it"
+            )
+        import shutil
+
+        shutil.rmtree(root)
+    elif overwrite and root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, info)
+
+
+def extract(
+    model: Model,
+    source: Source,
+    plan: ExtractionPlan,
+    out: str | Path,
+    *,
+    batch_size: int = 16,
+    shard: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    captions_file: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run the grid and fill the store at ``out``; returns the run folder.
+
+    Re-running the same call resumes: chunks whose ``.done`` marker exists are skipped.
+    """
+    from tqdm.auto import tqdm
+
+    shard_index, shard_count = shard
+    if not 0 <= shard_index < shard_count:
+        raise ExtractionError(f"shard {shard_index}/{shard_count}: need 0 <= i < n")
+    if batch_size < 1:
+        raise ExtractionError("batch size must be at least 1")
+    if len(source) == 0:
+        raise ExtractionError(f"{source.description} has no items")
+    size = plan.image_size or model.resolution
+    model.check_size(size)
+    for name in plan.sites:
+        site = parse_site(name)
+        if site.component != model.denoiser_name:
+            raise ExtractionError(
+                f"site '{name}' is not in the denoiser ('{model.denoiser_name}'); the grid "
+                "extracts denoiser sites (text-encoder and VAE sites do not depend on the noise "
+                "level: read them with diffprobe.capture)"
+            )
+        model.module(name)  # unknown sites fail here, before any work
+    captions = read_captions(Path(captions_file), source) if captions_file else None
+    grid = plan.grid()
+    info = {
+        "format": "diffprobe-run/1",
+        "model": _model_info(model),
+        "sites": list(plan.sites),
+        "noise": [
+            {**g, "timestep": g.get("timestep", model.timestep_for(g["noise_level"]) if "noise_level" in g else None)}
+            for g in grid
+        ],
+        "noise_formula": "docs/noise.md: item i noise ~ torch.Generator('cpu').manual_seed(seed * 2**32 + i)",
+        "conditions": [asdict(c) for c in plan.conditions],
+        "stored_conditions": [n for c in plan.conditions for n in c.stored_names()],
+        "pooling": plan.pooling,
+        "seed": plan.seed,
+        "image_size": size,
+        "chunk_items": plan.chunk_items,
+        "store_dtype": plan.store_dtype,
+        "data": {"kind": source.kind, "description": source.description, "skipped": source.skipped},
+        "items": source.manifest(),
+        "versions": _versions(),
+    }
+    info["identity"] = identity(info)
+    root = Path(out)
+    _prepare_run(root, info, overwrite)
+    store = RunStore(root)
+
+    n_items = len(source)
+    chunks = [k for k in range(-(-n_items // plan.chunk_items)) if k % shard_count == shard_index]
+    todo = [k for k in chunks if not store.is_done(k)]
+    if len(todo) < len(chunks):
+        log.info("resuming %s: %d of %d chunks of this shard already done", root,
+                 len(chunks) - len(todo), len(chunks))
+    reduce = pool_fn(plan.pooling)
+    bar = tqdm(total=len(todo) * len(plan.conditions) * len(grid), disable=not progress,
+               desc="extract", unit="pass", file=sys.stderr)
+    for k in todo:
+        start = time.perf_counter()
+        indices = list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
+        features = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
+                                  captions, grid, bar)
+        for path, values in features.items():
+            array = store.require_array(path, n_items, plan.chunk_items, values.shape[1:],
+                                        plan.store_dtype)
+            array[indices[0] : indices[-1] + 1] = values.astype(plan.store_dtype)
+        store.mark_done(k, {"items": [indices[0], indices[-1] + 1], "shard": f"{shard_index}/{shard_count}",
+                            "seconds": round(time.perf_counter() - start, 3)})
+    bar.close()
+    return root
+
+
+def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar):
+    images = source.load(indices)
+    batches = [list(range(s, min(s + batch_size, len(indices)))) for s in range(0, len(indices), batch_size)]
+    with torch.no_grad():
+        x0 = torch.cat([model.encode_images(images[b], size) for b in batches])
+    out: dict[str, np.ndarray] = {}
+    for condition in plan.conditions:
+        prompts = condition.prompts(source, indices, captions)
+        cond = model.encode_prompt(prompts, negative="" if condition.uses_cfg else None)
+        guidance = condition.guidance_scale if condition.uses_cfg else None
+        for g in grid:
+            parts: dict[str, list[torch.Tensor]] = {}
+            for b in batches:
+                items = [indices[i] for i in b]
+                x_t, t = model.add_noise(
+                    x0[b], noise_level=g.get("noise_level"),
+                    timestep=None if "noise_level" in g else g["timestep"],
+                    seed=plan.seed, items=items,
+                )
+                with capture(model, plan.sites, stop_early=True, reduce=reduce) as cache:
+                    model.denoise(x_t, t, cond.select(b), guidance_scale=guidance)
+                for site in plan.sites:
+                    for name, branch in zip(condition.stored_names(),
+                                            ("uncond", "cond") if condition.uses_cfg else ("none",)):
+                        value = cache.last(site, branch)
+                        parts.setdefault(array_path(site, g["key"], name), []).append(
+                            value.float().cpu()
+                        )
+            for path, values in parts.items():
+                out[path] = torch.cat(values).numpy()
+            bar.update(1)
+    return out

@@ -1,0 +1,215 @@
+"""The run folder: ``run.json`` (provenance) + ``features.zarr`` (zarr v3) + ``progress/``.
+
+Layout (documented in docs/store.md)::
+
+    RUN/
+      run.json                      identity, provenance, item manifest
+      features.zarr/                zarr v3 group
+        <site>/<noise>/<condition>  one array per (site, noise level, condition), items on axis 0
+      progress/chunk-000012.done    written after every array of item chunk 12 is complete
+
+``<site>`` is the site name with ``:`` written as ``~`` (``unet.down_blocks.1~res_samples``);
+``<noise>`` is ``p0.1`` for noise level 0.1 or ``t250`` for timestep 250; ``<condition>`` is the
+condition's name, with ``.cond`` / ``.uncond`` appended when classifier-free guidance doubled the
+batch. Chunk files are written atomically by zarr's LocalStore (temporary file, then rename), and
+a chunk counts as finished only when its ``.done`` marker exists, so a run killed at any moment
+resumes without recomputing finished chunks and never reads a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffprobe.errors import DiffprobeError
+
+RUN_JSON = "run.json"
+FEATURES = "features.zarr"
+PROGRESS = "progress"
+
+
+class StoreError(DiffprobeError):
+    pass
+
+
+def site_key(site: str) -> str:
+    return site.replace(":", "~")
+
+
+def site_from_key(key: str) -> str:
+    return key.replace("~", ":")
+
+
+def noise_key(noise_level: float | None = None, timestep: float | None = None) -> str:
+    if noise_level is not None:
+        return f"p{noise_level:g}"
+    return f"t{timestep:g}"
+
+
+def array_path(site: str, noise: str, condition: str) -> str:
+    return f"{site_key(site)}/{noise}/{condition}"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class RunStore:
+    """Writer side of a run folder (used by the extraction engine)."""
+
+    def __init__(self, root: str | Path):
+        import zarr
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / PROGRESS).mkdir(exist_ok=True)
+        self.group = zarr.open_group(str(self.root / FEATURES), mode="a", zarr_format=3)
+
+    def require_array(self, path: str, n_items: int, chunk_items: int, shape: tuple[int, ...],
+                      dtype: str) -> Any:
+        """Open the array at ``path``, creating it if missing (the same call from several
+        shards creates the same metadata)."""
+        import zarr
+
+        full_shape = (n_items, *shape)
+        try:
+            array = self.group[path]
+        except KeyError:
+            try:
+                array = self.group.create_array(
+                    path, shape=full_shape, chunks=(chunk_items, *shape), dtype=dtype,
+                    fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
+                )
+            except zarr.errors.ContainsArrayError:
+                array = self.group[path]
+        if tuple(array.shape) != full_shape or array.chunks[0] != chunk_items:
+            raise StoreError(
+                f"array {path} in {self.root} has shape {tuple(array.shape)}, expected "
+                f"{full_shape}; the run folder holds a different extraction (--overwrite)"
+            )
+        return array
+
+    def marker(self, chunk: int) -> Path:
+        return self.root / PROGRESS / f"chunk-{chunk:06d}.done"
+
+    def is_done(self, chunk: int) -> bool:
+        return self.marker(chunk).is_file()
+
+    def mark_done(self, chunk: int, info: dict) -> None:
+        write_json_atomic(self.marker(chunk), info)
+
+
+def done_chunks(root: Path) -> set[int]:
+    folder = Path(root) / PROGRESS
+    if not folder.is_dir():
+        return set()
+    return {int(p.stem.split("-")[1].split(".")[0]) for p in folder.glob("chunk-*.done")}
+
+
+@dataclass
+class Run:
+    """Reader side: ``diffprobe.open_run(RUN)``."""
+
+    root: Path
+    info: dict
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.info["sites"])
+
+    @property
+    def noise_keys(self) -> list[str]:
+        return [n["key"] for n in self.info["noise"]]
+
+    @property
+    def conditions(self) -> list[str]:
+        return list(self.info["stored_conditions"])
+
+    @property
+    def manifest(self) -> list[dict]:
+        return self.info["items"]
+
+    @property
+    def labels(self) -> list[str]:
+        return [item["label"] for item in self.manifest]
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-len(self.manifest) // self.info["chunk_items"])
+
+    @property
+    def complete(self) -> bool:
+        return len(done_chunks(self.root)) == self.n_chunks
+
+    def keys(self) -> list[tuple[str, str, str]]:
+        return [(s, n, c) for s in self.sites for n in self.noise_keys for c in self.conditions]
+
+    def _array(self, site: str, noise: str | float, condition: str | None):
+        import zarr
+
+        noise = noise if isinstance(noise, str) else noise_key(noise_level=noise)
+        condition = condition or self.conditions[0]
+        if site not in self.sites:
+            raise StoreError(f"site '{site}' is not in {self.root}; it has {', '.join(self.sites)}")
+        if noise not in self.noise_keys:
+            raise StoreError(f"noise '{noise}' is not in {self.root}; it has {', '.join(self.noise_keys)}")
+        if condition not in self.conditions:
+            raise StoreError(
+                f"condition '{condition}' is not in {self.root}; it has {', '.join(self.conditions)}"
+            )
+        group = zarr.open_group(str(self.root / FEATURES), mode="r", zarr_format=3)
+        return group[array_path(site, noise, condition)]
+
+    def get(self, site: str, noise: str | float, condition: str | None = None,
+            allow_incomplete: bool = False) -> np.ndarray:
+        """Features (items, ...) of one (site, noise, condition) as a numpy array."""
+        if not allow_incomplete and not self.complete:
+            done = len(done_chunks(self.root))
+            raise StoreError(
+                f"run {self.root} is incomplete ({done} of {self.n_chunks} chunks done); run the "
+                "same extract command again to finish it, or pass allow_incomplete=True "
+                "(unfinished items are NaN)"
+            )
+        return np.asarray(self._array(site, noise, condition)[...])
+
+    def xarray(self, site: str, noise: str | float, condition: str | None = None):
+        """The same as :meth:`get`, as an ``xarray.DataArray`` labelled by item id and label."""
+        import xarray as xr
+
+        values = self.get(site, noise, condition)
+        dims = ["item"] + [f"dim_{i}" for i in range(1, values.ndim)]
+        if values.ndim == 2:
+            dims[1] = "channel"
+        elif values.ndim == 4:
+            dims[1:] = ["channel", "height", "width"]
+        elif values.ndim == 3:
+            dims[1:] = ["token", "channel"]
+        return xr.DataArray(
+            values, dims=dims,
+            coords={"item": [m["id"] for m in self.manifest], "label": ("item", self.labels)},
+            name=f"{site}/{noise}/{condition or self.conditions[0]}",
+        )
+
+
+def open_run(root: str | Path) -> Run:
+    """Open a run folder written by ``diffprobe extract``."""
+    root = Path(root)
+    path = root / RUN_JSON
+    if not path.is_file():
+        raise StoreError(f"{root} is not a diffprobe run folder (no {RUN_JSON})")
+    return Run(root, json.loads(path.read_text()))

@@ -1,0 +1,146 @@
+"""DeepFloyd IF, stage I (64 px).
+
+Pipeline: ``IFPipeline`` (T5 encoder, one UNet2DConditionModel in pixel space, DDPM scheduler
+with learned variance). Denoiser sites: ``unet.*``; text: ``text_encoder.*`` (T5 encoder:
+``text_encoder.encoder.block.N``, ``text_encoder.encoder.final_layer_norm``). There is no VAE:
+the denoiser works on pixels in [-1, 1], so ``encode_images`` only resizes and rescales.
+
+The UNet predicts noise *and* variance: 2 × 3 output channels. :meth:`IFModel.denoise` returns
+the noise prediction (the first ``in_channels`` channels), with CFG applied to it as the pipeline
+does; the variance channels are what the scheduler uses for its step, and are dropped.
+
+Prompts: the pipeline lower-cases and strips every prompt (``clean_caption=False``), or with
+``clean_caption=True`` (the default of ``IFPipeline.__call__``) rewrites captions with bs4 and ftfy
+when those are installed. diffprobe uses ``clean_caption=False`` everywhere, in ``encode_prompt``,
+``encode_text`` and ``generate`` alike, so that generation sees exactly the text that is encoded;
+pass ``clean_caption=True`` to ``generate`` to get the pipeline's default.
+
+CFG: ``guidance_scale > 1`` (the pipeline's rule); its unconditional branch is the T5 encoding of
+"" (``encode_prompt(prompts, negative="")``). Timesteps are the integer DDPM timesteps of the
+training schedule; ``add_noise`` is the scheduler's own forward process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from diffprobe.models.base import Conditioning, Model, TextEncoding
+from diffprobe.models.registry import register_adapter
+
+# IFPipeline.encode_prompt pads and truncates to 77 T5 tokens (IF was trained with that length)
+IF_MAX_TOKENS = 77
+
+
+@register_adapter
+class IFModel(Model):
+    family = "if"
+    pipeline_classes = ("IFPipeline",)
+    denoiser_name = "unet"
+
+    def default_resolution(self) -> int:
+        return int(self.pipe.unet.config.sample_size)
+
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    def generation_uses_cfg(self, guidance_scale: float) -> bool:
+        # same rule as IFPipeline.__call__ (do_classifier_free_guidance = guidance_scale > 1.0)
+        return guidance_scale > 1.0
+
+    def encode_images(self, images: Any, size: int | None = None) -> torch.Tensor:
+        """Pixels -> denoiser inputs (items, 3, size, size): the pixels themselves in [-1, 1]."""
+        return self.prepare_images(images, size)
+
+    def _preprocess(self, prompts: Sequence[str]) -> list[str]:
+        # the pipeline's own text normalisation, so encode_text sees what encode_prompt sees
+        return self.pipe._text_preprocessing(list(prompts), clean_caption=False)
+
+    def encode_prompt(
+        self, prompts: Sequence[str], negative: Sequence[str] | str | None = None
+    ) -> Conditioning:
+        """The pipeline's own ``encode_prompt``: T5 last hidden state (items, 77, width);
+        ``negative`` (e.g. "") adds the unconditional branch."""
+        prompts = list(prompts)
+        if isinstance(negative, str):
+            # IFPipeline.encode_prompt refuses a string negative next to a list of prompts
+            negative = [negative] * len(prompts)
+        with torch.no_grad():
+            cond, uncond = self.pipe.encode_prompt(
+                prompts,
+                do_classifier_free_guidance=negative is not None,
+                num_images_per_prompt=1,
+                device=self.device,
+                negative_prompt=None if negative is None else list(negative),
+                clean_caption=False,
+            )
+        return Conditioning(
+            {"encoder_hidden_states": cond},
+            None if negative is None else {"encoder_hidden_states": uncond},
+            prompts,
+        )
+
+    def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
+        """Every T5 layer: ``hidden_states["text_encoder"]`` is (embeddings, block 1, ...,
+        block L); the last entry is after the final layer norm and equals
+        ``encode_prompt(...).cond["encoder_hidden_states"]``. Padding tokens are masked in
+        attention (``attention_mask``), as in the pipeline, but still have hidden states."""
+        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        tokens = tokenizer(
+            self._preprocess(prompts),
+            padding="max_length",
+            max_length=IF_MAX_TOKENS,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        ids = tokens.input_ids.to(encoder.device)
+        mask = tokens.attention_mask.to(encoder.device)
+        with torch.no_grad():
+            out = encoder(ids, attention_mask=mask, output_hidden_states=True)
+        return TextEncoding(
+            {"text_encoder": tuple(out.hidden_states)},
+            {"text_encoder": ids},
+            {"text_encoder": mask},
+        )
+
+    def denoiser_kwargs(
+        self, x_t: torch.Tensor, timestep: torch.Tensor, cond: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "sample": x_t,
+            "timestep": timestep,
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "return_dict": False,
+        }
+
+    def _prediction(self, output: Any) -> torch.Tensor:
+        """The noise prediction: the first ``in_channels`` of the (noise, variance) output."""
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        return prediction[:, : self.pipe.unet.config.in_channels]
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        steps: int = 25,
+        guidance_scale: float = 7.0,
+        seed: int = 0,
+        size: int | None = None,
+        output_type: str = "np",
+        **pipeline_kwargs: Any,
+    ) -> Any:
+        """``IFPipeline.__call__`` with ``clean_caption=False`` unless given (see module doc);
+        returns (items, H, W, 3) floats in [0, 1] for ``output_type="np"``."""
+        pipeline_kwargs.setdefault("clean_caption", False)
+        return super().generate(
+            prompts,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            size=size,
+            output_type=output_type,
+            **pipeline_kwargs,
+        )
