@@ -2,18 +2,14 @@
 plain pipeline, true-CFG branches, early stop, hand-written hooks, packing, the noise formula
 and the pipeline's inputs."""
 
-import os
+import numpy as np
+import pytest
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import diffprobe  # noqa: E402
-from diffprobe import Edit  # noqa: E402
-from diffprobe.models.flux import FluxModel  # noqa: E402
-from diffprobe.testing.flux import dummy_flux_pipeline  # noqa: E402
+import diffprobe
+from diffprobe import Edit
+from diffprobe.models.flux import FluxModel
+from diffprobe.testing.flux import dummy_flux_pipeline
 
 PROMPTS = ["a red circle", "a blue square"]
 SITES = [

@@ -1,18 +1,14 @@
 """SD3 / SD3.5 adapter on a tiny random StableDiffusion3Pipeline: parity with the plain pipeline,
 CFG branches, early stop, hand-written hooks, the noise formula and the pipeline's inputs."""
 
-import os
+import numpy as np
+import pytest
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import diffprobe  # noqa: E402
-from diffprobe import DiffprobeError, Edit  # noqa: E402
-from diffprobe.models.sd3 import StableDiffusion3Model  # noqa: E402
-from diffprobe.testing.sd3 import dummy_sd3_pipeline  # noqa: E402
+import diffprobe
+from diffprobe import DiffprobeError, Edit
+from diffprobe.models.sd3 import StableDiffusion3Model
+from diffprobe.testing.sd3 import dummy_sd3_pipeline
 
 PROMPTS = ["a red circle", "a blue square"]
 SITES = [

@@ -12,6 +12,9 @@ encoder) and ``transformer`` (``FluxTransformer2DModel``). Sites, for an image o
 - ``transformer.transformer_blocks.N.attn``: the joint attention, image-token output first;
 - ``text_encoder.encoder.layers.N`` (CLIP), ``text_encoder_2.encoder.block.N`` (T5).
 
+T5 tokens: ``model.max_sequence_length``, 256 for schnell (its training length) and 512 for dev
+(the pipeline's default), used alike by ``encode_prompt``, ``encode_text`` and ``generate``.
+
 Latents. ``encode_images`` returns the *unpacked* layout (items, 16, size / 8, size / 8):
 ``(mean - shift_factor) * scaling_factor`` of the VAE posterior mean. ``add_noise`` works on that
 layout; ``denoiser_kwargs`` packs 2 x 2 patches into tokens with the pipeline's own
@@ -23,7 +26,8 @@ Noise level and timestep: as for SD3 (see :mod:`diffprobe.models.sd3`): ``sigma 
 ``x_t = (1 - sigma) x_0 + sigma noise``, diffprobe timestep ``t = sigma * 1000``. The pipeline
 hands the transformer ``t / 1000`` (the transformer multiplies by 1000 again); so does
 ``denoiser_kwargs``. Hence capture records of FLUX carry the transformer's own timestep
-argument, sigma in [0, 1], not ``t``. Schnell samples with shift 1, dev with a resolution-
+argument, sigma in [0, 1], not ``t``, and ``Edit(timesteps=(low, high))`` windows are compared
+with sigma too. Schnell samples with shift 1, dev with a resolution-
 dependent (dynamic) shift: the sampler's sigmas are the noise levels of its steps.
 
 Guidance. The pipeline's ``guidance_scale`` is *embedded* guidance, a transformer input that
