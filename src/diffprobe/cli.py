@@ -180,6 +180,27 @@ def demo(
     run_demo(out, progress=not quiet)
 
 
+# Commands of the analysis layers live beside their code, each module with a
+# ``register(app)`` function: diffprobe/commands/<name>.py.
+_COMMAND_MODULES = ("align", "anomalies", "lens")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"diffprobe.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"diffprobe.commands.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app()

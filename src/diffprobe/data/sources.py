@@ -141,28 +141,42 @@ def image_folder(root: Path, on_error: str = "fail") -> Source:
     return Source("folder", str(root), items, skipped)
 
 
-def things(root: Path, on_error: str = "fail") -> Source:
-    """THINGS layout: ``things_concepts.tsv`` (row order = concept index) and
-    ``images/<uniqueID>/*`` or ``images/<uniqueID>.jpg``. Labels are the concepts' ``Word``."""
-    root = Path(root)
-    table = root / "things_concepts.tsv"
+def read_things_concepts(root: Path) -> list[dict]:
+    """Rows of ``root/things_concepts.tsv`` (tab-separated, a ``uniqueID`` column); row order is
+    the concept index."""
+    table = Path(root) / "things_concepts.tsv"
+    if not table.is_file():
+        raise DataError(f"{root} is not a THINGS root: no things_concepts.tsv in it")
     with table.open(newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows or "uniqueID" not in rows[0]:
         raise DataError(f"{table} needs a header with a uniqueID column")
+    return rows
+
+
+def things_image_files(root: Path, uid: str) -> list[Path]:
+    """Image files of concept ``uid``: ``images/<uid>.jpg|.png|.jpeg`` and ``images/<uid>/*``."""
+    images = Path(root) / "images"
+    folder, single = images / uid, None
+    for suffix in (".jpg", ".png", ".jpeg"):
+        if (images / f"{uid}{suffix}").is_file():
+            single = images / f"{uid}{suffix}"
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    return [single, *files] if single is not None else files
+
+
+def things(root: Path, on_error: str = "fail") -> Source:
+    """THINGS layout: ``things_concepts.tsv`` (row order = concept index) and
+    ``images/<uniqueID>/*`` or ``images/<uniqueID>.jpg``. Labels are the concepts' ``Word``;
+    item ids are ``<uniqueID>/<file name>``."""
+    root = Path(root)
     entries = []
-    for row in rows:
+    for index, row in enumerate(read_things_concepts(root)):
         uid = row["uniqueID"]
         word = row.get("Word") or uid
-        folder, single = root / "images" / uid, None
-        for suffix in (".jpg", ".png", ".jpeg"):
-            if (root / "images" / f"{uid}{suffix}").is_file():
-                single = root / "images" / f"{uid}{suffix}"
-        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        if single is not None:
-            files = [single, *files]
+        files = things_image_files(root, uid)
         if not files:
-            raise DataError(f"concept '{uid}' (row {len(entries)}) has no image under {root / 'images'}")
+            raise DataError(f"concept '{uid}' (row {index}) has no image under {root / 'images'}")
         for path in files:
             entries.append((path, word, None, f"{uid}/{path.name}"))
     items, skipped = _file_items(entries, on_error)

@@ -2,15 +2,25 @@
 
 The pipeline has the Stable Diffusion module names (``vae``, ``text_encoder``, ``tokenizer``,
 ``unet``, ``scheduler``), so every diffprobe method applies to it unchanged. Training runs in three
-phases, each resumable from ``out_dir/checkpoints``:
+phases after the tokenizer, each resumable from ``out_dir/checkpoints``:
 
-1. tokenizer: CLIP byte-level BPE (``</w>`` suffix, CLIP normaliser) whose merges are learned
-   from every training-split caption; built in a second, never checkpointed.
+0. tokenizer: CLIP byte-level BPE (``</w>`` suffix, CLIP normaliser) whose merges are learned
+   from every training-split caption; built in a second, never checkpointed. Captions are at
+   most 14 tokens, so the context is 16 tokens (``text_max_length``), not CLIP's 77.
+1. ``text``: the ``CLIPTextModel`` is trained from scratch to read the caption: linear heads on
+   its pooled output (the end-of-text token after the final layer norm) predict the factors
+   the caption states (shape, colour, size, quadrant, and background or "not said"), with a
+   cross-entropy loss. The heads are thrown away; the encoder is then frozen.
 2. ``vae``: an ``AutoencoderKL`` 64×64×3 -> 16×16×4, L1 + L2 reconstruction and a small KL.
-   The training images are then encoded once (posterior mean and std) to a latent cache.
-3. ``unet``: ``UNet2DConditionModel`` and ``CLIPTextModel`` trained jointly from scratch on the
-   epsilon loss (min-SNR weighted), with 10 % of captions replaced by the empty prompt so that
-   classifier-free guidance works. An exponential moving average (EMA) of both is what ships.
+   The training images are then encoded once (posterior mean and std) to a latent cache, and
+   every training caption once by the frozen text encoder to an embedding cache.
+3. ``unet``: ``UNet2DConditionModel`` trained from scratch on the epsilon loss (min-SNR
+   weighted), with 10 % of captions replaced by the empty prompt so that classifier-free
+   guidance works. An exponential moving average (EMA) of the UNet is what ships.
+
+Training the text encoder on its own first, on a task it can learn in a minute, and freezing it
+is what makes the recipe fit a CPU hour: the UNet sees informative conditioning from its first
+step, and no text-encoder backward pass is paid per UNet step.
 
 Every random draw of a step comes from generators seeded by ``(seed, phase, step)`` on the CPU,
 so a run resumed from a checkpoint continues exactly as an uninterrupted one, and two runs with
@@ -39,13 +49,14 @@ __all__ = [
     "TinyConfig",
     "build_tokenizer",
     "caption_corpus",
+    "caption_labels",
     "psnr",
     "train_tiny",
 ]
 
 # Random streams of the phases: the first word of every per-step seed.
-_PHASE_IDS = {"vae": 1, "unet": 2}
-_PHASE_ORDER = ("vae", "unet")
+_PHASE_IDS = {"vae": 1, "unet": 2, "text": 3}
+_PHASE_ORDER = ("text", "vae", "unet")
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokeniser pattern (transformers' CLIPTokenizer uses the same one).
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -68,12 +79,16 @@ class TinyConfig:
     vae_latent_channels: int = 4
     vae_layers_per_block: int = 1
     vae_norm_groups: int = 16
-    vae_steps: int = 1_200
+    vae_steps: int = 1_000
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     # weight of the KL term per latent element against the per-pixel reconstruction loss
     vae_kl_weight: float = 1e-6
-    # text encoder (CLIPTextModel)
+    # text encoder (CLIPTextModel) and its caption-reading phase
+    text_max_length: int = 16
+    text_steps: int = 300
+    text_batch_size: int = 256
+    text_learning_rate: float = 2e-3
     text_hidden_size: int = 128
     text_layers: int = 4
     text_heads: int = 4
@@ -83,11 +98,10 @@ class TinyConfig:
     unet_layers_per_block: int = 1
     unet_attention_head_dim: int = 8
     unet_norm_groups: int = 32
-    # joint UNet + text encoder training
-    steps: int = 2_000
+    # UNet training (text encoder frozen)
+    steps: int = 3_500
     batch_size: int = 64
     learning_rate: float = 1e-3
-    text_learning_rate: float = 5e-4
     warmup_steps: int = 100
     # the learning rate decays along a cosine to this fraction of its peak
     final_learning_rate_fraction: float = 0.1
@@ -119,6 +133,8 @@ class TinyConfig:
             text_layers=1,
             text_heads=2,
             text_intermediate_size=64,
+            text_steps=3,
+            text_batch_size=8,
             unet_channels=(16, 32),
             unet_attention_head_dim=8,
             unet_norm_groups=8,
@@ -407,6 +423,91 @@ def _check_config(checkpoint: dict[str, Any], config: TinyConfig, path: Path) ->
 # ---------------------------------------------------------------------------------- phases
 
 
+_TEXT_FACTORS = ("shape", "colour", "size", "quadrant", "background")
+
+
+def caption_labels(factors: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """What each caption states, as class indices: the targets of the ``text`` phase.
+
+    ``background`` has one extra class, ``len(BACKGROUNDS)``, for captions whose template does
+    not name the background.
+    """
+    from diffprobe.data import shapes
+
+    labels = {name: torch.as_tensor(np.asarray(factors[name]), dtype=torch.long)
+              for name in _TEXT_FACTORS}  # fmt: skip
+    says_background = torch.as_tensor(
+        ["{background}" in shapes.CAPTION_TEMPLATES[t] for t in np.asarray(factors["template"])]
+    )
+    labels["background"] = torch.where(
+        says_background, labels["background"], torch.tensor(len(shapes.BACKGROUNDS))
+    )
+    return labels
+
+
+def _text_heads(config: TinyConfig) -> torch.nn.ModuleDict:
+    from diffprobe.data import shapes
+
+    classes = {"shape": len(shapes.SHAPES), "colour": len(shapes.COLOURS),
+               "size": len(shapes.SIZES), "quadrant": len(shapes.QUADRANTS),
+               "background": len(shapes.BACKGROUNDS) + 1}  # fmt: skip
+    return torch.nn.ModuleDict(
+        {name: torch.nn.Linear(config.text_hidden_size, count) for name, count in classes.items()}
+    )
+
+
+def _train_text(
+    text_encoder, token_ids: torch.Tensor, labels: dict[str, torch.Tensor], config: TinyConfig,
+    *, seed: int, device: torch.device, checkpoints: Path, progress: bool,
+) -> dict[str, float]:  # fmt: skip
+    """Train ``text_encoder`` in place to read the factors a caption states (phase ``text``)."""
+    torch.manual_seed(seed)
+    heads = _text_heads(config).to(device)
+    parameters = [*text_encoder.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.text_learning_rate, weight_decay=0.01)
+    token_ids = token_ids.to(device)
+    labels = {name: value.to(device) for name, value in labels.items()}
+    text_encoder.train()
+    began = time.perf_counter()
+    bar = tqdm(range(config.text_steps), desc="text", disable=not progress)
+    loss_value, accuracy = float("nan"), {}
+    for step in bar:
+        factor = _learning_rate_factor(step, config.text_steps, config.warmup_steps, 0.05)
+        for group in optimizer.param_groups:
+            group["lr"] = config.text_learning_rate * factor
+        generator = _step_generator(seed, "text", step)
+        index = _batch_indices(generator, len(token_ids), config.text_batch_size).to(device)
+        pooled = text_encoder(token_ids[index]).pooler_output
+        logits = {name: head(pooled) for name, head in heads.items()}
+        loss = sum(torch.nn.functional.cross_entropy(logits[name], labels[name][index])
+                   for name in heads)  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.gradient_clip)
+        optimizer.step()
+        loss_value = loss.item()
+        accuracy = {name: (logits[name].argmax(-1) == labels[name][index]).float().mean().item()
+                    for name in heads}  # fmt: skip
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    bar.close()
+    text_encoder.eval()
+    text_encoder.requires_grad_(False)
+    _save_checkpoint(checkpoints, "text", config.text_steps, {
+        "phase": "text", "step": config.text_steps, "config": json.dumps(config.to_json()),
+        "models": {"text_encoder": text_encoder.state_dict()},
+    })  # fmt: skip
+    return {"text_seconds": time.perf_counter() - began, "text_final_loss": loss_value,
+            "text_final_batch_accuracy": accuracy}  # fmt: skip
+
+
+@torch.no_grad()
+def _encode_captions(text_encoder, token_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Last hidden states (items, tokens, hidden) of the frozen encoder, on the CPU."""
+    text_encoder.eval()
+    return torch.cat([text_encoder(token_ids[first : first + 512].to(device))[0].cpu()
+                      for first in range(0, len(token_ids), 512)])  # fmt: skip
+
+
 def _train_vae(
     vae, images: np.ndarray, config: TinyConfig, *, seed: int, device: torch.device,
     checkpoints: Path, start: dict[str, Any] | None, progress: bool,
@@ -505,39 +606,32 @@ class _EMA:
 
 
 def _train_denoiser(
-    unet, text_encoder, latents: tuple[torch.Tensor, torch.Tensor], scaling_factor: float,
-    token_ids: torch.Tensor, empty_ids: torch.Tensor, config: TinyConfig, *, seed: int,
+    unet, latents: tuple[torch.Tensor, torch.Tensor], scaling_factor: float,
+    caption_embeds: torch.Tensor, empty_embeds: torch.Tensor, config: TinyConfig, *, seed: int,
     device: torch.device, steps: int, deadline: float | None, checkpoints: Path,
     start: dict[str, Any] | None, extra_state: dict[str, Any], progress: bool,
 ) -> tuple[_EMA, dict[str, float]]:  # fmt: skip
-    """Train ``unet`` and ``text_encoder`` jointly in place; return their EMA and timings."""
+    """Train ``unet`` in place on cached caption embeddings; return its EMA and timings."""
     scheduler = _build_scheduler(config)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     loss_weight = snr.clamp(max=config.min_snr_gamma) / snr  # min-SNR-gamma for epsilon
     latent_mean, latent_std = (tensor.to(device) for tensor in latents)
-    token_ids, empty_ids = token_ids.to(device), empty_ids.to(device)
+    caption_embeds, empty_embeds = caption_embeds.to(device), empty_embeds.to(device)
 
-    modules = {"unet": unet, "text_encoder": text_encoder}
+    modules = {"unet": unet}
     optimizer = torch.optim.AdamW(
-        [
-            {"params": list(unet.parameters()), "peak_lr": config.learning_rate},
-            {"params": list(text_encoder.parameters()), "peak_lr": config.text_learning_rate},
-        ],
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
+        unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     ema = _EMA(modules, config.ema_decay)
     first_step = 0
     if start is not None:
         unet.load_state_dict(start["models"]["unet"])
-        text_encoder.load_state_dict(start["models"]["text_encoder"])
         optimizer.load_state_dict(start["optimizer"])
         ema.shadow = {key: value.to(device) for key, value in start["ema"].items()}
         _set_rng_state(start["rng"], device)
         first_step = start["step"]
     unet.train()
-    text_encoder.train()
     began = time.perf_counter()
     bar = tqdm(range(first_step, steps), desc="unet", disable=not progress,
                initial=first_step, total=steps)  # fmt: skip
@@ -547,7 +641,7 @@ def _train_denoiser(
     def checkpoint(step: int) -> None:
         _save_checkpoint(checkpoints, "unet", step, {
             "phase": "unet", "step": step, "config": json.dumps(config.to_json()),
-            "models": {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()},
+            "models": {"unet": unet.state_dict()},
             "optimizer": optimizer.state_dict(), "ema": ema.shadow, "rng": _rng_state(device),
             **extra_state,
         })  # fmt: skip
@@ -561,9 +655,9 @@ def _train_denoiser(
             step, steps, config.warmup_steps, config.final_learning_rate_fraction
         )
         for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * factor
+            group["lr"] = config.learning_rate * factor
         generator = _step_generator(seed, "unet", step)
-        index = _batch_indices(generator, len(token_ids), config.batch_size)
+        index = _batch_indices(generator, len(caption_embeds), config.batch_size)
         shape = (len(index), *latent_mean.shape[1:])
         posterior_noise = torch.randn(shape, generator=generator).to(device)
         noise = torch.randn(shape, generator=generator).to(device)
@@ -574,17 +668,14 @@ def _train_denoiser(
         clean = (latent_mean[index] + latent_std[index] * posterior_noise) * scaling_factor
         alpha = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
-        ids = torch.where(dropped[:, None], empty_ids[None, :], token_ids[index])
-        prompt_embeds = text_encoder(ids)[0]
+        prompt_embeds = torch.where(dropped[:, None, None], empty_embeds[None], caption_embeds[index])
         prediction = unet(noisy, timesteps, prompt_embeds).sample
         per_item = (prediction.float() - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_item * loss_weight[timesteps]).mean()
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(
-            [*unet.parameters(), *text_encoder.parameters()], config.gradient_clip
-        )
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.gradient_clip)
         optimizer.step()
         ema.update(modules, step)
         loss_value = loss.item()
@@ -684,7 +775,7 @@ def train_tiny(
         _check_config(latest, config, found[-1][2])
         _log(f"resuming from {found[-1][2].name}", progress)
 
-    tokenizer = build_tokenizer(caption_corpus())
+    tokenizer = build_tokenizer(caption_corpus(), model_max_length=config.text_max_length)
     data = shapes.sample(config.train_items, seed=seed, split="train")
     heldout = shapes.sample(config.eval_items, seed=seed, split="heldout")
 
@@ -701,8 +792,23 @@ def train_tiny(
         "vocabulary": len(tokenizer),
     }
 
-    # phase 1: VAE
-    if latest is None or latest["phase"] == "vae":
+    # phase 1: the text encoder learns to read captions, then stays frozen
+    token_ids = _token_ids(tokenizer, data.captions)
+    text_checkpoint = _checkpoint_path(checkpoints, "text", config.text_steps)
+    if resume and text_checkpoint.exists():
+        text_encoder.load_state_dict(_load_checkpoint(text_checkpoint)["models"]["text_encoder"])
+        text_encoder.eval().requires_grad_(False)
+    else:
+        metrics.update(_train_text(text_encoder, token_ids, caption_labels(data.factors), config,
+                                   seed=seed, device=torch_device, checkpoints=checkpoints,
+                                   progress=progress))  # fmt: skip
+        latest = None  # nothing after this phase can be reused
+    caption_embeds = _encode_captions(text_encoder, token_ids, torch_device)
+    empty_embeds = _encode_captions(text_encoder, _token_ids(tokenizer, [""]), torch_device)[0]
+
+    # phase 2: VAE
+    if latest is None or latest["phase"] in ("text", "vae"):
+        latest = latest if latest is not None and latest["phase"] == "vae" else None
         metrics.update(_train_vae(vae, data.images, config, seed=seed, device=torch_device,
                                   checkpoints=checkpoints, start=latest, progress=progress))  # fmt: skip
     else:
@@ -727,7 +833,7 @@ def train_tiny(
     metrics["scaling_factor"] = scaling_factor
     vae.register_to_config(scaling_factor=scaling_factor)
 
-    # phase 2: UNet + text encoder
+    # phase 3: UNet
     total_steps = config.steps
     start = latest if latest is not None and latest["phase"] == "unet" else None
     if start is not None:
@@ -736,9 +842,8 @@ def train_tiny(
     if deadline is not None and start is None and total_steps > 20:
         # Measure 20 steps, then cut the step count to the budget; the probe steps are thrown
         # away so that the run with the chosen count is the same as one asked for directly.
-        probe = _probe_rate(unet, text_encoder, (latent_mean, latent_std), scaling_factor,
-                            _token_ids(tokenizer, data.captions), _token_ids(tokenizer, [""])[0],
-                            config, seed=seed, device=torch_device)  # fmt: skip
+        probe = _probe_rate(unet, (latent_mean, latent_std), scaling_factor, caption_embeds,
+                            empty_embeds, config, seed=seed, device=torch_device)  # fmt: skip
         left = deadline - time.perf_counter() - 30  # saving the pipeline, margins
         fitted = max(1, int(left * probe))
         if fitted < total_steps:
@@ -746,15 +851,14 @@ def train_tiny(
                  f"(asked for {total_steps})", progress)  # fmt: skip
             total_steps = fitted
     ema, timings = _train_denoiser(
-        unet, text_encoder, (latent_mean, latent_std), scaling_factor,
-        _token_ids(tokenizer, data.captions), _token_ids(tokenizer, [""])[0], config,
+        unet, (latent_mean, latent_std), scaling_factor, caption_embeds, empty_embeds, config,
         seed=seed, device=torch_device, steps=total_steps, deadline=deadline,
         checkpoints=checkpoints, start=start, extra_state={"total_steps": total_steps},
         progress=progress,
     )  # fmt: skip
     metrics.update(timings)
     metrics["unet_steps_planned"] = total_steps
-    ema.copy_to({"unet": unet, "text_encoder": text_encoder})
+    ema.copy_to({"unet": unet})
 
     pipeline_dir = out_dir / "pipeline"
     _save_pipeline(pipeline_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -775,21 +879,21 @@ def _vae_final(checkpoints: Path, config: TinyConfig) -> Path:
     return path
 
 
-def _probe_rate(unet, text_encoder, latents, scaling_factor, token_ids, empty_ids,
+def _probe_rate(unet, latents, scaling_factor, caption_embeds, empty_embeds,
                 config: TinyConfig, *, seed: int, device: torch.device) -> float:  # fmt: skip
     """Denoiser training steps per second, measured on copies so the real run is untouched."""
     import copy
 
-    unet_copy, text_copy = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    unet_copy = copy.deepcopy(unet)
     rng = torch.get_rng_state()
     with _scratch_directory() as scratch:
         # the first 5 steps warm up allocators and kernels; the next 15 are timed
         probe_config = dataclasses.replace(config, checkpoint_every=10**9, warmup_steps=1)
-        _train_denoiser(unet_copy, text_copy, latents, scaling_factor, token_ids, empty_ids,
+        _train_denoiser(unet_copy, latents, scaling_factor, caption_embeds, empty_embeds,
                         probe_config, seed=seed, device=device, steps=5, deadline=None,
                         checkpoints=scratch, start=None, extra_state={}, progress=False)  # fmt: skip
-        _, timings = _train_denoiser(unet_copy, text_copy, latents, scaling_factor, token_ids,
-                                     empty_ids, probe_config, seed=seed, device=device, steps=15,
+        _, timings = _train_denoiser(unet_copy, latents, scaling_factor, caption_embeds,
+                                     empty_embeds, probe_config, seed=seed, device=device, steps=15,
                                      deadline=None, checkpoints=scratch, start=None,
                                      extra_state={}, progress=False)  # fmt: skip
     torch.set_rng_state(rng)

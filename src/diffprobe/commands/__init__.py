@@ -1,0 +1,1 @@
+"""CLI commands of the analysis layers; each module has ``register(app)``."""

@@ -1,0 +1,139 @@
+"""``diffprobe anomalies RUN``: positional information, corner artifacts, high-norm tokens and
+similarity maps of a run extracted with ``--pooling none`` (docs/anomalies.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def _numbers(text: str, what: str, kind=float) -> list:
+    try:
+        return [kind(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def anomalies(
+        run: Annotated[
+            Path, typer.Argument(help="run folder written by `diffprobe extract --pooling none`")
+        ],
+        out: Annotated[
+            Path | None, typer.Option(help="output folder (default: RUN/anomalies)")
+        ] = None,
+        sites: Annotated[
+            list[str] | None, typer.Option("--sites", help="sites of the run (default: all)")
+        ] = None,
+        noise: Annotated[
+            list[str] | None, typer.Option(help="noise keys, e.g. p0.2 (default: all)")
+        ] = None,
+        condition: Annotated[
+            list[str] | None, typer.Option(help="stored conditions (default: all)")
+        ] = None,
+        grid: Annotated[
+            str | None, typer.Option(help="HxW of transformer token sequences (default: square)")
+        ] = None,
+        binnings: Annotated[
+            str, typer.Option(help="probe binnings below the grid size; exact is always added")
+        ] = "2,4,8,16,32",
+        test_fraction: Annotated[
+            float, typer.Option(help="fraction of images the probes are scored on")
+        ] = 0.5,
+        threshold: Annotated[
+            float, typer.Option(help="anomaly score above which a group is detected")
+        ] = 2.0,
+        group: Annotated[int, typer.Option(help="token group side (2: 2x2 groups)")] = 2,
+        reference: Annotated[
+            str, typer.Option(help="norm reference of a map: mean | median")
+        ] = "mean",
+        corner: Annotated[
+            bool, typer.Option(help="corner ratio (extracts the cropped images with the model)")
+        ] = True,
+        corner_size: Annotated[int, typer.Option(help="corner side in tokens")] = 1,
+        model: Annotated[
+            str | None, typer.Option(help="model for the cropped images (default: the run's)")
+        ] = None,
+        device: str = "cpu",
+        dtype: Annotated[str | None, typer.Option(help="default: the run's")] = None,
+        batch_size: int = 16,
+        labels: Annotated[
+            Path | None, typer.Option(help="folder of label JSON files, or a label table .npz")
+        ] = None,
+        tolerance: Annotated[
+            int, typer.Option(help="label matching: max(|dy|,|dx|) <= tolerance tokens")
+        ] = 1,
+        query: Annotated[
+            str, typer.Option(help="similarity query token as row,col fractions of the grid")
+        ] = "0.5,0.5",
+        query_item: Annotated[int, typer.Option(help="image of the query token")] = 0,
+        plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
+        show: Annotated[int, typer.Option(help="images per overlay plot")] = 4,
+        seed: Annotated[int, typer.Option(help="probe train/test split seed")] = 0,
+        as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+        quiet: Annotated[
+            bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")
+        ] = False,
+    ) -> None:
+        """Position probes, corner ratios, high-norm token groups and similarity maps of RUN:
+        tables (CSV with the definitions as # comments), summary.json and plots in --out."""
+        from diffprobe.analysis.anomalies import REFERENCES, analyse_run, summary_lines
+        from diffprobe.cli import _setup
+        from diffprobe.extract.store import open_run
+
+        _setup(quiet)
+        if reference not in REFERENCES:
+            raise typer.BadParameter(
+                f"--reference must be one of {', '.join(REFERENCES)}, got {reference!r}"
+            )
+        position = _numbers(query, "--query")
+        if len(position) != 2 or not all(0.0 <= v <= 1.0 for v in position):
+            raise typer.BadParameter(
+                f"--query takes two fractions in [0, 1] (row,col), got {query!r}"
+            )
+        site_list = [s for entry in sites for s in entry.split()] if sites else None
+        opened = open_run(run)
+        target = out or opened.root / "anomalies"
+        summary = analyse_run(
+            opened,
+            target,
+            sites=site_list,
+            noises=noise or None,
+            conditions=condition or None,
+            grid=grid,
+            binnings=_numbers(binnings, "--binnings", int),
+            test_fraction=test_fraction,
+            threshold=threshold,
+            group=group,
+            reference=reference,
+            corner=corner,
+            corner_size=corner_size,
+            model=model,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            labels=labels,
+            tolerance=tolerance,
+            query=(position[0], position[1]),
+            query_item=query_item,
+            plots=plots,
+            show=show,
+            seed=seed,
+            progress=not quiet,
+        )
+        if as_json:
+            typer.echo(json.dumps(summary, indent=1, default=float))
+            return
+        for line in summary_lines(summary):
+            typer.echo(line)
+        for row in summary["label_comparison"]:
+            typer.echo(
+                f"labels {row['site']} {row['noise']} {row['condition']}: precision "
+                f"{row['precision']:.2f}, recall {row['recall']:.2f} "
+                f"({row['matched']} matched, {row['detections']} detections, {row['labels']} labels)"
+            )
+        typer.echo(str(target), err=True)
