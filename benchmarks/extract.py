@@ -73,7 +73,7 @@ NOISE_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 N_SITES = 9
 PHASES = ("extract", "hand", "nnsight", "baseline", "memory", "mfu", "maxbatch")
 CPU_PHASES = "extract,hand,nnsight,baseline,memory"
-GPU_PHASES = "extract,hand,nnsight,baseline,mfu,maxbatch"
+GPU_PHASES = "extract,nnsight,baseline,mfu,maxbatch"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
 T5_TOKENS = 256  # SD3's default max_sequence_length, as diffprobe's adapter uses
@@ -529,6 +529,7 @@ def run(args) -> dict:
             "denoiser_parameters": sum(p.numel() for p in model.denoiser.parameters()),
             "threads": torch.get_num_threads(), "repeats": args.repeats,
             "load_or_build_s": load_s, "versions": _versions(),
+            "load_average_at_start": list(os.getloadavg()), "cpu_count": os.cpu_count(),
         }  # fmt: skip
         log(f"{len(sites)} sites × {len(noise_levels)} noise levels, {args.items} items, batch "
             f"{args.batch_size}, {size} px, {args.dtype} on {device}: {', '.join(sites)}")
@@ -608,6 +609,7 @@ def run(args) -> dict:
         if "maxbatch" in phases:
             phase["maxbatch"] = _maxbatch(args, model, images, sites, size, deadline, log)
         result["grid"] = {"sites": len(sites), "noise_levels": len(noise_levels), "units": grid}
+        result["config"]["load_average_at_end"] = list(os.getloadavg())
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -407,6 +407,9 @@ def test_cli_align_probe_regress(run_dir, things_root, tmp_path):
     assert result.exit_code == 0, result.output
     rows = read_rows(regress_out / "regression.csv")
     assert len(rows) == 2 * 3 and all(np.isfinite(float(r["r2"])) for r in rows)
+    assert {"r2_hue_cos", "r2_hue_sin", "r2_curved", "r2_convex", "r2_pointed", "r2_fill"} <= set(
+        rows[0]
+    )
     # The true factors answer their own triplets far above chance.
     assert np.mean([float(r["target_ooo"]) for r in rows]) > 0.6
 

@@ -138,14 +138,28 @@ def test_regression_recovers_planted_factors():
     features = rng.normal(size=(90, 12))
     factors = features @ rng.normal(size=(12, 3))  # noiseless linear
     triplets = answered_triplets(factors, 20_000, rng, metric="euclidean")
-    result = regress(features, factors, folds=3, triplets=triplets, metric="euclidean", seed=0)
+    result = regress(
+        features,
+        factors,
+        folds=3,
+        triplets=triplets,
+        metric="euclidean",
+        target_names=["a", "b", "c"],
+        seed=0,
+    )
     assert len(result.rows) == 3
     assert all(row["r2"] > 0.999 for row in result.rows)
+    assert list(result.r2_by_target) == ["a", "b", "c"]
+    assert all(value > 0.999 for value in result.r2_by_target.values())
     assert np.allclose(result.predicted, factors, atol=0.05 * factors.std())
     for row in result.rows:
         assert row["target_ooo"] == 1.0 and row["ooo"] > 0.95 and row["test_triplets"] > 0
     # Unrelated features cannot predict the factors.
     unrelated = regress(rng.normal(size=(90, 12)), factors, folds=3, seed=0)
     assert unrelated.r2_mean < 0.3
+    # Only the first factor is linear in the features: the per-dimension R² tells them apart.
+    mixed = np.column_stack([factors[:, 0], rng.normal(size=90)])
+    split = regress(features, mixed, folds=3, seed=0).r2_by_target
+    assert split["0"] > 0.999 and split["1"] < 0.3
     with pytest.raises(probing.ProbingError, match="rows"):
         regress(features, factors[:10], folds=3)

@@ -36,7 +36,7 @@ import numpy as np
 
 from diffprobe.data.things import validate_triplets
 from diffprobe.data.things_export import noise_ceiling
-from diffprobe.errors import DiffprobeError
+from diffprobe.errors import DiffprobeError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +354,10 @@ def _select(run, what: str, wanted: Sequence[str] | None, available: list[str]) 
         return available
     missing = [w for w in wanted if w not in available]
     if missing:
+        close = did_you_mean(missing[0], available, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
         raise AlignmentError(
-            f"{what} '{missing[0]}' is not in run {run.root}; it has {', '.join(available)}"
+            f"{what} '{missing[0]}' is not in run {run.root}; {hint}it has {', '.join(available)}"
         )
     return [a for a in available if a in wanted]
 
@@ -784,7 +786,7 @@ def demo(run_dir: Path, things_root: Path, out: Path) -> dict:
     returns the numbers.
     """
     from diffprobe.analysis import probing
-    from diffprobe.data.things import load_things, shapes_factor_embedding
+    from diffprobe.data.things import SHAPES_FACTOR_NAMES, load_things, shapes_factor_embedding
     from diffprobe.extract.store import open_run
 
     out = Path(out)
@@ -802,7 +804,13 @@ def demo(run_dir: Path, things_root: Path, out: Path) -> dict:
     probe_result = probing.probe(features, train, folds=3, max_epochs=200, patience=40, seed=0)
     factors = shapes_factor_embedding(things.concepts)[covered]
     regression = probing.regress(
-        features, factors, folds=3, triplets=result.triplets, metric="euclidean", seed=0
+        features,
+        factors,
+        folds=3,
+        triplets=result.triplets,
+        metric="euclidean",
+        target_names=SHAPES_FACTOR_NAMES,
+        seed=0,
     )
     reductions_rows = []
     if run.info.get("pooling") == "none":
@@ -839,9 +847,10 @@ def demo(run_dir: Path, things_root: Path, out: Path) -> dict:
         f"probe (3 folds over objects): zero-shot {probe_result.zero_shot_mean:.3f} -> probed "
         f"{probe_result.probed_mean:.3f} ± {probe_result.probed_std:.3f}"
     )
+    by_factor = ", ".join(f"{k} {v:.2f}" for k, v in regression.r2_by_target.items())
     print(
-        f"regression onto the true factors: R² {regression.r2_mean:.3f} ± {regression.r2_std:.3f}, "
-        f"OOO of the prediction {regression.ooo_mean:.3f}"
+        f"regression onto the true factors: R² {regression.r2_mean:.3f} ± {regression.r2_std:.3f} "
+        f"({by_factor}), OOO of the prediction {regression.ooo_mean:.3f}"
     )
     for row in reductions_rows:
         print(f"  reduction {row['reduction']:<8} accuracy {row['accuracy']:.3f}")
@@ -858,6 +867,7 @@ def demo(run_dir: Path, things_root: Path, out: Path) -> dict:
         "regression": {
             "r2": regression.r2_mean,
             "r2_std": regression.r2_std,
+            "r2_by_factor": regression.r2_by_target,
             "ooo": regression.ooo_mean,
             "folds": regression.rows,
         },

@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 REGULARISERS = ("frobenius", "identity")
+# Above this many feature dimensions a full (dims, dims) probe needs ``pca``.
+MAX_DIMS = 4096
 
 
 class ProbingError(AlignmentError):
@@ -204,7 +206,7 @@ def fit_probe(
     seed: int = 0,
 ) -> tuple[LinearTransform, dict]:
     """Fit a linear probe on concept features (concepts, dims) with ``train_triplets``, early
-    stopping on the loss of ``val_triplets`` (both (triplets, 3), column 2 the odd one out).
+    stopping on ``val_triplets`` (both (triplets, 3), column 2 the odd one out).
 
     Standardisation statistics come from the concepts of ``train_triplets``. ``batch_size``:
     None for full-batch Adam, else minibatches of that many triplets per step. Returns the
@@ -230,16 +232,22 @@ def fit_probe(
             "folds for a steadier probe",
             len(val_triplets),
         )
-    values = np.asarray(features, dtype=np.float64)
+    values = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    if not pca and values.shape[1] > MAX_DIMS:
+        raise ProbingError(
+            f"a {values.shape[1]} × {values.shape[1]} probe is too large; pass pca=K (--pca K) "
+            "to probe on K principal components, or pool the features"
+        )
     seen = np.unique(train_triplets)
     mean = values[seen].mean(0)
     std = values[seen].std(0)
     std = np.where(std > 1e-12, std, 1.0)
     standard = (values - mean) / std
-    projection = np.eye(values.shape[1])
+    projection = None
     if pca:
         projection = _principal_axes(standard[seen] - standard[seen].mean(0), pca)
-    inputs = torch.as_tensor(standard @ projection, dtype=torch.float32)
+        standard = standard @ projection
+    inputs = torch.as_tensor(standard, dtype=torch.float32)
     dims = inputs.shape[1]
 
     generator = torch.Generator().manual_seed(seed)
@@ -293,8 +301,9 @@ def fit_probe(
             }
         elif epoch - best["epoch"] >= patience:
             break
+    learned = best["weights"].double().numpy()
     transform = LinearTransform(
-        weights=projection @ best["weights"].double().numpy(),
+        weights=learned if projection is None else projection @ learned,
         bias=best["bias"].double().numpy(),
         mean=mean,
         std=std,
@@ -442,6 +451,12 @@ class RegressionResult:
     def ooo_mean(self) -> float:
         return float(np.nanmean(self._values("ooo")))
 
+    @property
+    def r2_by_target(self) -> dict[str, float]:
+        """Mean over folds of the held-out R² of each target dimension."""
+        names = [k[3:] for k in self.rows[0] if k.startswith("r2_")] if self.rows else []
+        return {name: float(self._values(f"r2_{name}").mean()) for name in names}
+
 
 def regress(
     features: np.ndarray,
@@ -451,16 +466,17 @@ def regress(
     alphas: Sequence[float] = tuple(np.logspace(-4, 4, 9)),
     triplets: np.ndarray | None = None,
     metric: str = "cosine",
+    target_names: Sequence[str] | None = None,
     seed: int = 0,
 ) -> RegressionResult:
     """Ridge regression from concept features (concepts, dims) to a target embedding
-    (concepts, target dims), K-fold over concepts; ``alphas`` chosen per fold by RidgeCV's
-    leave-one-out on the training concepts.
+    (concepts, target dims), K-fold over concepts; the penalty is chosen from ``alphas`` per
+    fold and per target dimension by RidgeCV's leave-one-out on the training concepts.
 
-    Rows per fold: ``r2`` (uniform average over target dims, on held-out concepts), ``alpha``,
-    and with ``triplets``: ``ooo`` (accuracy of the predicted embedding on the held-out
-    triplets, ``metric``), ``target_ooo`` (of the target itself on them), ``zero_shot`` (of the
-    features).
+    Rows per fold: ``r2`` (uniform average over target dims, on held-out concepts), ``r2_<name>``
+    per target dimension (names from ``target_names``, default ``0``, ``1``, ...), and with
+    ``triplets``: ``ooo`` (accuracy of the predicted embedding on the held-out triplets,
+    ``metric``), ``target_ooo`` (of the target itself on them), ``zero_shot`` (of the features).
     """
     from sklearn.linear_model import RidgeCV
     from sklearn.metrics import r2_score
@@ -473,20 +489,26 @@ def regress(
         target = target[:, None]
     if len(target) != len(values):
         raise ProbingError(f"the target has {len(target)} rows for {len(values)} concepts")
+    names = (
+        list(target_names) if target_names is not None else [str(j) for j in range(target.shape[1])]
+    )
+    if len(names) != target.shape[1]:
+        raise ProbingError(f"{len(names)} target names for {target.shape[1]} target dimensions")
     n = len(values)
     predicted = np.full_like(target, np.nan)
     rows = []
     for fold, held_out in enumerate(object_folds(n, folds, seed)):
         train = np.setdiff1d(np.arange(n), held_out)
-        model = make_pipeline(StandardScaler(), RidgeCV(alphas=list(alphas)))
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=list(alphas), alpha_per_target=True))
         model.fit(values[train], target[train])
         predicted[held_out] = model.predict(values[held_out]).reshape(len(held_out), -1)
+        per_dim = r2_score(target[held_out], predicted[held_out], multioutput="raw_values")
         row = {
             "fold": fold,
             "train_concepts": len(train),
             "test_concepts": len(held_out),
-            "r2": float(r2_score(target[held_out], predicted[held_out])),
-            "alpha": float(model[-1].alpha_),
+            "r2": float(np.mean(per_dim)),
+            **{f"r2_{name}": float(value) for name, value in zip(names, per_dim, strict=True)},
         }
         if triplets is not None:
             test = triplets_within(np.asarray(triplets, dtype=np.int64), held_out, n)

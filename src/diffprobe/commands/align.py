@@ -284,14 +284,20 @@ def register(app: typer.Typer) -> None:
         from diffprobe.analysis.alignment import load_concept_features, restrict_triplets, write_csv
         from diffprobe.analysis.probing import regress as run_regress
         from diffprobe.cli import _setup
-        from diffprobe.data.things import load_things, read_embedding, shapes_factor_embedding
+        from diffprobe.data.things import (
+            SHAPES_FACTOR_NAMES,
+            load_things,
+            read_embedding,
+            shapes_factor_embedding,
+        )
         from diffprobe.extract.store import open_run
 
         _setup(quiet)
         opened = open_run(run)
         data = load_things(things)
+        names = None
         if target_embedding == "shapes-factors":
-            embedding = shapes_factor_embedding(data.concepts)
+            embedding, names = shapes_factor_embedding(data.concepts), SHAPES_FACTOR_NAMES
         else:
             embedding = read_embedding(target_embedding, data.n_concepts)
         features, covered = load_concept_features(
@@ -308,7 +314,13 @@ def register(app: typer.Typer) -> None:
         rows, summary = [], []
         for (site, noise_key, cond), values in features.items():
             result = run_regress(
-                values, embedding[covered], folds=folds, triplets=used, metric=metric, seed=seed
+                values,
+                embedding[covered],
+                folds=folds,
+                triplets=used,
+                metric=metric,
+                target_names=names,
+                seed=seed,
             )
             base = {"site": site, "noise": noise_key, "condition": cond, "reduction": reduce}
             rows += [{**base, **row} for row in result.rows]
@@ -322,6 +334,7 @@ def register(app: typer.Typer) -> None:
                     "target_ooo_mean": target_ooo,
                     "folds": folds,
                     "metric": metric,
+                    **{f"r2_{k}_mean": v for k, v in result.r2_by_target.items()},
                 }
             )
             typer.echo(

@@ -302,7 +302,10 @@ def attribute_accuracy(
     """Fraction of items whose read attribute equals the true factor, per attribute.
 
     ``factors``: as in ``ShapesSample.factors`` (at least the compared names); also returns
-    ``position_error``, the mean distance in px between read and true centres.
+    ``position_error``, the mean distance in px between read and true centres. Where
+    ``factors`` has ``template``, ``background`` is scored only over items whose caption
+    template names the background (the others were free to draw either); the count is in
+    ``background_items``.
     """
     read = read_attributes(images, reader_path)
     scores = {
@@ -310,6 +313,14 @@ def attribute_accuracy(
         for name in _COMPARED
         if name in factors
     }
+    if "background" in scores and "template" in factors:
+        stated = np.array(["{background}" in shapes.CAPTION_TEMPLATES[t]
+                           for t in np.asarray(factors["template"])])  # fmt: skip
+        scores["background_items"] = int(stated.sum())
+        scores["background"] = (
+            float(np.mean(read["background"][stated] == np.asarray(factors["background"])[stated]))
+            if stated.any() else float("nan")
+        )  # fmt: skip
     if "x" in factors and "y" in factors:
         distance = np.hypot(read["x"] - factors["x"], read["y"] - factors["y"])
         scores["position_error"] = float(np.nanmean(distance) * images.shape[2])

@@ -231,10 +231,14 @@ def load_things(root: str | Path, check_images: bool = True) -> Things:
     return Things(root, concepts, triplets, ceiling, source)
 
 
+SHAPES_FACTOR_NAMES = ("hue_cos", "hue_sin", "curved", "convex", "pointed", "fill")
+
+
 def shapes_factor_embedding(concepts: list[dict]) -> np.ndarray:
     """The true factors of the shapes-world concepts (a THINGS export): (concepts, 6) =
     cos and sin of the hue, and the four shape features of ``things_export.SHAPE_FEATURES``
-    (the quantities the export's ground-truth similarity is built from)."""
+    (the quantities the export's ground-truth similarity is built from); column names in
+    ``SHAPES_FACTOR_NAMES``."""
     from diffprobe.data.things_export import SHAPE_FEATURES
 
     if not concepts or not {"hue_degrees", "shape"} <= set(concepts[0]):

@@ -1,0 +1,71 @@
+"""docs/store.md: its Python examples run (in order, as one script) and print what the page says;
+the CLI options its shell examples use exist."""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+DOC = Path(__file__).parents[1] / "docs" / "store.md"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+
+
+def _expected_prints(block: str) -> list[str]:
+    """Comments that state what a print shows: trailing a print line, or on the line after one."""
+    expected, lines = [], block.splitlines()
+    for index, line in enumerate(lines):
+        if not line.lstrip().startswith("print("):
+            continue
+        match = re.search(r"\)\s+#\s?(.*)$", line)
+        if match:
+            expected.append(match.group(1).strip())
+        elif index + 1 < len(lines) and lines[index + 1].lstrip().startswith("#"):
+            expected.append(lines[index + 1].lstrip()[1:].strip())
+    return expected
+
+
+def test_python_examples_run_and_print_what_they_say(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = _blocks("python")
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    for block in blocks:
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            exec(compile(block, str(DOC), "exec"), namespace)
+        for text in _expected_prints(block):
+            assert text in captured.getvalue(), f"the page says {text!r}; printed {captured.getvalue()!r}"
+    # the run the page builds has the documented layout on disk
+    root = tmp_path / "runs" / "store-demo"
+    assert sorted(p.name for p in root.iterdir()) == ["features.zarr", "progress", "run.json"]
+    assert (root / "features.zarr" / "unet.down_blocks.1~hidden_states" / "p0.1" / "cap.cond").is_dir()
+
+
+def _extract_options() -> set[str]:
+    import typer
+
+    from diffprobe.cli import app
+
+    command = typer.main.get_command(app).commands["extract"]
+    return {option for param in command.params for option in param.opts}
+
+
+def test_shell_examples_use_existing_extract_options():
+    known = _extract_options()
+    used = set()
+    for block in _blocks("bash"):
+        text = block.replace("\\\n", " ")
+        for command in re.findall(r"diffprobe extract([^'\n]*)", text):
+            used |= set(re.findall(r"(--[a-z][a-z-]*)", command))
+    assert {"--shard", "--out", "--sites", "--noise", "--device"} <= used
+    assert used <= known, f"options not in `diffprobe extract`: {sorted(used - known)}"
+
+
+def test_embedded_python_script_compiles():
+    scripts = [m for b in _blocks("bash") for m in re.findall(r"<<'EOF'\n(.*?)\nEOF", b, re.DOTALL)]
+    assert scripts
+    for script in scripts:
+        compile(script, "extract_shard.py", "exec")
