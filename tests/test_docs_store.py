@@ -37,11 +37,15 @@ def test_python_examples_run_and_print_what_they_say(tmp_path, monkeypatch):
         with contextlib.redirect_stdout(captured):
             exec(compile(block, str(DOC), "exec"), namespace)
         for text in _expected_prints(block):
-            assert text in captured.getvalue(), f"the page says {text!r}; printed {captured.getvalue()!r}"
+            assert text in captured.getvalue(), (
+                f"the page says {text!r}; printed {captured.getvalue()!r}"
+            )
     # the run the page builds has the documented layout on disk
     root = tmp_path / "runs" / "store-demo"
     assert sorted(p.name for p in root.iterdir()) == ["features.zarr", "progress", "run.json"]
-    assert (root / "features.zarr" / "unet.down_blocks.1~hidden_states" / "p0.1" / "cap.cond").is_dir()
+    assert (
+        root / "features.zarr" / "unet.down_blocks.1~hidden_states" / "p0.1" / "cap.cond"
+    ).is_dir()
 
 
 def _extract_options() -> set[str]:
