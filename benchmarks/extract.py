@@ -8,6 +8,8 @@ Methods (phases, ``--phases``):
 
 - ``extract``: ``diffprobe.extract.engine.extract`` into a fresh store (zarr writes included,
   the real product path). Every ratio below is against this time.
+- ``engine``: the engine's chunk computation alone, without run.json, zarr arrays and markers
+  (where diffprobe's own time goes: extract minus engine is the store).
 - ``hand``: a minimal hand-written loop in plain diffusers doing the same work (VAE encode,
   the documented noise formula, ``register_forward_hook`` on the 9 sites, early stop by
   exception after the deepest one, pooled features into numpy). Goal: diffprobe ≤ 1.1× it.
@@ -40,7 +42,12 @@ GPU, random-weight full-size architectures (``diffprobe.testing.full_size``), ru
 ``pip install -e`` (``PYTHONPATH=src``)::
 
     python3 benchmarks/extract.py --full-size sd1.5 --size 512 --dtype bf16 --device cuda \\
-        --items 256 --batch-size 32 --phases extract,hand,nnsight,baseline,mfu,maxbatch
+        --items 256 --batch-size 32 --phases extract,nnsight,baseline,mfu,maxbatch
+
+Defaults: phases ``extract,engine,hand,nnsight,baseline,memory`` on CPU and
+``extract,nnsight,baseline,mfu,maxbatch`` with ``--full-size``; ``--time-budget`` (480 s on
+CUDA) makes later phases shrink or skip once it is spent (extract itself always completes), and
+a phase that fails is reported in ``notes`` without losing the others.
 
 Prints a table on stdout and writes JSON (``--out``). Timings on a shared machine are noisy:
 in-process methods are repeated (``--repeats``) and interleaved, and the minimum is used.
@@ -71,8 +78,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 NOISE_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 N_SITES = 9
-PHASES = ("extract", "hand", "nnsight", "baseline", "memory", "mfu", "maxbatch")
-CPU_PHASES = "extract,hand,nnsight,baseline,memory"
+PHASES = ("extract", "engine", "hand", "nnsight", "baseline", "memory", "mfu", "maxbatch")
+CPU_PHASES = "extract,engine,hand,nnsight,baseline,memory"
 GPU_PHASES = "extract,nnsight,baseline,mfu,maxbatch"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
@@ -155,7 +162,11 @@ def plain_prompt(pipe, n: int) -> dict:
     with torch.no_grad():
         if plain_is_flow(pipe):
             embeds, _, pooled, _ = pipe.encode_prompt(
-                [""] * n, None, None, device=device, do_classifier_free_guidance=False,
+                [""] * n,
+                None,
+                None,
+                device=device,
+                do_classifier_free_guidance=False,
                 max_sequence_length=T5_TOKENS,
             )
             return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
@@ -164,7 +175,7 @@ def plain_prompt(pipe, n: int) -> dict:
 
 
 def plain_noise(pipe, x0: torch.Tensor, noise_level: float, seed: int, items) -> tuple:
-    """(x_t, timesteps): item i's noise from Generator('cpu').manual_seed(seed * 2**32 + i);
+    """(x_t, timesteps): item i's noise from Generator('cpu').manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]));
     DDPM schedules: t = min(round(p T), T - 1) and the scheduler's add_noise; flow models:
     sigma = p, x_t = (1 - sigma) x_0 + sigma noise, timestep sigma T (docs/noise.md)."""
     from diffusers import DDPMScheduler
@@ -172,7 +183,7 @@ def plain_noise(pipe, x0: torch.Tensor, noise_level: float, seed: int, items) ->
     steps = int(pipe.scheduler.config.num_train_timesteps)
     noise = torch.empty((len(items), *x0.shape[1:]), dtype=torch.float32)
     for row, item in enumerate(items):
-        generator = torch.Generator("cpu").manual_seed(seed * 2**32 + int(item))
+        generator = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([seed, int(item)]).generate_state(1)[0]))
         noise[row] = torch.randn(tuple(x0.shape[1:]), generator=generator, dtype=torch.float32)
     noise = noise.to(x0.device)
     if plain_is_flow(pipe):
@@ -196,8 +207,17 @@ def _rows(cond: dict, count: int) -> dict:
     return {k: v[:count] for k, v in cond.items()}
 
 
-def plain_grid(pipe, images: np.ndarray, sites: list[str], noise_levels, *, batch_size: int,
-               seed: int, size: int, early_stop: bool = True) -> dict:
+def plain_grid(
+    pipe,
+    images: np.ndarray,
+    sites: list[str],
+    noise_levels,
+    *,
+    batch_size: int,
+    seed: int,
+    size: int,
+    early_stop: bool = True,
+) -> dict:
     """The hand-written loop: {(site, noise level): (items, C) float32}. ``sites`` must be in
     execution order when ``early_stop`` (the hook on the last one ends the pass)."""
     n = len(images)
@@ -238,8 +258,17 @@ def plain_grid(pipe, images: np.ndarray, sites: list[str], noise_levels, *, batc
     return out
 
 
-def seed_unit(load, images: np.ndarray, site: str, noise_level: float, *, batch_size: int,
-              seed: int, size: int, save: Path) -> np.ndarray:
+def seed_unit(
+    load,
+    images: np.ndarray,
+    site: str,
+    noise_level: float,
+    *,
+    batch_size: int,
+    seed: int,
+    size: int,
+    save: Path,
+) -> np.ndarray:
     """One unit of the seed-style grid: load, encode, noise, full forward hooked at one site,
     save with numpy."""
     pipe = load()
@@ -253,8 +282,16 @@ def seed_unit(load, images: np.ndarray, site: str, noise_level: float, *, batch_
 # nnsight
 
 
-def nnsight_grid(pipe, images: np.ndarray, sites: list[str], noise_levels, *, batch_size: int,
-                 seed: int, size: int) -> dict:
+def nnsight_grid(
+    pipe,
+    images: np.ndarray,
+    sites: list[str],
+    noise_levels,
+    *,
+    batch_size: int,
+    seed: int,
+    size: int,
+) -> dict:
     """The same grid read through ``nnsight.NNsight(denoiser)``; inputs prepared as in the
     hand-written loop; ``tracer.stop()`` after the deepest site."""
     from nnsight import NNsight
@@ -281,7 +318,7 @@ def nnsight_grid(pipe, images: np.ndarray, sites: list[str], noise_levels, *, ba
                 x_t, t = plain_noise(pipe, x0[first : items[-1] + 1], p, seed, items)
                 saved = {}
                 with wrapped.trace(**plain_kwargs(pipe, x_t, t, _rows(cond, len(items)))) as tracer:
-                    for site, path in zip(sites, paths):
+                    for site, path in zip(sites, paths, strict=True):
                         value = envoy_at(path).output
                         if isinstance(value, tuple):
                             value = value[1] if joint[site] else value[0]
@@ -315,13 +352,19 @@ def choose_sites(model, count: int = N_SITES) -> list[str]:
         return [options[round(i * (len(options) - 1) / (k - 1))] for i in range(k)]
 
     if model.denoiser_name == "unet":
-        blocks = [s for s in names if re.fullmatch(r"unet\.(down_blocks\.\d+|mid_block|up_blocks\.\d+)", s)]
+        blocks = [
+            s
+            for s in names
+            if re.fullmatch(r"unet\.(down_blocks\.\d+|mid_block|up_blocks\.\d+)", s)
+        ]
         attentions = [s for s in names
                       if re.fullmatch(r"unet\.(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+", s)]  # fmt: skip
         if len(blocks) >= count:
             return spread(blocks, count)
         return blocks + spread(attentions, count - len(blocks))
-    blocks = [s for s in names if re.fullmatch(rf"{model.denoiser_name}\.transformer_blocks\.\d+", s)]
+    blocks = [
+        s for s in names if re.fullmatch(rf"{model.denoiser_name}\.transformer_blocks\.\d+", s)
+    ]
     return spread(blocks, count)
 
 
@@ -343,14 +386,34 @@ def execution_order(model, sites: list[str], x0: torch.Tensor, cond) -> list[str
     return sorted(sites, key=order.index)
 
 
-def diffprobe_extract(model, source, sites, noise_levels, *, batch_size, seed, size,
-                      chunk_items, root: Path) -> Path:
+def diffprobe_extract(
+    model, source, sites, noise_levels, *, batch_size, seed, size, chunk_items, root: Path
+) -> Path:
     from diffprobe.extract.engine import Condition, ExtractionPlan, extract
 
     plan = ExtractionPlan(sites=list(sites), noise_levels=list(noise_levels),
                           conditions=[Condition("empty")], pooling="mean", seed=seed,
                           image_size=size, chunk_items=chunk_items)  # fmt: skip
     return extract(model, source, plan, root, batch_size=batch_size, progress=False)
+
+
+def engine_compute(model, source, sites, noise_levels, *, batch_size, seed, size, chunk_items):
+    """The engine's chunk computation alone (no store): what ``extract`` does minus run.json,
+    zarr arrays and markers. Uses the engine's private ``_compute_chunk``."""
+    from diffprobe.extract import engine
+
+    plan = engine.ExtractionPlan(sites=list(sites), noise_levels=list(noise_levels), seed=seed,
+                                 image_size=size, chunk_items=chunk_items)  # fmt: skip
+    reduce, grid, n = engine.pool_fn("mean"), plan.grid(), len(source)
+
+    class _NoBar:
+        def update(self, count: int) -> None:
+            pass
+
+    for first in range(0, n, chunk_items):
+        indices = list(range(first, min(first + chunk_items, n)))
+        engine._compute_chunk(model, source, plan, indices, size, batch_size, reduce, None, grid,
+                              _NoBar())  # fmt: skip
 
 
 def read_run(root: Path, sites, noise_levels) -> dict:
@@ -448,7 +511,7 @@ def _run_worker(argv: list[str]) -> tuple[float, str]:
 # the benchmark
 
 
-def _load(args, log):
+def _load(args, workdir: Path, log):
     """(diffprobe model, pipeline folder or None, seconds to load/build, loader for a unit)."""
     import diffprobe
 
@@ -466,7 +529,7 @@ def _load(args, log):
     if folder == "dummy":
         from diffprobe.testing import dummy_sd_pipeline
 
-        folder = tempfile.mkdtemp(prefix="diffprobe-bench-dummy-")
+        folder = str(workdir / "dummy-sd")
         dummy_sd_pipeline(args.seed).save_pretrained(folder)
         log(f"saved a random dummy_sd_pipeline({args.seed}) to {folder}")
     else:
@@ -496,7 +559,9 @@ def run(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    phases = [p for p in (args.phases or (GPU_PHASES if args.full_size else CPU_PHASES)).split(",") if p]
+    phases = [
+        p for p in (args.phases or (GPU_PHASES if args.full_size else CPU_PHASES)).split(",") if p
+    ]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         raise SystemExit(f"unknown phases {unknown}; choose from {', '.join(PHASES)}")
@@ -506,16 +571,22 @@ def run(args) -> dict:
     notes: list[str] = []
     result: dict = {"notes": notes, "phases": {}}
     try:
-        model, folder, load_s, unit_loader = _load(args, log)
+        model, folder, load_s, unit_loader = _load(args, workdir, log)
         size = args.size or model.resolution
-        noise_levels = [float(v) for v in args.noise.split(",")] if args.noise else list(NOISE_LEVELS)
+        noise_levels = (
+            [float(v) for v in args.noise.split(",")] if args.noise else list(NOISE_LEVELS)
+        )
         source = open_source(f"shapes:{args.items}:{args.seed}")
         images = source.load(range(len(source)))
         chunk_items = args.chunk_items or max(32, args.batch_size)
         with torch.no_grad():
             x0 = model.encode_images(images[:1], size)
         cond = model.encode_prompt([""])
-        sites = [s for entry in args.sites for s in entry.replace(",", " ").split()] if args.sites else choose_sites(model)
+        sites = (
+            [s for entry in args.sites for s in entry.replace(",", " ").split()]
+            if args.sites
+            else choose_sites(model)
+        )
         sites = execution_order(model, sites, x0, cond)
         grid = len(sites) * len(noise_levels)
         passes = -(-args.items // args.batch_size) * len(noise_levels)
@@ -531,21 +602,28 @@ def run(args) -> dict:
             "load_or_build_s": load_s, "versions": _versions(),
             "load_average_at_start": list(os.getloadavg()), "cpu_count": os.cpu_count(),
         }  # fmt: skip
-        log(f"{len(sites)} sites × {len(noise_levels)} noise levels, {args.items} items, batch "
-            f"{args.batch_size}, {size} px, {args.dtype} on {device}: {', '.join(sites)}")
+        log(
+            f"{len(sites)} sites × {len(noise_levels)} noise levels, {args.items} items, batch "
+            f"{args.batch_size}, {size} px, {args.dtype} on {device}: {', '.join(sites)}"
+        )
 
         # warm-up: one captured pass (lazy initialisation, kernel selection)
         _warm_up(model, images, sites, size, args, device)
 
-        timings: dict[str, list[float]] = {"extract": [], "hand": [], "nnsight": []}
+        timings: dict[str, list[float]] = {"extract": [], "engine": [], "hand": [], "nnsight": []}
         reference = None
         others: dict[str, dict] = {}
         peak_gpu = None
         nnsight_ok = "nnsight" in phases and _nnsight_available(notes)
+        resident_gpu = torch.cuda.memory_allocated() if device.startswith("cuda") else None
         if nnsight_ok:
-            # warm nnsight up too (first trace pays one-time costs)
-            nnsight_grid(model.pipe, images[: args.batch_size], sites, noise_levels[:1],
-                         batch_size=args.batch_size, seed=args.seed, size=size)  # fmt: skip
+            try:  # warm nnsight up too (its first trace pays one-time costs)
+                nnsight_grid(model.pipe, images[: args.batch_size], sites, noise_levels[:1],
+                             batch_size=args.batch_size, seed=args.seed, size=size)  # fmt: skip
+            except Exception as err:  # noqa: BLE001 - report, keep the other figures
+                notes.append(f"nnsight failed: {type(err).__name__}: {str(err)[:500]}")
+                nnsight_ok = False
+                _free(device)
         for repeat in range(args.repeats):
             if "extract" in phases or reference is None:
                 if device.startswith("cuda"):
@@ -561,15 +639,28 @@ def run(args) -> dict:
                     reference = read_run(root, sites, noise_levels)
                 shutil.rmtree(root, ignore_errors=True)
                 log(f"[{repeat}] diffprobe extract: {seconds:.2f} s")
+            if "engine" in phases:
+                seconds, _ = timed(lambda: engine_compute(
+                    model, source, sites, noise_levels, batch_size=args.batch_size, seed=args.seed,
+                    size=size, chunk_items=chunk_items), device)  # fmt: skip
+                timings["engine"].append(seconds)
+                log(f"[{repeat}] diffprobe engine without the store: {seconds:.2f} s")
             for name, fn in (("hand", plain_grid), ("nnsight", nnsight_grid)):
                 if name not in phases or (name == "nnsight" and not nnsight_ok):
                     continue
                 if deadline.left() < 1.5 * min(timings["extract"]):
                     notes.append(f"{name} repeat {repeat}: skipped, time budget")
                     continue
-                seconds, values = timed(lambda fn=fn: fn(
-                    model.pipe, images, sites, noise_levels, batch_size=args.batch_size,
-                    seed=args.seed, size=size), device)  # fmt: skip
+                try:
+                    seconds, values = timed(lambda fn=fn: fn(
+                        model.pipe, images, sites, noise_levels, batch_size=args.batch_size,
+                        seed=args.seed, size=size), device)  # fmt: skip
+                except Exception as err:  # noqa: BLE001 - report, keep the other figures
+                    notes.append(f"{name} failed: {type(err).__name__}: {str(err)[:500]}")
+                    nnsight_ok = nnsight_ok and name != "nnsight"
+                    phases = [p for p in phases if p != name]
+                    _free(device)
+                    continue
                 timings[name].append(seconds)
                 others.setdefault(name, values)
                 log(f"[{repeat}] {name}: {seconds:.2f} s")
@@ -582,6 +673,15 @@ def run(args) -> dict:
                 "seconds": extract_s, "median_s": statistics.median(timings["extract"]),
                 "images_per_s": args.items / extract_s, "passes_per_s": passes / extract_s,
                 "peak_gpu_memory_gb": None if peak_gpu is None else peak_gpu / 2**30,
+                "resident_gpu_memory_gb": None if resident_gpu is None else resident_gpu / 2**30,
+            }  # fmt: skip
+        if timings["engine"]:
+            engine_s = min(timings["engine"])
+            phase["engine"] = {
+                "seconds": engine_s, "median_s": statistics.median(timings["engine"]),
+                "store_and_bookkeeping_s": extract_s - engine_s,
+                "what": "the engine's per-chunk compute (encode, prompts, captured passes, pooling, "
+                "copies to numpy) without run.json, zarr arrays and markers",
             }  # fmt: skip
         for name in ("hand", "nnsight"):
             if timings[name]:
@@ -595,19 +695,29 @@ def run(args) -> dict:
             phase["hand"]["met"] = phase["hand"]["diffprobe_over_it"] <= 1.1
         if "nnsight" in phase:
             phase["nnsight"]["goal"] = "nnsight / diffprobe >= 1 and values equal"
-            phase["nnsight"]["met"] = phase["nnsight"]["it_over_diffprobe"] >= 1 and phase["nnsight"]["equal"]
+            phase["nnsight"]["met"] = (
+                phase["nnsight"]["it_over_diffprobe"] >= 1 and phase["nnsight"]["equal"]
+            )
 
-        if "baseline" in phases:
-            phase["baseline"] = _baseline(args, model, folder, unit_loader, images, sites, noise_levels,
-                                          size, reference, load_s, extract_s, workdir, deadline, log)  # fmt: skip
-        if "memory" in phases:
-            phase["memory"] = _memory(args, folder, sites, noise_levels, size, chunk_items, workdir,
-                                      phase.get("baseline", {}).get("diffprobe_process"), log)  # fmt: skip
-        if "mfu" in phases:
-            phase["mfu"] = _mfu(args, model, images, sites, noise_levels, size, extract_s, passes,
-                                deadline, log)  # fmt: skip
-        if "maxbatch" in phases:
-            phase["maxbatch"] = _maxbatch(args, model, images, sites, size, deadline, log)
+        later = {
+            "baseline": lambda: _baseline(args, model, folder, unit_loader, images, sites,
+                                          noise_levels, size, reference, load_s, extract_s,
+                                          workdir, deadline, log),
+            "memory": lambda: _memory(args, folder, sites, noise_levels, size, workdir,
+                                      phase.get("baseline", {}).get("diffprobe_process"), log),
+            "mfu": lambda: _mfu(args, model, images, sites, noise_levels, size, extract_s, passes,
+                                deadline, log),
+            "maxbatch": lambda: _maxbatch(args, model, images, sites, size, deadline, log),
+        }  # fmt: skip
+        for name, measure in later.items():
+            if name not in phases:
+                continue
+            try:  # one failing phase must not lose the others' figures
+                phase[name] = measure()
+            except Exception as err:  # noqa: BLE001
+                notes.append(f"{name} phase failed: {type(err).__name__}: {str(err)[:500]}")
+                log(notes[-1])
+                _free(device)
         result["grid"] = {"sites": len(sites), "noise_levels": len(noise_levels), "units": grid}
         result["config"]["load_average_at_end"] = list(os.getloadavg())
     finally:
@@ -629,7 +739,7 @@ def _versions() -> dict:
 def _nnsight_available(notes: list[str]) -> bool:
     try:
         import nnsight  # noqa: F401
-    except ImportError as err:
+    except Exception as err:  # noqa: BLE001 - missing, or broken against these versions
         notes.append(f"nnsight phase skipped: {err}")
         return False
     return True
@@ -649,11 +759,29 @@ def _warm_up(model, images, sites, size, args, device) -> None:
     _sync(device)
 
 
-def _baseline(args, model, folder, unit_loader, images, sites, noise_levels, size, reference,
-              load_s, extract_s, workdir, deadline, log) -> dict:
+def _baseline(
+    args,
+    model,
+    folder,
+    unit_loader,
+    images,
+    sites,
+    noise_levels,
+    size,
+    reference,
+    load_s,
+    extract_s,
+    workdir,
+    deadline,
+    log,
+) -> dict:
     units = [(s, p) for s in sites for p in noise_levels]
     k = max(1, min(args.seed_units, len(units)))
-    chosen = [units[round(i * (len(units) - 1) / (k - 1))] for i in range(k)] if k > 1 else [units[len(units) // 2]]
+    chosen = (
+        [units[round(i * (len(units) - 1) / (k - 1))] for i in range(k)]
+        if k > 1
+        else [units[len(units) // 2]]
+    )
     measured, checks = [], []
     if folder is not None:
         how = ("real fresh processes (`python benchmarks/extract.py --worker seed`: imports torch, "
@@ -682,7 +810,9 @@ def _baseline(args, model, folder, unit_loader, images, sites, noise_levels, siz
             _free(args.device)
         measured.append(seconds)
         if folder is not None:  # same weights: the values must equal diffprobe's
-            checks.append(compare({0: reference[(site, p)]}, {0: np.load(save, allow_pickle=False)}))
+            checks.append(
+                compare({0: reference[(site, p)]}, {0: np.load(save, allow_pickle=False)})
+            )
         log(f"seed-style unit {index + 1}/{k} ({site}, p={p}): {seconds:.2f} s")
     grid_s = statistics.mean(measured) * len(units)
     out = {
@@ -717,19 +847,22 @@ def _extract_worker_argv(args, folder, sites, noise_levels, size, items, store) 
             "--chunk-items", str(args.chunk_items or max(32, args.batch_size))]  # fmt: skip
 
 
-def _memory(args, folder, sites, noise_levels, size, chunk_items, workdir, first, log) -> dict:
+def _memory(args, folder, sites, noise_levels, size, workdir, first, log) -> dict:
     if folder is None:
         return {"skipped": "needs a pipeline folder (the GPU run reports peak GPU memory instead)"}
     rows = []
-    for items in (args.items, 10 * args.items):
-        if items == args.items and first is not None:
+    base = args.memory_items or args.items
+    for items in (base, 10 * base):
+        if first is not None and items == first["items"]:
             rows.append(first)
             continue
         wall, stdout = _run_worker(_extract_worker_argv(args, folder, sites, noise_levels, size,
                                                         items, workdir / f"mem-{items}"))  # fmt: skip
         rows.append({"items": items, "wall_s": wall, **json.loads(stdout.strip().splitlines()[-1])})
-        log(f"fresh-process extraction of {items} items: {wall:.1f} s, "
-            f"ru_maxrss {rows[-1]['ru_maxrss_mb']:.0f} MiB")
+        log(
+            f"fresh-process extraction of {items} items: {wall:.1f} s, "
+            f"ru_maxrss {rows[-1]['ru_maxrss_mb']:.0f} MiB"
+        )
     return {"runs": rows, "rss_ratio": rows[1]["ru_maxrss_mb"] / rows[0]["ru_maxrss_mb"],
             "goal": "ru_maxrss(10 N) / ru_maxrss(N) close to 1"}  # fmt: skip
 
@@ -776,8 +909,10 @@ def _mfu(args, model, images, sites, noise_levels, size, extract_s, passes, dead
         handle.remove()
     bare_s = bare_per_pass * args.items / len(batch) * len(noise_levels)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    log(f"FLOPs per early-stopped pass of {len(batch)}: {early / 1e12:.3f} T "
-        f"({early / full:.0%} of a full pass); bare passes {bare_s:.2f} s vs extract {extract_s:.2f} s")
+    log(
+        f"FLOPs per early-stopped pass of {len(batch)}: {early / 1e12:.3f} T "
+        f"({early / full:.0%} of a full pass); bare passes {bare_s:.2f} s vs extract {extract_s:.2f} s"
+    )
     return {
         "flops_per_pass": early, "batch": len(batch), "flops_full_pass": full,
         "early_stop_fraction": early / full, "total_flops": total,
@@ -874,6 +1009,10 @@ def table(result: dict) -> str:
     if extract:
         lines.append(f"{'diffprobe extract (zarr store)':<34} {extract['seconds']:9.2f} "
                      f"{extract['images_per_s']:9.1f}  {'1.00':>22}  reference")  # fmt: skip
+    if "engine" in phase:
+        e = phase["engine"]
+        lines.append(f"{'  of which engine without store':<34} {e['seconds']:9.2f} "
+                     f"{config['items'] / e['seconds']:9.1f}  {'store ' + format(e['store_and_bookkeeping_s'], '.2f') + ' s':>22}")  # fmt: skip
     if "hand" in phase:
         h = phase["hand"]
         lines.append(f"{'hand-written loop (diffusers)':<34} {h['seconds']:9.2f} "
@@ -886,7 +1025,9 @@ def table(result: dict) -> str:
                      f"equal={n['equal']} maxdiff={n['max_abs_diff']:.2e}")  # fmt: skip
     if "baseline" in phase:
         b = phase["baseline"]
-        label = f"seed-style grid ({b['units_measured']}/{b['units_total']} units, ×{b['units_total']})"
+        label = (
+            f"seed-style grid ({b['units_measured']}/{b['units_total']} units, ×{b['units_total']})"
+        )
         lines.append(f"{label:<34} {b['extrapolated_grid_s']:9.1f} "
                      f"{config['items'] / b['extrapolated_grid_s']:9.2f}  {'it/diffprobe ' + format(b['ratio'], '.1f'):>22}  "
                      f"equal={b['values_equal']}")  # fmt: skip
@@ -895,21 +1036,31 @@ def table(result: dict) -> str:
     lines.append("")
     if "memory" in phase and "runs" in phase["memory"]:
         m = phase["memory"]
-        cells = ", ".join(f"{r['items']} items {r['ru_maxrss_mb']:.0f} MiB ({r['wall_s']:.1f} s)" for r in m["runs"])
+        cells = ", ".join(
+            f"{r['items']} items {r['ru_maxrss_mb']:.0f} MiB ({r['wall_s']:.1f} s)"
+            for r in m["runs"]
+        )
         lines.append(f"peak RSS (fresh processes): {cells}; ratio {m['rss_ratio']:.3f}")
     if extract and extract.get("peak_gpu_memory_gb") is not None:
-        lines.append(f"peak GPU memory (extract): {extract['peak_gpu_memory_gb']:.2f} GiB")
+        lines.append(f"peak GPU memory (extract): {extract['peak_gpu_memory_gb']:.2f} GiB "
+                     f"(of which resident before it, the pipeline: "
+                     f"{extract['resident_gpu_memory_gb']:.2f} GiB)")  # fmt: skip
     if "mfu" in phase:
         f = phase["mfu"]
-        mfu = ("" if f["mfu_extract"] is None else
-               f"MFU extract {f['mfu_extract']:.1%}, bare passes {f['mfu_bare']:.1%}; ")
+        mfu = (
+            ""
+            if f["mfu_extract"] is None
+            else f"MFU extract {f['mfu_extract']:.1%}, bare passes {f['mfu_bare']:.1%}; "
+        )
         lines.append(f"FLOPs/pass (batch {f['batch']}, early stop = {f['early_stop_fraction']:.0%} of full): "
                      f"{f['flops_per_pass'] / 1e12:.3f} T; {mfu}bare passes {f['bare_s']:.2f} s = "
                      f"{f['bare_over_extract']:.0%} of extract")  # fmt: skip
     if "maxbatch" in phase:
         mb = phase["maxbatch"]
-        lines.append(f"largest batch (encode + captured pass): {mb['largest_batch']} "
-                     f"(bound {mb['bound']}, first failing {mb['first_failing']})")
+        lines.append(
+            f"largest batch (encode + captured pass): {mb['largest_batch']} "
+            f"(bound {mb['bound']}, first failing {mb['first_failing']})"
+        )
     goals = []
     if "baseline" in phase:
         goals.append(f"vs seed-style ≥50×: {'met' if phase['baseline']['met'] else 'NOT met'}")
@@ -932,10 +1083,16 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny",
-                        help="pipeline folder, 'tiny', or 'dummy' (a random dummy_sd_pipeline)")
-    parser.add_argument("--full-size", choices=("sd1.5", "sd2.1-base", "sd2.1", "sd3", "sd3.5"),
-                        help="a random-weight full-size architecture instead of --model")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="pipeline folder, 'tiny', or 'dummy' (a random dummy_sd_pipeline)",
+    )
+    parser.add_argument(
+        "--full-size",
+        choices=("sd1.5", "sd2.1-base", "sd2.1", "sd3", "sd3.5"),
+        help="a random-weight full-size architecture instead of --model",
+    )
     parser.add_argument("--size", type=int, help="image size in px (default: native)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
@@ -944,17 +1101,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-items", type=int, help="store chunk (default max(32, batch))")
     parser.add_argument("--sites", nargs="*", help="override the 9 chosen sites")
     parser.add_argument("--noise", help="comma-separated noise levels (default: 11 levels)")
+    parser.add_argument(
+        "--memory-items", type=int, help="N of the memory phase (N and 10 N items; default --items)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)} "
                         f"(default {CPU_PHASES}; with --full-size {GPU_PHASES})")  # fmt: skip
     parser.add_argument("--repeats", type=int, help="in-process repeats (default 3 CPU, 1 GPU)")
-    parser.add_argument("--seed-units", type=int, help="seed-style units timed (default 6 CPU, 3 GPU)")
+    parser.add_argument(
+        "--seed-units", type=int, help="seed-style units timed (default 6 CPU, 3 GPU)"
+    )
     parser.add_argument("--bare-passes", type=int, default=50, help="bare denoiser passes timed")
     parser.add_argument("--max-batch", type=int, default=512)
-    parser.add_argument("--peak-tflops", type=float,
-                        help="dense peak of the device (default 989 on CUDA: H100/H200 SXM bf16)")
-    parser.add_argument("--time-budget", type=float,
-                        help="seconds; later phases shrink or skip (default 480 on CUDA)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="dense peak of the device (default 989 on CUDA: H100/H200 SXM bf16)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds; later phases shrink or skip (default 480 on CUDA)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--workdir", help="where temporary stores go (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary stores")
@@ -989,9 +1157,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "extract":
         _worker_extract(args)
         return
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # also for the worker processes
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     began = time.perf_counter()
     result = run(args)
-    result["command"] = " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = " ".join(
+        ["benchmarks/extract.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     result["wall_s"] = time.perf_counter() - began
     write_json_atomic(args.out, result)
     print(table(result))

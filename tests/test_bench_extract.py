@@ -92,3 +92,21 @@ def test_flow_model_paths_equal_the_store(bench, tmp_path):
     traced = bench.nnsight_grid(model.pipe, images, sites, noise, batch_size=2, seed=0,
                                 size=model.resolution)  # fmt: skip
     assert bench.compare(store, traced)["equal"]
+
+
+def test_performance_page_commands_parse(bench):
+    """Every benchmarks/extract.py command in docs/performance.md uses options the script has."""
+    import re
+    import shlex
+
+    page = (Path(__file__).parents[1] / "docs" / "performance.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", page, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line)
+            if "benchmarks/extract.py" in words:
+                commands.append(words[words.index("benchmarks/extract.py") + 1 :])
+    assert len(commands) >= 4
+    for argv in commands:
+        args = bench.parse(argv)  # argparse exits on an unknown option
+        assert args.out is not None

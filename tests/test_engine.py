@@ -223,7 +223,7 @@ def test_noise_follows_the_documented_formula(sd_model):
     T = sd_model.pipe.scheduler.config.num_train_timesteps
     assert float(t[0]) == min(round(0.25 * T), T - 1)
     noise = torch.stack([
-        torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3 * 2**32 + i)) for i in range(10, 14)
+        torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(int(np.random.SeedSequence([3, i]).generate_state(1)[0]))) for i in range(10, 14)
     ])
     expected = DDPMScheduler.from_config(sd_model.pipe.scheduler.config).add_noise(
         x0, noise, torch.full((4,), int(t[0]))
@@ -241,3 +241,13 @@ def test_bad_inputs_give_clear_errors(sd_model):
         sd_model.encode_images(np.zeros((1, 30, 30, 3), np.uint8), size=30)
     with pytest.raises(DiffprobeError, match="needs a value"):
         Edit("unet.mid_block", "add")
+
+
+def test_item_noise_depends_on_the_run_seed():
+    from diffprobe.models.base import item_noise
+
+    a = item_noise((4, 8, 8), seed=0, items=[1, 2])
+    b = item_noise((4, 8, 8), seed=1, items=[1, 2])
+    assert not torch.equal(a, b)
+    assert torch.equal(item_noise((4, 8, 8), seed=1, items=[2]), b[1:])  # per item
+    assert not torch.equal(a[0], a[1])

@@ -101,7 +101,7 @@ def test_stored_feature_equals_handwritten_hook_on_plain_pipeline(reference_run,
     image = torch.from_numpy(source.items[item].load()).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         latents = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(5 * 2**32 + item))[None]
+        noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(np.random.SeedSequence([5, item]).generate_state(1)[0])))[None]
         t = torch.tensor([600])
         noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, t)
         ids = pipe.tokenizer([source.items[item].caption], padding="max_length", max_length=77,

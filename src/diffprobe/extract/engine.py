@@ -242,7 +242,8 @@ def extract(
             {**g, "timestep": g.get("timestep", model.timestep_for(g["noise_level"]) if "noise_level" in g else None)}
             for g in grid
         ],
-        "noise_formula": "docs/noise.md: item i noise ~ torch.Generator('cpu').manual_seed(seed * 2**32 + i)",
+        "noise_formula": ("docs/noise.md: item i noise ~ torch.Generator('cpu').manual_seed("
+                          "int(numpy.random.SeedSequence([seed, i]).generate_state(1)[0]))"),
         "conditions": [asdict(c) for c in plan.conditions],
         "stored_conditions": [n for c in plan.conditions for n in c.stored_names()],
         "pooling": plan.pooling,
@@ -268,22 +269,44 @@ def extract(
     reduce = pool_fn(plan.pooling)
     bar = tqdm(total=len(todo) * len(plan.conditions) * len(grid), disable=not progress,
                desc="extract", unit="pass", file=sys.stderr)
-    for k in todo:
-        start = time.perf_counter()
-        indices = list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
-        features = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
-                                  captions, grid, bar)
+    # The store writes of chunk k run on a writer thread while chunk k + 1 is computed; a chunk's
+    # marker is written only after all its arrays, so a crash never marks a half-written chunk.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(k: int, indices: list[int], features: dict[str, np.ndarray], began: float) -> None:
         for path, values in features.items():
             array = store.require_array(path, n_items, plan.chunk_items, values.shape[1:],
-                                        plan.store_dtype)
+                                        plan.store_dtype)  # fmt: skip
             array[indices[0] : indices[-1] + 1] = values.astype(plan.store_dtype)
-        store.mark_done(k, {"items": [indices[0], indices[-1] + 1], "shard": f"{shard_index}/{shard_count}",
-                            "seconds": round(time.perf_counter() - start, 3)})
+        store.mark_done(k, {"items": [indices[0], indices[-1] + 1],
+                            "shard": f"{shard_index}/{shard_count}",
+                            "seconds": round(time.perf_counter() - began, 3)})  # fmt: skip
+
+    def prepare(shapes: dict[str, tuple[int, ...]]) -> None:
+        for path, shape in shapes.items():
+            store.require_array(path, n_items, plan.chunk_items, shape, plan.store_dtype)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffprobe-store") as writer:
+        pending = None
+        for number, k in enumerate(todo):
+            began = time.perf_counter()
+            indices = list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
+            # the arrays are created on the writer thread as soon as the first pass tells
+            # their shapes, while the rest of the first chunk is computed
+            on_shapes = (lambda shapes: writer.submit(prepare, shapes)) if number == 0 else None
+            features = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
+                                      captions, grid, bar, on_shapes)  # fmt: skip
+            if pending is not None:
+                pending.result()  # one chunk in flight at most; re-raises a failed write
+            pending = writer.submit(write, k, indices, features, began)
+        if pending is not None:
+            pending.result()
     bar.close()
     return root
 
 
-def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar):
+def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar,
+                   on_shapes=None):  # fmt: skip
     images = source.load(indices)
     batches = [list(range(s, min(s + batch_size, len(indices)))) for s in range(0, len(indices), batch_size)]
     with torch.no_grad():
@@ -308,10 +331,15 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
                     for name, branch in zip(condition.stored_names(),
                                             ("uncond", "cond") if condition.uses_cfg else ("none",)):
                         value = cache.last(site, branch)
-                        parts.setdefault(array_path(site, g["key"], name), []).append(
-                            value.float().cpu()
-                        )
+                        parts.setdefault(array_path(site, g["key"], name), []).append(value)
+                if on_shapes is not None:
+                    branch = "cond" if condition.uses_cfg else "none"
+                    on_shapes({array_path(site, h["key"], name): tuple(cache.last(site, branch).shape[1:])
+                               for site in plan.sites for h in grid
+                               for c in plan.conditions for name in c.stored_names()})  # fmt: skip
+                    on_shapes = None
+            # kept on the device until here: no synchronisation inside the batch loop
             for path, values in parts.items():
-                out[path] = torch.cat(values).numpy()
+                out[path] = torch.cat(values).float().cpu().numpy()
             bar.update(1)
     return out

@@ -79,6 +79,7 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / PROGRESS).mkdir(exist_ok=True)
         self.group = zarr.open_group(str(self.root / FEATURES), mode="a", zarr_format=3)
+        self._arrays: dict[str, Any] = {}
 
     def require_array(self, path: str, n_items: int, chunk_items: int, shape: tuple[int, ...],
                       dtype: str) -> Any:
@@ -87,6 +88,8 @@ class RunStore:
         import zarr
 
         full_shape = (n_items, *shape)
+        if path in self._arrays:
+            return self._arrays[path]
         try:
             array = self.group[path]
         except KeyError:
@@ -102,6 +105,7 @@ class RunStore:
                 f"array {path} in {self.root} has shape {tuple(array.shape)}, expected "
                 f"{full_shape}; the run folder holds a different extraction (--overwrite)"
             )
+        self._arrays[path] = array
         return array
 
     def marker(self, chunk: int) -> Path:

@@ -13,7 +13,8 @@ family (one file per family in this package) implements five things:
 
 Noise (see docs/noise.md): item ``i`` of a call with ``seed`` draws its noise from
 ``torch.Generator("cpu").manual_seed(item_seed(seed, i))`` with
-``item_seed(seed, i) = seed * 2**32 + i``, as float32 of the per-item shape, then moved to the
+``item_seed(seed, i) = int(numpy.random.SeedSequence([seed, i]).generate_state(1)[0])`` (a
+32-bit hash of the pair: torch's CPU generator reads only the low 32 bits of a seed), as float32 of the per-item shape, then moved to the
 model's device and dtype. A noise level ``p`` in [0, 1] is a fraction of the training schedule:
 ``t = min(round(p * T), T - 1)`` for DDPM-type schedules of ``T`` steps (then
 ``x_t = DDPMScheduler.add_noise(x_0, noise, t)``), and ``sigma = p`` for rectified-flow models
@@ -39,10 +40,14 @@ from diffprobe.registry import ModelSpec
 
 
 def item_seed(seed: int, item: int) -> int:
-    """The generator seed of item ``item`` under run seed ``seed`` (documented, stable)."""
+    """The generator seed of item ``item`` under run seed ``seed`` (documented, stable).
+
+    A 32-bit hash of ``(seed, item)`` by numpy's ``SeedSequence``: torch's CPU generator uses
+    only the low 32 bits of its seed, so ``seed * 2**32 + item`` would ignore ``seed``.
+    """
     if seed < 0 or item < 0:
         raise ValueError("seed and item index must be non-negative")
-    return seed * 2**32 + item
+    return int(np.random.SeedSequence([seed, item]).generate_state(1)[0])
 
 
 def item_noise(
