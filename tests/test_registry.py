@@ -62,3 +62,27 @@ def test_cli_models_json():
     assert result.exit_code == 0
     aliases = [row["alias"] for row in json.loads(result.stdout)]
     assert set(REQUIRED) <= set(aliases)
+
+
+def test_sites_option_takes_several_values_after_one_flag(tmp_path):
+    import subprocess
+    import sys
+
+    from diffprobe.cli import join_variadic
+    from diffprobe.testing import dummy_sd_pipeline
+
+    assert join_variadic(["extract", "--sites", "a", "b", "--noise", "0.1"]) == [
+        "extract", "--sites", "a b", "--noise", "0.1"]  # fmt: skip
+    assert join_variadic(["--sites", "a", "--sites", "b"]) == ["--sites", "a", "--sites", "b"]
+    folder = tmp_path / "pipe"
+    dummy_sd_pipeline().save_pretrained(folder)
+    done = subprocess.run(
+        [sys.executable, "-c", "from diffprobe.cli import main; main()", "extract", "--model",
+         str(folder), "--data", "shapes:2", "--sites", "unet.mid_block", "unet.up_blocks.1",
+         "--noise", "0.1", "--out", str(tmp_path / "run"), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    import diffprobe
+
+    assert sorted(diffprobe.open_run(tmp_path / "run").sites) == ["unet.mid_block", "unet.up_blocks.1"]

@@ -201,9 +201,32 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# Options that take several values after one flag (``--sites a b c``), as the issue tracker's
+# and the papers' command lines write them; click options take one value, so these are joined.
+_VARIADIC = ("--sites",)
+
+
+def join_variadic(argv: list[str]) -> list[str]:
+    """``[..., "--sites", "a", "b", "--noise", ...]`` -> ``[..., "--sites", "a b", ...]``."""
+    out: list[str] = []
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        out.append(token)
+        position += 1
+        if token in _VARIADIC:
+            values = []
+            while position < len(argv) and not argv[position].startswith("-"):
+                values.append(argv[position])
+                position += 1
+            if values:
+                out.append(" ".join(values))
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=join_variadic(sys.argv[1:]))
     except DiffprobeError as err:
         typer.echo(f"error: {err}", err=True)
         raise SystemExit(2) from None

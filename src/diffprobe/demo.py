@@ -137,7 +137,7 @@ def stage_extract(out: Path, progress: bool) -> tuple[Path, Path]:
     _print("== extraction grid: tiny x shapes world (THINGS layout) ==")
     things_root = out / "shapes_things"
     if not (things_root / "things_concepts.tsv").exists():
-        export_things(things_root, images_per_concept=4, n_train=8000, n_test=2000)
+        export_things(things_root, images_per_concept=4, n_train=36_000, n_test=4_000)
     model = diffprobe.load("tiny")
     source = open_source(str(things_root))
     plan = ExtractionPlan(sites=DEMO_GRID_SITES, noise_levels=DEMO_NOISE,
