@@ -49,7 +49,7 @@ def models(as_json: AsJson = False) -> None:
               else "embedded") for s in specs]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4])
 
 
 @app.command()

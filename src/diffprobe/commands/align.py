@@ -20,6 +20,9 @@ Noise = Annotated[
 Conditions = Annotated[
     list[str] | None, typer.Option("--condition", help="stored conditions (default: all)")
 ]
+Reduce = Annotated[
+    str, typer.Option("--reduce", help="for runs with pooling none: mean | max | flatten | pca-K")
+]
 
 
 def _names(entries: list[str] | None) -> list[str] | None:
@@ -125,12 +128,7 @@ def register(app: typer.Typer) -> None:
         sites: Sites = None,
         noise: Noise = None,
         condition: Conditions = None,
-        reduce: Annotated[
-            str,
-            typer.Option(
-                "--reduce", help="for runs with pooling none: mean | max | flatten | pca-K"
-            ),
-        ] = "mean",
+        reduce: Reduce = "mean",
         folds: Annotated[int, typer.Option(help="folds over objects")] = 3,
         lam: Annotated[float, typer.Option("--lambda", help="regularisation strength")] = 1e-3,
         regulariser: Annotated[
@@ -262,12 +260,7 @@ def register(app: typer.Typer) -> None:
         sites: Sites = None,
         noise: Noise = None,
         condition: Conditions = None,
-        reduce: Annotated[
-            str,
-            typer.Option(
-                "--reduce", help="for runs with pooling none: mean | max | flatten | pca-K"
-            ),
-        ] = "mean",
+        reduce: Reduce = "mean",
         folds: Annotated[int, typer.Option(help="folds over objects")] = 5,
         metric: Annotated[
             str,

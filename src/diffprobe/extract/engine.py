@@ -329,7 +329,8 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
                     model.denoise(x_t, t, cond.select(b), guidance_scale=guidance)
                 for site in plan.sites:
                     for name, branch in zip(condition.stored_names(),
-                                            ("uncond", "cond") if condition.uses_cfg else ("none",)):
+                                            ("uncond", "cond") if condition.uses_cfg else ("none",),
+                                            strict=True):
                         value = cache.last(site, branch)
                         parts.setdefault(array_path(site, g["key"], name), []).append(value)
                 if on_shapes is not None:

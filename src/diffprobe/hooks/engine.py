@@ -382,7 +382,7 @@ def capture(
         if moved is value or moved.data_ptr() == value.data_ptr():
             moved = moved.clone()
         if in_denoiser and state.layout and moved.shape[0] == state.batch:
-            for branch, half in zip(state.layout, moved.chunk(len(state.layout))):
+            for branch, half in zip(state.layout, moved.chunk(len(state.layout)), strict=True):
                 cache.add(Record(site.full, half, call, timestep, branch))
         else:
             cache.add(Record(site.full, moved, call, timestep, "none"))
@@ -412,7 +412,7 @@ def capture(
 
     try:
         resolved = [session.resolve(name) for name in names]
-        for site, module in resolved:
+        for site, _module in resolved:
             required[site.component].add(site.full)
         for component in required:
             # registered before the site hooks, so it also runs first on the component itself
