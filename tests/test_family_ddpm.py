@@ -1,18 +1,14 @@
 """Pixel DDPM / DDIM adapter on tiny random UNet2DModel pipelines: parity with the plain
 pipeline, early stop, hand-written hooks, noise, the unconditional conventions."""
 
-import os
+import numpy as np
+import pytest
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import diffprobe  # noqa: E402
-from diffprobe import DiffprobeError, Edit  # noqa: E402
-from diffprobe.models.ddpm import DDPMModel  # noqa: E402
-from diffprobe.testing.ddpm import dummy_ddpm_pipeline  # noqa: E402
+import diffprobe
+from diffprobe import DiffprobeError, Edit
+from diffprobe.models.ddpm import DDPMModel
+from diffprobe.testing.ddpm import dummy_ddpm_pipeline
 
 SITES = [
     "unet:input",
@@ -23,15 +19,6 @@ SITES = [
     "unet.up_blocks.0.attentions.1",
     "unet.up_blocks.1:input",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and on a shared CPU two threads can be 100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["ddpm", "ddim"])

@@ -1,19 +1,15 @@
 """DeepFloyd IF (stage I) adapter on a tiny random IFPipeline: parity with the plain pipeline,
 CFG branches, early stop, hand-written hooks, noise, prompt encoding, the noise/variance split."""
 
-import os
+import numpy as np
+import pytest
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import diffprobe  # noqa: E402
-from diffprobe import Edit  # noqa: E402
-from diffprobe.models.base import _concat  # noqa: E402
-from diffprobe.models.deepfloyd_if import IFModel  # noqa: E402
-from diffprobe.testing.deepfloyd_if import dummy_if_pipeline  # noqa: E402
+import diffprobe
+from diffprobe import Edit
+from diffprobe.models.base import _concat
+from diffprobe.models.deepfloyd_if import IFModel
+from diffprobe.testing.deepfloyd_if import dummy_if_pipeline
 
 PROMPTS = ["A Red Circle ", "a blue square on white"]
 SITES = [
@@ -27,15 +23,6 @@ SITES = [
     "text_encoder.encoder.block.2",
 ]
 UNET_SITES = SITES[1:7]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and on a shared CPU two threads can be 100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,15 @@
 """SDXL adapter on a tiny random StableDiffusionXLPipeline: parity with the plain pipeline,
 CFG branches, early stop, hand-written hooks, noise, prompt encoding, tuple elements."""
 
-import os
+import numpy as np
+import pytest
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import diffprobe  # noqa: E402
-from diffprobe import DiffprobeError, Edit  # noqa: E402
-from diffprobe.models.base import _concat  # noqa: E402
-from diffprobe.models.sdxl import StableDiffusionXLModel  # noqa: E402
-from diffprobe.testing.sdxl import dummy_sdxl_pipeline  # noqa: E402
+import diffprobe
+from diffprobe import DiffprobeError, Edit
+from diffprobe.models.base import _concat
+from diffprobe.models.sdxl import StableDiffusionXLModel
+from diffprobe.testing.sdxl import dummy_sdxl_pipeline
 
 PROMPTS = ["a red circle", "a blue square on white"]
 SITES = [
@@ -27,15 +23,6 @@ SITES = [
     "text_encoder.encoder.layers.2",
     "text_encoder_2.text_model.encoder.layers.4",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and on a shared CPU two threads can be 100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

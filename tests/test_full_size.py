@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from diffprobe.models import meta  # noqa: E402
+from diffprobe.models import meta
 
 ALIASES = [
     "sd1.5",

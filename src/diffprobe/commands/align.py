@@ -25,6 +25,23 @@ Reduce = Annotated[
 ]
 
 
+def _concept_features(opened, data, sites, noise, condition, reduce, triplets, quiet):
+    """Concept-averaged features of the selected arrays, the concepts they cover, and the
+    chosen triplets restricted to those concepts (shared by ``probe`` and ``regress``)."""
+    from diffprobe.analysis.alignment import load_concept_features, restrict_triplets
+
+    features, covered = load_concept_features(
+        opened,
+        data,
+        sites=_names(sites),
+        noises=_names(noise),
+        conditions=_names(condition),
+        reduction=reduce,
+        progress=not quiet,
+    )
+    return features, covered, restrict_triplets(data.get_triplets(triplets), covered)
+
+
 def _names(entries: list[str] | None) -> list[str] | None:
     """Repeated and comma / space separated values as one list."""
     if not entries:
@@ -161,8 +178,6 @@ def register(app: typer.Typer) -> None:
         from tqdm.auto import tqdm
 
         from diffprobe.analysis.alignment import (
-            load_concept_features,
-            restrict_triplets,
             write_csv,
         )
         from diffprobe.analysis.probing import fit_probe_all
@@ -174,16 +189,9 @@ def register(app: typer.Typer) -> None:
         _setup(quiet)
         opened = open_run(run)
         data = load_things(things)
-        features, covered = load_concept_features(
-            opened,
-            data,
-            sites=_names(sites),
-            noises=_names(noise),
-            conditions=_names(condition),
-            reduction=reduce,
-            progress=not quiet,
+        features, covered, used = _concept_features(
+            opened, data, sites, noise, condition, reduce, triplets, quiet
         )
-        used = restrict_triplets(data.get_triplets(triplets), covered)
         target = out or opened.root / "probe"
         options = dict(
             lam=lam,
@@ -274,7 +282,7 @@ def register(app: typer.Typer) -> None:
         (regression.csv per fold, regression_summary.csv)."""
         import numpy as np
 
-        from diffprobe.analysis.alignment import load_concept_features, restrict_triplets, write_csv
+        from diffprobe.analysis.alignment import write_csv
         from diffprobe.analysis.probing import regress as run_regress
         from diffprobe.cli import _setup
         from diffprobe.data.things import (
@@ -293,16 +301,9 @@ def register(app: typer.Typer) -> None:
             embedding, names = shapes_factor_embedding(data.concepts), SHAPES_FACTOR_NAMES
         else:
             embedding = read_embedding(target_embedding, data.n_concepts)
-        features, covered = load_concept_features(
-            opened,
-            data,
-            sites=_names(sites),
-            noises=_names(noise),
-            conditions=_names(condition),
-            reduction=reduce,
-            progress=not quiet,
+        features, covered, used = _concept_features(
+            opened, data, sites, noise, condition, reduce, triplets, quiet
         )
-        used = restrict_triplets(data.get_triplets(triplets), covered)
         target = out or opened.root / "regress"
         rows, summary = [], []
         for (site, noise_key, cond), values in features.items():
