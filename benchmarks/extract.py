@@ -78,8 +78,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 NOISE_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 N_SITES = 9
-PHASES = ("extract", "engine", "hand", "nnsight", "baseline", "memory", "mfu", "maxbatch")
-CPU_PHASES = "extract,engine,hand,nnsight,baseline,memory"
+PHASES = ("extract", "engine", "invariant", "hand", "nnsight", "baseline", "memory", "mfu",
+          "maxbatch")  # fmt: skip
+CPU_PHASES = "extract,engine,invariant,hand,nnsight,baseline,memory"
 GPU_PHASES = "extract,nnsight,baseline,mfu,maxbatch"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
@@ -387,13 +388,15 @@ def execution_order(model, sites: list[str], x0: torch.Tensor, cond) -> list[str
 
 
 def diffprobe_extract(
-    model, source, sites, noise_levels, *, batch_size, seed, size, chunk_items, root: Path
+    model, source, sites, noise_levels, *, batch_size, seed, size, chunk_items, root: Path,
+    batch_invariant: bool = False,
 ) -> Path:
     from diffprobe.extract.engine import Condition, ExtractionPlan, extract
 
     plan = ExtractionPlan(sites=list(sites), noise_levels=list(noise_levels),
                           conditions=[Condition("empty")], pooling="mean", seed=seed,
-                          image_size=size, chunk_items=chunk_items)  # fmt: skip
+                          image_size=size, chunk_items=chunk_items,
+                          batch_invariant=batch_invariant)  # fmt: skip
     return extract(model, source, plan, root, batch_size=batch_size, progress=False)
 
 
@@ -610,7 +613,8 @@ def run(args) -> dict:
         # warm-up: one captured pass (lazy initialisation, kernel selection)
         _warm_up(model, images, sites, size, args, device)
 
-        timings: dict[str, list[float]] = {"extract": [], "engine": [], "hand": [], "nnsight": []}
+        timings: dict[str, list[float]] = {"extract": [], "engine": [], "invariant": [], "hand": [],
+                                           "nnsight": []}  # fmt: skip
         reference = None
         others: dict[str, dict] = {}
         peak_gpu = None
@@ -645,6 +649,16 @@ def run(args) -> dict:
                     size=size, chunk_items=chunk_items), device)  # fmt: skip
                 timings["engine"].append(seconds)
                 log(f"[{repeat}] diffprobe engine without the store: {seconds:.2f} s")
+            if "invariant" in phases:
+                root = workdir / f"invariant-{repeat}"
+                seconds, _ = timed(lambda root=root: diffprobe_extract(
+                    model, source, sites, noise_levels, batch_size=args.batch_size, seed=args.seed,
+                    size=size, chunk_items=chunk_items, root=root, batch_invariant=True), device)  # fmt: skip
+                timings["invariant"].append(seconds)
+                if repeat == 0:
+                    others["invariant"] = read_run(root, sites, noise_levels)
+                shutil.rmtree(root, ignore_errors=True)
+                log(f"[{repeat}] diffprobe extract --batch-invariant: {seconds:.2f} s")
             for name, fn in (("hand", plain_grid), ("nnsight", nnsight_grid)):
                 if name not in phases or (name == "nnsight" and not nnsight_ok):
                     continue
@@ -682,6 +696,14 @@ def run(args) -> dict:
                 "store_and_bookkeeping_s": extract_s - engine_s,
                 "what": "the engine's per-chunk compute (encode, prompts, captured passes, pooling, "
                 "copies to numpy) without run.json, zarr arrays and markers",
+            }  # fmt: skip
+        if timings["invariant"]:
+            best = min(timings["invariant"])
+            check = compare(reference, others["invariant"])
+            phase["invariant"] = {
+                "seconds": best, "median_s": statistics.median(timings["invariant"]),
+                "over_default": best / extract_s, "max_abs_diff_to_default": check["max_abs_diff"],
+                "what": "extract with batch_invariant=True (conv, linear, group norm per item)",
             }  # fmt: skip
         for name in ("hand", "nnsight"):
             if timings[name]:

@@ -124,6 +124,8 @@ def extract(
     store_dtype: Annotated[str, typer.Option(help="float32 or float16")] = "float32",
     shard: Annotated[str, typer.Option(help="i/n: this process fills every n-th chunk")] = "0/1",
     on_error: Annotated[str, typer.Option(help="unreadable images: skip | fail")] = "fail",
+    batch_invariant: Annotated[bool, typer.Option(
+        help="same bits at every --batch-size (convolutions one item at a time; slower)")] = False,
     overwrite: bool = False,
     quiet: Quiet = False,
 ) -> None:
@@ -143,6 +145,7 @@ def extract(
         timesteps=_floats(timesteps, "--timesteps"),
         conditions=[Condition(kind, kind, template, guidance_scale)], pooling=pooling, seed=seed,
         image_size=size, chunk_items=chunk_items, store_dtype=store_dtype,
+        batch_invariant=batch_invariant,
     )
     source = open_source(data, on_error)
     loaded = diffprobe.load(model, dtype=dtype, device=device)

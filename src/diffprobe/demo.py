@@ -142,7 +142,8 @@ def stage_extract(out: Path, progress: bool) -> tuple[Path, Path]:
     source = open_source(str(things_root))
     plan = ExtractionPlan(sites=DEMO_GRID_SITES, noise_levels=DEMO_NOISE,
                           conditions=[Condition("empty")], pooling="mean")  # fmt: skip
-    run_dir = extract(model, source, plan, out / "grid_run", batch_size=64, progress=progress)
+    run_dir = extract(model, source, plan, out / "grid_run", batch_size=64, overwrite=True,
+                      progress=progress)  # fmt: skip
     run = diffprobe.open_run(run_dir)
     first = run.get(DEMO_GRID_SITES[0], DEMO_NOISE[0])
     _print(f"  {len(source)} images x {len(DEMO_GRID_SITES)} sites x {len(DEMO_NOISE)} noise levels "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from diffprobe.data.sources import Source, read_captions
+from diffprobe.determinism import batch_invariant
 from diffprobe.errors import DiffprobeError
 from diffprobe.extract.store import (
     RUN_JSON,
@@ -122,6 +123,9 @@ class ExtractionPlan:
     image_size: int | None = None
     chunk_items: int = 32
     store_dtype: str = "float32"
+    # convolutions, linear layers and group norms one item at a time (diffprobe.determinism):
+    # the stored values are then the same bits at every --batch-size, at a cost in speed
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if (self.noise_levels is None) == (self.timesteps is None):
@@ -251,6 +255,7 @@ def extract(
         "image_size": size,
         "chunk_items": plan.chunk_items,
         "store_dtype": plan.store_dtype,
+        "batch_invariant": plan.batch_invariant,
         "data": {"kind": source.kind, "description": source.description, "skipped": source.skipped},
         "items": source.manifest(),
         "versions": _versions(),
@@ -269,15 +274,20 @@ def extract(
     reduce = pool_fn(plan.pooling)
     bar = tqdm(total=len(todo) * len(plan.conditions) * len(grid), disable=not progress,
                desc="extract", unit="pass", file=sys.stderr)
-    # The store writes of chunk k run on a writer thread while chunk k + 1 is computed; a chunk's
-    # marker is written only after all its arrays, so a crash never marks a half-written chunk.
-    from concurrent.futures import ThreadPoolExecutor
+    # Store writes run on one writer thread, in order: each (condition, noise level) group of a
+    # chunk is handed over as soon as its passes are done, so its arrays are written while the
+    # next group is computed. A chunk's marker is queued after all its arrays and written only
+    # if every one of them was, so a crash never marks a half-written chunk.
+    from concurrent.futures import Future, ThreadPoolExecutor
 
-    def write(k: int, indices: list[int], features: dict[str, np.ndarray], began: float) -> None:
-        for path, values in features.items():
-            array = store.require_array(path, n_items, plan.chunk_items, values.shape[1:],
-                                        plan.store_dtype)  # fmt: skip
-            array[indices[0] : indices[-1] + 1] = values.astype(plan.store_dtype)
+    def write(path: str, indices: list[int], values: np.ndarray) -> None:
+        array = store.require_array(path, n_items, plan.chunk_items, values.shape[1:],
+                                    plan.store_dtype)  # fmt: skip
+        array[indices[0] : indices[-1] + 1] = values.astype(plan.store_dtype, copy=False)
+
+    def finish(k: int, indices: list[int], writes: list[Future], began: float) -> None:
+        for done in writes:
+            done.result()  # re-raises a failed write: no marker then
         store.mark_done(k, {"items": [indices[0], indices[-1] + 1],
                             "shard": f"{shard_index}/{shard_count}",
                             "seconds": round(time.perf_counter() - began, 3)})  # fmt: skip
@@ -287,18 +297,24 @@ def extract(
             store.require_array(path, n_items, plan.chunk_items, shape, plan.store_dtype)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffprobe-store") as writer:
-        pending = None
+        pending: Future | None = None
         for number, k in enumerate(todo):
             began = time.perf_counter()
             indices = list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
+            writes: list[Future] = []
+
+            def emit(path: str, values: np.ndarray, indices=indices, writes=writes) -> None:
+                writes.append(writer.submit(write, path, indices, values))
+
             # the arrays are created on the writer thread as soon as the first pass tells
             # their shapes, while the rest of the first chunk is computed
             on_shapes = (lambda shapes: writer.submit(prepare, shapes)) if number == 0 else None
-            features = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
-                                      captions, grid, bar, on_shapes)  # fmt: skip
+            with batch_invariant(plan.batch_invariant):
+                _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions,
+                               grid, bar, on_shapes, emit)  # fmt: skip
             if pending is not None:
-                pending.result()  # one chunk in flight at most; re-raises a failed write
-            pending = writer.submit(write, k, indices, features, began)
+                pending.result()  # one chunk's writes in flight at most; re-raises a failure
+            pending = writer.submit(finish, k, indices, writes, began)
         if pending is not None:
             pending.result()
     bar.close()
@@ -306,7 +322,9 @@ def extract(
 
 
 def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar,
-                   on_shapes=None):  # fmt: skip
+                   on_shapes=None, emit=None):  # fmt: skip
+    """Compute one chunk. Each (condition, noise level) group's arrays go to ``emit(path,
+    values)`` as soon as they are complete (or are returned together when ``emit`` is None)."""
     images = source.load(indices)
     batches = [list(range(s, min(s + batch_size, len(indices)))) for s in range(0, len(indices), batch_size)]
     with torch.no_grad():
@@ -341,6 +359,10 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
                     on_shapes = None
             # kept on the device until here: no synchronisation inside the batch loop
             for path, values in parts.items():
-                out[path] = torch.cat(values).float().cpu().numpy()
+                values = torch.cat(values).float().cpu().numpy()
+                if emit is None:
+                    out[path] = values
+                else:
+                    emit(path, values)
             bar.update(1)
     return out

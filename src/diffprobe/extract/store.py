@@ -97,6 +97,9 @@ class RunStore:
                 array = self.group.create_array(
                     path, shape=full_shape, chunks=(chunk_items, *shape), dtype=dtype,
                     fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
+                    # uncompressed: zstd saves little on float activations and costs the
+                    # writer thread CPU time that the denoiser needs (docs/store.md)
+                    compressors=None,
                 )
             except zarr.errors.ContainsArrayError:
                 array = self.group[path]
