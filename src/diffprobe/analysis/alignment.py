@@ -777,13 +777,13 @@ def summary_table(rows: list[dict], limit: int = 12) -> str:
 # ------------------------------------------------------------------------------ demo
 
 
-def demo(run_dir: Path, things_root: Path, out: Path) -> dict:
+def demo(run_dir: Path, things_root: Path, out: Path, *, folds: int = 3) -> dict:
     """``make demo`` stage: alignment of a run over a THINGS-layout export of the shapes world.
 
     Writes ``alignment.csv``, ``accuracy_heatmap.png``, ``accuracy_vs_noise.png`` (and the CKA
-    heatmap) into ``out``, then on the best (site, noise, condition) a quick linear probe (3
-    folds over objects) and a ridge regression onto the true factors; prints a short table and
-    returns the numbers.
+    heatmap) into ``out``, then on the best (site, noise, condition) a linear probe and a ridge
+    regression onto the true factors, ``folds`` folds over objects each; prints a short table
+    and returns the numbers (``benchmarks/alignment_tiny.py`` runs it at a larger scale).
     """
     from diffprobe.analysis import probing
     from diffprobe.data.things import SHAPES_FACTOR_NAMES, load_things, shapes_factor_embedding
@@ -801,12 +801,12 @@ def demo(run_dir: Path, things_root: Path, out: Path) -> dict:
     covered = result.covered
 
     train = restrict_triplets(things.get_triplets("train"), covered)
-    probe_result = probing.probe(features, train, folds=3, max_epochs=200, patience=40, seed=0)
+    probe_result = probing.probe(features, train, folds=folds, max_epochs=200, patience=40, seed=0)
     factors = shapes_factor_embedding(things.concepts)[covered]
     regression = probing.regress(
         features,
         factors,
-        folds=3,
+        folds=folds,
         triplets=result.triplets,
         metric="euclidean",
         target_names=SHAPES_FACTOR_NAMES,
@@ -844,7 +844,7 @@ def demo(run_dir: Path, things_root: Path, out: Path) -> dict:
         f"accuracy {best['accuracy']:.3f}, normalised {best['normalised']:.3f}"
     )
     print(
-        f"probe (3 folds over objects): zero-shot {probe_result.zero_shot_mean:.3f} -> probed "
+        f"probe ({folds} folds over objects): zero-shot {probe_result.zero_shot_mean:.3f} -> probed "
         f"{probe_result.probed_mean:.3f} ± {probe_result.probed_std:.3f}"
     )
     by_factor = ", ".join(f"{k} {v:.2f}" for k, v in regression.r2_by_target.items())
