@@ -274,57 +274,38 @@ def extract(
     reduce = pool_fn(plan.pooling)
     bar = tqdm(total=len(todo) * len(plan.conditions) * len(grid), disable=not progress,
                desc="extract", unit="pass", file=sys.stderr)
-    # Store writes run on one writer thread, in order: each (condition, noise level) group of a
-    # chunk is handed over as soon as its passes are done, so its arrays are written while the
-    # next group is computed. A chunk's marker is queued after all its arrays and written only
-    # if every one of them was, so a crash never marks a half-written chunk.
+    # The store writes of chunk k run on a writer thread while chunk k + 1 is computed, all of
+    # a chunk's arrays in one concurrent zarr call (RunStore.write_rows); the chunk's marker is
+    # written only after all of them, so a crash never marks a half-written chunk.
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    def write(path: str, indices: list[int], values: np.ndarray) -> None:
-        array = store.require_array(path, n_items, plan.chunk_items, values.shape[1:],
-                                    plan.store_dtype)  # fmt: skip
-        array[indices[0] : indices[-1] + 1] = values.astype(plan.store_dtype, copy=False)
-
-    def finish(k: int, indices: list[int], writes: list[Future], began: float) -> None:
-        for done in writes:
-            done.result()  # re-raises a failed write: no marker then
+    def write(k: int, indices: list[int], features: dict[str, np.ndarray], began: float) -> None:
+        store.write_rows(features, indices[0], n_items, plan.chunk_items, plan.store_dtype)
         store.mark_done(k, {"items": [indices[0], indices[-1] + 1],
                             "shard": f"{shard_index}/{shard_count}",
                             "seconds": round(time.perf_counter() - began, 3)})  # fmt: skip
 
-    def prepare(shapes: dict[str, tuple[int, ...]]) -> None:
-        for path, shape in shapes.items():
-            store.require_array(path, n_items, plan.chunk_items, shape, plan.store_dtype)
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffprobe-store") as writer:
         pending: Future | None = None
-        for number, k in enumerate(todo):
+        for k in todo:
             began = time.perf_counter()
             indices = list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
-            writes: list[Future] = []
-
-            def emit(path: str, values: np.ndarray, indices=indices, writes=writes) -> None:
-                writes.append(writer.submit(write, path, indices, values))
-
-            # the arrays are created on the writer thread as soon as the first pass tells
-            # their shapes, while the rest of the first chunk is computed
-            on_shapes = (lambda shapes: writer.submit(prepare, shapes)) if number == 0 else None
-            with batch_invariant(plan.batch_invariant):
-                _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions,
-                               grid, bar, on_shapes, emit)  # fmt: skip
+            # inference mode, not just no_grad: no version counters or view tracking, faster
+            # on small CPU passes; only numpy arrays leave the block
+            with batch_invariant(plan.batch_invariant), torch.inference_mode():
+                features = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
+                                          captions, grid, bar)  # fmt: skip
             if pending is not None:
-                pending.result()  # one chunk's writes in flight at most; re-raises a failure
-            pending = writer.submit(finish, k, indices, writes, began)
+                pending.result()  # one chunk in flight at most; re-raises a failed write
+            pending = writer.submit(write, k, indices, features, began)
         if pending is not None:
             pending.result()
     bar.close()
     return root
 
 
-def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar,
-                   on_shapes=None, emit=None):  # fmt: skip
-    """Compute one chunk. Each (condition, noise level) group's arrays go to ``emit(path,
-    values)`` as soon as they are complete (or are returned together when ``emit`` is None)."""
+def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar):
+    """Compute one chunk: {array path: (items, ...) float32 numpy array}."""
     images = source.load(indices)
     batches = [list(range(s, min(s + batch_size, len(indices)))) for s in range(0, len(indices), batch_size)]
     with torch.no_grad():
@@ -351,18 +332,8 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
                                             strict=True):
                         value = cache.last(site, branch)
                         parts.setdefault(array_path(site, g["key"], name), []).append(value)
-                if on_shapes is not None:
-                    branch = "cond" if condition.uses_cfg else "none"
-                    on_shapes({array_path(site, h["key"], name): tuple(cache.last(site, branch).shape[1:])
-                               for site in plan.sites for h in grid
-                               for c in plan.conditions for name in c.stored_names()})  # fmt: skip
-                    on_shapes = None
             # kept on the device until here: no synchronisation inside the batch loop
             for path, values in parts.items():
-                values = torch.cat(values).float().cpu().numpy()
-                if emit is None:
-                    out[path] = values
-                else:
-                    emit(path, values)
+                out[path] = torch.cat(values).float().cpu().numpy()
             bar.update(1)
     return out

@@ -80,36 +80,58 @@ class RunStore:
         (self.root / PROGRESS).mkdir(exist_ok=True)
         self.group = zarr.open_group(str(self.root / FEATURES), mode="a", zarr_format=3)
         self._arrays: dict[str, Any] = {}
+        self._async_arrays: dict[str, Any] = {}
 
-    def require_array(self, path: str, n_items: int, chunk_items: int, shape: tuple[int, ...],
-                      dtype: str) -> Any:
-        """Open the array at ``path``, creating it if missing (the same call from several
-        shards creates the same metadata)."""
+    def write_rows(self, features: dict[str, np.ndarray], first: int, n_items: int,
+                   chunk_items: int, dtype: str) -> None:
+        """Write rows ``first ...`` of many arrays (creating missing ones) in one round trip to
+        zarr's event loop: the arrays are opened or created, then written, concurrently. This
+        takes about half the time of opening and writing the arrays one call at a time: a
+        chunk's store time is mostly zarr's per-call overhead."""
+        import asyncio
+
         import zarr
+        from zarr.core.sync import sync
 
-        full_shape = (n_items, *shape)
-        if path in self._arrays:
-            return self._arrays[path]
-        try:
-            array = self.group[path]
-        except KeyError:
+        group = self.group._async_group
+
+        async def open_or_create(path: str, shape: tuple[int, ...]):
             try:
-                array = self.group.create_array(
-                    path, shape=full_shape, chunks=(chunk_items, *shape), dtype=dtype,
-                    fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
-                    # uncompressed: zstd saves little on float activations and costs the
-                    # writer thread CPU time that the denoiser needs (docs/store.md)
-                    compressors=None,
-                )
-            except zarr.errors.ContainsArrayError:
-                array = self.group[path]
-        if tuple(array.shape) != full_shape or array.chunks[0] != chunk_items:
-            raise StoreError(
-                f"array {path} in {self.root} has shape {tuple(array.shape)}, expected "
-                f"{full_shape}; the run folder holds a different extraction (--overwrite)"
+                return await group.getitem(path)
+            except KeyError:
+                try:
+                    return await group.create_array(
+                        path, shape=(n_items, *shape), chunks=(chunk_items, *shape), dtype=dtype,
+                        fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
+                        # uncompressed: zstd saves about 8 % on float activations and costs
+                        # CPU time that the denoiser needs (docs/store.md)
+                        compressors=None,
+                    )
+                except zarr.errors.ContainsArrayError:  # another shard was first
+                    return await group.getitem(path)
+
+        async def run() -> None:
+            missing = [path for path in features if path not in self._async_arrays]
+            opened = await asyncio.gather(
+                *[open_or_create(path, features[path].shape[1:]) for path in missing]
             )
-        self._arrays[path] = array
-        return array
+            for path, array in zip(missing, opened, strict=True):
+                if tuple(array.shape) != (n_items, *features[path].shape[1:]) or (
+                    array.chunks[0] != chunk_items
+                ):
+                    raise StoreError(
+                        f"array {path} in {self.root} has shape {tuple(array.shape)}, expected "
+                        f"{(n_items, *features[path].shape[1:])}; the run folder holds a "
+                        "different extraction (--overwrite)"
+                    )
+                self._async_arrays[path] = array
+            await asyncio.gather(*[
+                self._async_arrays[path].setitem(slice(first, first + len(values)),
+                                                 values.astype(dtype, copy=False))
+                for path, values in features.items()
+            ])  # fmt: skip
+
+        sync(run())
 
     def marker(self, chunk: int) -> Path:
         return self.root / PROGRESS / f"chunk-{chunk:06d}.done"
