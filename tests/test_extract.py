@@ -211,3 +211,16 @@ def test_bad_plans_fail_before_any_work(model, source, tmp_path):
     with pytest.raises(diffprobe.errors.UnknownSiteError, match="did you mean"):
         extract(model, source, make_plan(sites=["unet.midblock"]), tmp_path / "y", progress=False)
     assert not (tmp_path / "y").exists()
+
+
+def test_changed_weights_in_the_same_folder_are_a_different_extraction(pipeline_folder, source,
+                                                                       tmp_path):
+    model = diffprobe.load(pipeline_folder)
+    plan = make_plan(noise_levels=[0.1], conditions=[Condition("empty")])
+    extract(model, source, plan, tmp_path / "run", batch_size=4, progress=False)
+    with torch.no_grad():
+        model.denoiser.conv_in.bias.add_(1.0)  # as if retrained
+    with pytest.raises(ExtractionError, match="different extraction"):
+        extract(model, source, plan, tmp_path / "run", batch_size=4, progress=False)
+    extract(model, source, plan, tmp_path / "run", batch_size=4, overwrite=True, progress=False)
+    assert open_run(tmp_path / "run").complete

@@ -135,9 +135,9 @@ def stage_extract(out: Path, progress: bool) -> tuple[Path, Path]:
     from diffprobe.extract.engine import Condition, ExtractionPlan, extract
 
     _print("== extraction grid: tiny x shapes world (THINGS layout) ==")
-    things_root = out / "shapes_things"
+    things_root = out / "shapes_things-12"  # the configuration of benchmarks/alignment_tiny.py
     if not (things_root / "things_concepts.tsv").exists():
-        export_things(things_root, images_per_concept=4, n_train=36_000, n_test=4_000)
+        export_things(things_root, images_per_concept=12, n_train=36_000, n_test=4_000)
     model = diffprobe.load("tiny")
     source = open_source(str(things_root))
     plan = ExtractionPlan(sites=DEMO_GRID_SITES, noise_levels=DEMO_NOISE,
@@ -156,7 +156,7 @@ def stage_alignment(run_dir: Path, things_root: Path, out: Path) -> dict:
     from diffprobe.analysis.alignment import demo
 
     _print("== alignment: odd-one-out on the shapes world ==")
-    return demo(run_dir, things_root, out / "alignment")
+    return demo(run_dir, things_root, out / "alignment", folds=5)
 
 
 def stage_anomalies(out: Path) -> dict:

@@ -166,14 +166,26 @@ def _model_info(model: Model) -> dict:
         "revision": config.get("_commit_hash") if hasattr(config, "get") else None,
         "dtype": str(model.dtype).removeprefix("torch."),
         "denoiser_parameters": sum(p.numel() for p in model.denoiser.parameters()),
+        "weights_fingerprint": weights_fingerprint(model.denoiser),
     }
+
+
+def weights_fingerprint(module: torch.nn.Module, values: int = 64) -> str:
+    """SHA-256 over the first ``values`` numbers of every parameter: changes when the weights
+    do (a retrained or fine-tuned model in the same folder), cheap for billions of parameters."""
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        head = parameter.detach().reshape(-1)[:values].float().cpu().numpy()
+        digest.update(name.encode())
+        digest.update(head.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def identity(info: dict) -> str:
     """What must match for a run folder to be resumed (not batch size, device or shard)."""
     keys = ("model", "sites", "noise", "conditions", "pooling", "seed", "image_size",
-            "chunk_items", "store_dtype", "items")
-    blob = json.dumps({k: info[k] for k in keys}, sort_keys=True, default=str)
+            "chunk_items", "store_dtype", "batch_invariant", "items")
+    blob = json.dumps({k: info.get(k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
