@@ -415,9 +415,8 @@ def engine_compute(model, source, sites, noise_levels, *, batch_size, seed, size
 
     for first in range(0, n, chunk_items):
         indices = list(range(first, min(first + chunk_items, n)))
-        with torch.inference_mode():  # as extract does
-            engine._compute_chunk(model, source, plan, indices, size, batch_size, reduce, None,
-                                  grid, _NoBar())  # fmt: skip
+        engine._compute_chunk(model, source, plan, indices, size, batch_size, reduce, None, grid,
+                              _NoBar())  # fmt: skip
 
 
 def read_run(root: Path, sites, noise_levels) -> dict:

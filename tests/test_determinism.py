@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import diffprobe
+from diffprobe.data.sources import open_source
 from diffprobe.determinism import batch_invariant
 from diffprobe.extract.engine import ExtractionPlan, extract
 from diffprobe.extract.store import open_run
@@ -65,14 +66,11 @@ def test_mode_is_off_outside_the_block_and_on_other_threads():
 
 def test_extraction_with_batch_invariant_is_bit_identical_across_batch_sizes(tmp_path):
     model = diffprobe.load("tiny")
-    source_spec = "shapes:12"
-    from diffprobe.data.sources import open_source
-
     plan = ExtractionPlan(sites=["unet.down_blocks.1", "unet.mid_block", "unet.up_blocks.2"],
                           noise_levels=[0.1, 0.5], pooling="none", chunk_items=12, seed=3,
                           batch_invariant=True)  # fmt: skip
     for batch in (1, 12):
-        extract(model, open_source(source_spec), plan, tmp_path / f"b{batch}", batch_size=batch,
+        extract(model, open_source("shapes:12"), plan, tmp_path / f"b{batch}", batch_size=batch,
                 progress=False)  # fmt: skip
     one, twelve = open_run(tmp_path / "b1"), open_run(tmp_path / "b12")
     assert one.keys() == twelve.keys() and len(one.keys()) == 6

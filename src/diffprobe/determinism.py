@@ -55,7 +55,8 @@ class _OneItemAtATime(TorchFunctionMode):
 
 @contextlib.contextmanager
 def batch_invariant(enabled: bool = True) -> Iterator[None]:
-    """Within the block, convolutions and linear layers run one batch item at a time."""
+    """Within the block (this thread only), convolutions, linear layers and group norms run one
+    batch item at a time; ``enabled=False`` makes it a no-op."""
     if not enabled:
         yield
         return

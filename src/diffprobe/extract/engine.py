@@ -302,9 +302,7 @@ def extract(
         for k in todo:
             began = time.perf_counter()
             indices = list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
-            # inference mode, not just no_grad: no version counters or view tracking, faster
-            # on small CPU passes; only numpy arrays leave the block
-            with batch_invariant(plan.batch_invariant), torch.inference_mode():
+            with batch_invariant(plan.batch_invariant):
                 features = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
                                           captions, grid, bar)  # fmt: skip
             if pending is not None:
@@ -316,12 +314,13 @@ def extract(
     return root
 
 
+# inference mode, not just no_grad: no version counters or view tracking; only numpy leaves
+@torch.inference_mode()
 def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar):
     """Compute one chunk: {array path: (items, ...) float32 numpy array}."""
     images = source.load(indices)
     batches = [list(range(s, min(s + batch_size, len(indices)))) for s in range(0, len(indices), batch_size)]
-    with torch.no_grad():
-        x0 = torch.cat([model.encode_images(images[b], size) for b in batches])
+    x0 = torch.cat([model.encode_images(images[b], size) for b in batches])
     out: dict[str, np.ndarray] = {}
     for condition in plan.conditions:
         prompts = condition.prompts(source, indices, captions)

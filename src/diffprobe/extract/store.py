@@ -79,7 +79,6 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / PROGRESS).mkdir(exist_ok=True)
         self.group = zarr.open_group(str(self.root / FEATURES), mode="a", zarr_format=3)
-        self._arrays: dict[str, Any] = {}
         self._async_arrays: dict[str, Any] = {}
 
     def write_rows(self, features: dict[str, np.ndarray], first: int, n_items: int,
