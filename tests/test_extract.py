@@ -144,6 +144,29 @@ def cli_extract(folder, out, *extra):
     ]
 
 
+def test_store_opens_the_group_another_shard_created_first(tmp_path, monkeypatch):
+    """Two shards starting together: the group appears between one shard's look and its create
+    (zarr then raises ContainsGroupError); the shard must open the other's group."""
+    import zarr
+
+    from diffprobe.extract.store import FEATURES, RunStore
+
+    zarr.open_group(str(tmp_path / FEATURES), mode="w", zarr_format=3)  # the other shard's
+    real_open = zarr.open_group
+
+    def racing_open(path, mode="a", **kwargs):
+        if mode == "a":
+            raise zarr.errors.ContainsGroupError(f"A group exists in store at {path}")
+        return real_open(path, mode=mode, **kwargs)
+
+    monkeypatch.setattr(zarr, "open_group", racing_open)
+    store = RunStore(tmp_path)
+    store.write_rows({"s/p0.1/empty": np.ones((2, 3), np.float32)}, 0, 2, 2, "float32")
+    monkeypatch.undo()
+    assert np.array_equal(zarr.open_group(str(tmp_path / FEATURES), mode="r")["s/p0.1/empty"][...],
+                          np.ones((2, 3), np.float32))  # fmt: skip
+
+
 def test_two_processes_fill_one_store(pipeline_folder, model, source, tmp_path):
     extract(model, source, make_plan(conditions=[Condition("captions", "captions", guidance_scale=4.0)]),
             tmp_path / "single", batch_size=4, progress=False)

@@ -78,15 +78,41 @@ class RunStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / PROGRESS).mkdir(exist_ok=True)
-        self.group = zarr.open_group(str(self.root / FEATURES), mode="a", zarr_format=3)
+        path = str(self.root / FEATURES)
+        try:
+            self.group = zarr.open_group(path, mode="a", zarr_format=3)
+        except zarr.errors.ContainsGroupError:
+            # another shard created the group between our look and our create: open theirs
+            self.group = zarr.open_group(path, mode="r+", zarr_format=3)
         self._async_arrays: dict[str, Any] = {}
 
     def write_rows(self, features: dict[str, np.ndarray], first: int, n_items: int,
                    chunk_items: int, dtype: str) -> None:
-        """Write rows ``first ...`` of many arrays (creating missing ones) in one round trip to
-        zarr's event loop: the arrays are opened or created, then written, concurrently. This
-        takes about half the time of opening and writing the arrays one call at a time: a
-        chunk's store time is mostly zarr's per-call overhead."""
+        """Write rows ``first ...`` of many arrays, creating missing ones, in two round trips to
+        zarr's event loop: missing arrays are created together with ``create_hierarchy`` (one
+        existence check and one metadata document per node), then all rows are written
+        concurrently. A chunk's store time is mostly zarr's per-call overhead, so batching
+        is what keeps it small (docs/performance.md)."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        missing = {path: values.shape[1:] for path, values in features.items()
+                   if path not in self._async_arrays}
+        if missing:
+            self._async_arrays.update(self._open_or_create(missing, n_items, chunk_items, dtype))
+        async def write_all() -> None:
+            await asyncio.gather(*[
+                self._async_arrays[path].setitem(slice(first, first + len(values)),
+                                                 values.astype(dtype, copy=False))
+                for path, values in features.items()
+            ])  # fmt: skip
+
+        sync(write_all())
+
+    def _open_or_create(self, shapes: dict[str, tuple[int, ...]], n_items: int,
+                        chunk_items: int, dtype: str) -> dict[str, Any]:
+        """The arrays ``shapes`` names (path -> per-item shape), opened or created."""
         import asyncio
 
         import zarr
@@ -94,43 +120,52 @@ class RunStore:
 
         group = self.group._async_group
 
-        async def open_or_create(path: str, shape: tuple[int, ...]):
+        def options(shape: tuple[int, ...]) -> dict[str, Any]:
+            return dict(
+                shape=(n_items, *shape), chunks=(chunk_items, *shape), dtype=dtype,
+                fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
+                # uncompressed: zstd saves about 8 % on float activations and costs CPU time
+                # that the denoiser needs (docs/store.md)
+                compressors=None,
+            )
+
+        # the metadata document of a new array of each shape, built once in memory
+        templates = {shape: zarr.create_array(zarr.storage.MemoryStore(), **options(shape)).metadata
+                     for shape in set(shapes.values())}
+
+        async def create_all() -> dict[str, Any]:
+            nodes = {path: templates[shape] for path, shape in shapes.items()}
+            return {path: node async for path, node in group.create_hierarchy(nodes)
+                    if path in shapes}  # (the parent groups it creates are yielded too)
+
+        async def open_or_create_all() -> dict[str, Any]:
+            return dict(zip(shapes, await asyncio.gather(*map(open_or_create, shapes)), strict=True))
+
+        async def open_or_create(path: str):
             try:
                 return await group.getitem(path)
             except KeyError:
                 try:
-                    return await group.create_array(
-                        path, shape=(n_items, *shape), chunks=(chunk_items, *shape), dtype=dtype,
-                        fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
-                        # uncompressed: zstd saves about 8 % on float activations and costs
-                        # CPU time that the denoiser needs (docs/store.md)
-                        compressors=None,
-                    )
+                    return await group.create_array(path, **options(shapes[path]))
                 except zarr.errors.ContainsArrayError:  # another shard was first
                     return await group.getitem(path)
 
-        async def run() -> None:
-            missing = [path for path in features if path not in self._async_arrays]
-            opened = await asyncio.gather(
-                *[open_or_create(path, features[path].shape[1:]) for path in missing]
-            )
-            for path, array in zip(missing, opened, strict=True):
-                if tuple(array.shape) != (n_items, *features[path].shape[1:]) or (
-                    array.chunks[0] != chunk_items
-                ):
-                    raise StoreError(
-                        f"array {path} in {self.root} has shape {tuple(array.shape)}, expected "
-                        f"{(n_items, *features[path].shape[1:])}; the run folder holds a "
-                        "different extraction (--overwrite)"
-                    )
-                self._async_arrays[path] = array
-            await asyncio.gather(*[
-                self._async_arrays[path].setitem(slice(first, first + len(values)),
-                                                 values.astype(dtype, copy=False))
-                for path, values in features.items()
-            ])  # fmt: skip
-
-        sync(run())
+        try:
+            arrays = sync(create_all())
+        except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+            # resuming, or another shard created some: open what exists, create what does not
+            arrays = sync(open_or_create_all())
+        for path, array in arrays.items():
+            if tuple(array.shape) != (n_items, *shapes[path]) or array.chunks[0] != chunk_items:
+                raise StoreError(
+                    f"array {path} in {self.root} has shape {tuple(array.shape)}, expected "
+                    f"{(n_items, *shapes[path])}; the run folder holds a different extraction "
+                    "(--overwrite)"
+                )
+        # every chunk is written whole, so zarr's check for chunks that equal the fill value
+        # (a NaN-aware comparison of every value) is pure cost
+        return {path: array.with_config({"write_empty_chunks": True})
+                for path, array in arrays.items()}
 
     def marker(self, chunk: int) -> Path:
         return self.root / PROGRESS / f"chunk-{chunk:06d}.done"
