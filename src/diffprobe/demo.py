@@ -125,6 +125,13 @@ DEMO_GRID_SITES = [
     "unet.up_blocks.2.attentions.0",
 ]
 DEMO_NOISE = [0.02, 0.1, 0.2, 0.3, 0.5, 0.7]
+# The conditioning axis of the alignment study: the empty prompt (what the image alone evokes)
+# and the concept's label as the prompt ("a red circle"). Keyword arguments of
+# diffprobe.extract.engine.Condition.
+DEMO_CONDITIONS = [
+    {"name": "empty"},
+    {"name": "label", "kind": "template", "template": "a {label}"},
+]
 
 
 def stage_extract(out: Path, progress: bool) -> tuple[Path, Path]:
@@ -140,14 +147,15 @@ def stage_extract(out: Path, progress: bool) -> tuple[Path, Path]:
         export_things(things_root, images_per_concept=12, n_train=36_000, n_test=4_000)
     model = diffprobe.load("tiny")
     source = open_source(str(things_root))
-    plan = ExtractionPlan(sites=DEMO_GRID_SITES, noise_levels=DEMO_NOISE,
-                          conditions=[Condition("empty")], pooling="mean")  # fmt: skip
+    plan = ExtractionPlan(sites=DEMO_GRID_SITES, noise_levels=DEMO_NOISE, pooling="mean",
+                          conditions=[Condition(**c) for c in DEMO_CONDITIONS])  # fmt: skip
     run_dir = extract(model, source, plan, out / "grid_run", batch_size=64, overwrite=True,
                       progress=progress)  # fmt: skip
     run = diffprobe.open_run(run_dir)
     first = run.get(DEMO_GRID_SITES[0], DEMO_NOISE[0])
     _print(f"  {len(source)} images x {len(DEMO_GRID_SITES)} sites x {len(DEMO_NOISE)} noise levels "
-           f"-> {run_dir} (e.g. {DEMO_GRID_SITES[0]} {first.shape})")
+           f"x {len(DEMO_CONDITIONS)} conditions ({', '.join(run.conditions)}) -> {run_dir} "
+           f"(e.g. {DEMO_GRID_SITES[0]} {first.shape})")
     return run_dir, things_root
 
 

@@ -643,7 +643,7 @@ def _save_figure(figure, path: Path) -> Path:
 
 def plot_accuracy_heatmap(rows: list[dict], path: str | Path, value: str = "accuracy") -> Path:
     """Heatmap of ``value`` by site (rows) × noise level (columns), one panel per (run,
-    condition, reduction, metric)."""
+    condition, reduction, metric), all panels on one colour scale so that they compare."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -659,13 +659,16 @@ def plot_accuracy_heatmap(rows: list[dict], path: str | Path, value: str = "accu
             0.6 + 0.45 * sum(len({x["site"] for x in r}) + 2 for r in groups.values()),
         ),
     )
+    values = [r[value] for r in rows if r.get(value) is not None and np.isfinite(r[value])]
+    scale = {"vmin": min(values), "vmax": max(values)} if values else {}
     for axis, (key, group) in zip(axes[:, 0], groups.items(), strict=True):
         sites = list(dict.fromkeys(r["site"] for r in group))
         name, noises, levels = _noise_axis(group)
         grid = np.full((len(sites), len(noises)), np.nan)
         for row in group:
             grid[sites.index(row["site"]), noises.index(row["noise"])] = row[value]
-        image = axis.imshow(grid, aspect="auto", cmap="viridis")
+        image = axis.imshow(grid, aspect="auto", cmap="viridis", **scale)
+        middle = np.mean(list(scale.values())) if scale else np.nanmean(grid)
         for (i, j), cell in np.ndenumerate(grid):
             if np.isfinite(cell):
                 axis.text(
@@ -675,7 +678,7 @@ def plot_accuracy_heatmap(rows: list[dict], path: str | Path, value: str = "accu
                     ha="center",
                     va="center",
                     fontsize=7,
-                    color="white" if cell < np.nanmean(grid) else "black",
+                    color="white" if cell < middle else "black",
                 )
         axis.set_xticks(range(len(noises)), [f"{v:g}" for v in levels])
         axis.set_yticks(range(len(sites)), sites, fontsize=8)
@@ -689,14 +692,17 @@ def plot_accuracy_heatmap(rows: list[dict], path: str | Path, value: str = "accu
 
 
 def plot_accuracy_vs_noise(rows: list[dict], path: str | Path) -> Path:
-    """Accuracy against noise level, one line per site, with chance and the noise ceiling."""
+    """Accuracy against noise level, one line per site, with chance and the noise ceiling; one
+    panel per (run, condition, reduction, metric) on a shared accuracy axis, the legend beside
+    them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _groups(rows)
-    figure, axes = plt.subplots(len(groups), 1, squeeze=False, figsize=(7, 3.8 * len(groups)))
+    figure, axes = plt.subplots(len(groups), 1, squeeze=False, sharey=True,
+                                figsize=(9.5, 3.6 * len(groups)), layout="constrained")  # fmt: skip
     for axis, (key, group) in zip(axes[:, 0], groups.items(), strict=True):
         name, noises, levels = _noise_axis(group)
         for site in dict.fromkeys(r["site"] for r in group):
@@ -709,7 +715,7 @@ def plot_accuracy_vs_noise(rows: list[dict], path: str | Path) -> Path:
         axis.set_xlabel(name.replace("_", " "))
         axis.set_ylabel("odd-one-out accuracy")
         axis.set_title(_group_title(key) or "odd-one-out accuracy", fontsize=9)
-        axis.legend(fontsize=7, loc="best")
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save_figure(figure, Path(path))
 
 
@@ -782,8 +788,9 @@ def demo(run_dir: Path, things_root: Path, out: Path, *, folds: int = 3) -> dict
 
     Writes ``alignment.csv``, ``accuracy_heatmap.png``, ``accuracy_vs_noise.png`` (and the CKA
     heatmap) into ``out``, then on the best (site, noise, condition) a linear probe and a ridge
-    regression onto the true factors, ``folds`` folds over objects each; prints a short table
-    and returns the numbers (``benchmarks/alignment_tiny.py`` runs it at a larger scale).
+    regression onto the true factors, ``folds`` folds over objects each, and the regression from
+    the best (site, noise) of each condition; prints a short table and returns the numbers
+    (``benchmarks/alignment_tiny.py`` runs the same and keeps them as JSON).
     """
     from diffprobe.analysis import probing
     from diffprobe.data.things import SHAPES_FACTOR_NAMES, load_things, shapes_factor_embedding
@@ -796,22 +803,47 @@ def demo(run_dir: Path, things_root: Path, out: Path, *, folds: int = 3) -> dict
     result = align_run(run, things, triplets="test", progress=False)
     paths = write_outputs(result, out)
     best = max(result.rows, key=lambda r: r["accuracy"])
-    key = ("", best["site"], best["noise"], best["condition"], best["reduction"])
-    features = result.features[key].astype(np.float64)
     covered = result.covered
-
     train = restrict_triplets(things.get_triplets("train"), covered)
-    probe_result = probing.probe(features, train, folds=folds, max_epochs=200, patience=40, seed=0)
+
+    def features_of(row: dict) -> np.ndarray:
+        key = ("", row["site"], row["noise"], row["condition"], row["reduction"])
+        return result.features[key].astype(np.float64)
+
+    def probe_on(row: dict):
+        return probing.probe(features_of(row), train, folds=folds, max_epochs=200, patience=40,
+                             seed=0)  # fmt: skip
+
+    probe_result = probe_on(best)
     factors = shapes_factor_embedding(things.concepts)[covered]
-    regression = probing.regress(
-        features,
-        factors,
-        folds=folds,
-        triplets=result.triplets,
-        metric="euclidean",
-        target_names=SHAPES_FACTOR_NAMES,
-        seed=0,
-    )
+
+    def regress_on(row: dict):
+        return probing.regress(
+            features_of(row),
+            factors,
+            folds=folds,
+            triplets=result.triplets,
+            metric="euclidean",
+            target_names=SHAPES_FACTOR_NAMES,
+            seed=0,
+        )
+
+    regression = regress_on(best)
+    # the best (site, noise level) of each condition, and the factors' regression from it: with
+    # more than one condition this shows what the conditioning (e.g. the label prompt) adds
+    by_condition = {}
+    for condition in dict.fromkeys(r["condition"] for r in result.rows):
+        top = max((r for r in result.rows if r["condition"] == condition), key=lambda r: r["accuracy"])
+        fit = regression if top is best else regress_on(top)
+        probed = probe_result if top is best else probe_on(top)
+        by_condition[condition] = {
+            "site": top["site"], "noise": top["noise"], "accuracy": top["accuracy"],
+            "normalised": top["normalised"], "r2": fit.r2_mean, "r2_std": fit.r2_std,
+            "r2_by_factor": fit.r2_by_target, "ooo": fit.ooo_mean,
+            "probe_zero_shot": probed.zero_shot_mean, "probed": probed.probed_mean,
+            "probed_std": probed.probed_std,
+            "folds_improved": sum(r["probed"] > r["zero_shot"] for r in probed.rows),
+        }  # fmt: skip
     reductions_rows = []
     if run.info.get("pooling") == "none":
         compared = align_run(
@@ -852,11 +884,21 @@ def demo(run_dir: Path, things_root: Path, out: Path, *, folds: int = 3) -> dict
         f"regression onto the true factors: R² {regression.r2_mean:.3f} ± {regression.r2_std:.3f} "
         f"({by_factor}), OOO of the prediction {regression.ooo_mean:.3f}"
     )
+    if len(by_condition) > 1:
+        for condition, top in by_condition.items():
+            factor_r2 = ", ".join(f"{k} {v:.2f}" for k, v in top["r2_by_factor"].items())
+            print(
+                f"  best with condition {condition}: {top['site']} at {top['noise']}, accuracy "
+                f"{top['accuracy']:.3f}; probe {top['probe_zero_shot']:.3f} -> {top['probed']:.3f} "
+                f"(better in {top['folds_improved']} of {folds} folds); factors R² {top['r2']:.3f} "
+                f"({factor_r2})"
+            )
     for row in reductions_rows:
         print(f"  reduction {row['reduction']:<8} accuracy {row['accuracy']:.3f}")
     return {
         "rows": result.rows,
         "best": best,
+        "best_by_condition": by_condition,
         "ceiling": things.ceiling,
         "probe": {
             "zero_shot": probe_result.zero_shot_mean,
