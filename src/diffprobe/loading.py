@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -39,6 +40,21 @@ def _dtype_keyword() -> str:
         return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     except ImportError:
         return "torch_dtype"
+
+
+@contextlib.contextmanager
+def _no_image_processor_fallback_warning():
+    """Without torchvision, transformers warns (once per process, at import) that its CLIP and
+    SigLIP image processors fall back to PIL. diffusers imports them with every Stable Diffusion
+    pipeline, diffprobe never uses them, and the warning says nothing about the user's model, so
+    it is held back while a pipeline loads; every other transformers message still shows."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def from_pipeline(pipe: Any, spec: ModelSpec | None = None, name: str | None = None) -> Model:
@@ -85,11 +101,14 @@ def load(
                 f"'{name}': no diffusers pipeline at {folder} (model_index.json missing)"
                 + (" — run `diffprobe train-tiny` to rebuild it" if spec.alias == "tiny" else "")
             )
-        pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+        with _no_image_processor_fallback_warning():
+            pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
     else:
         try:
             # the cache first: no network round trip when the weights are already here
-            pipe = DiffusionPipeline.from_pretrained(spec.source, local_files_only=True, **kwargs)
+            with _no_image_processor_fallback_warning():
+                pipe = DiffusionPipeline.from_pretrained(spec.source, local_files_only=True,
+                                                         **kwargs)  # fmt: skip
         except Exception:  # noqa: BLE001 - any failure here just means "not cached"
             try:
                 pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs)
