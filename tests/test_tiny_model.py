@@ -35,14 +35,16 @@ def test_loading_holds_back_the_image_processor_fallback_warning():
 
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: transformers has nothing to warn about")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # transformers' default verbosity (a benchmark module imported by other tests sets "error")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "warning"}
 
     def stderr_of(code: str) -> str:
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env=env, check=True).stderr  # fmt: skip
 
     plain = stderr_of("from diffusers import StableDiffusionPipeline")
-    assert "requires torchvision" in plain  # the warning exists, so its absence below means something
+    # the warning exists, so its absence below means something
+    assert "requires torchvision" in plain
     ours = stderr_of("import diffprobe; diffprobe.load('tiny')")
     assert "requires torchvision" not in ours
 
@@ -101,7 +103,10 @@ def test_caption_labels_mark_unstated_background():
     sample = shapes.sample(64, seed=0, split="train")
     labels = caption_labels(sample.factors)
     for i in range(64):
-        stated = any(f" on {name}" in sample.captions[i] or f"{name} background" in sample.captions[i] for name in shapes.BACKGROUNDS)
+        stated = any(
+            f" on {name}" in sample.captions[i] or f"{name} background" in sample.captions[i]
+            for name in shapes.BACKGROUNDS
+        )
         value = int(labels["background"][i])
         assert (value == len(shapes.BACKGROUNDS)) != stated
         assert shapes.COLOUR_NAMES[int(labels["colour"][i])] in sample.captions[i]
