@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-shape-check", action="store_true",
-                        help="skip the image-level shape decoding check")
+    parser.add_argument(
+        "--no-shape-check", action="store_true", help="skip the image-level shape decoding check"
+    )
     parser.add_argument("--work", type=Path, default=HERE / "out" / "alignment_tiny")
     parser.add_argument("--result", type=Path, default=HERE / "results" / "alignment_tiny.json")
     args = parser.parse_args(argv)
@@ -123,8 +124,10 @@ def _shape_check(run_dir: Path) -> dict:
               for site, noise, condition in run.keys()}  # fmt: skip
     for condition in run.conditions:
         values = [v for k, v in by_set.items() if k.endswith(f" {condition}")]
-        print(f"image-level shape decoding, condition {condition}: {min(values):.2f}-"
-              f"{max(values):.2f} over {len(values)} feature sets (chance {1 / 6:.2f})")
+        print(
+            f"image-level shape decoding, condition {condition}: {min(values):.2f}-"
+            f"{max(values):.2f} over {len(values)} feature sets (chance {1 / 6:.2f})"
+        )
     result = {"chance": 1 / 6, "pixels_16px": accuracy(pixels), "features": by_set}
     print(f"image-level shape decoding from the pixels: {result['pixels_16px']:.2f}")
     return result

@@ -184,7 +184,9 @@ def plain_noise(pipe, x0: torch.Tensor, noise_level: float, seed: int, items) ->
     steps = int(pipe.scheduler.config.num_train_timesteps)
     noise = torch.empty((len(items), *x0.shape[1:]), dtype=torch.float32)
     for row, item in enumerate(items):
-        generator = torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([seed, int(item)]).generate_state(1)[0]))
+        generator = torch.Generator("cpu").manual_seed(
+            int(np.random.SeedSequence([seed, int(item)]).generate_state(1)[0])
+        )
         noise[row] = torch.randn(tuple(x0.shape[1:]), generator=generator, dtype=torch.float32)
     noise = noise.to(x0.device)
     if plain_is_flow(pipe):
@@ -388,7 +390,16 @@ def execution_order(model, sites: list[str], x0: torch.Tensor, cond) -> list[str
 
 
 def diffprobe_extract(
-    model, source, sites, noise_levels, *, batch_size, seed, size, chunk_items, root: Path,
+    model,
+    source,
+    sites,
+    noise_levels,
+    *,
+    batch_size,
+    seed,
+    size,
+    chunk_items,
+    root: Path,
     batch_invariant: bool = False,
 ) -> Path:
     from diffprobe.extract.engine import Condition, ExtractionPlan, extract

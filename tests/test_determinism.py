@@ -28,8 +28,12 @@ def test_tiny_vae_and_unet_give_the_same_bits_alone_and_in_a_batch(tiny):
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(8, 3, 64, 64, generator=generator) * 2 - 1
     t = torch.tensor([999, 800, 600, 500, 300, 100, 20, 1])
-    ids = tiny.tokenizer(["a small red circle in the top left"] * 4 + [""] * 4,
-                         padding="max_length", max_length=16, return_tensors="pt").input_ids
+    ids = tiny.tokenizer(
+        ["a small red circle in the top left"] * 4 + [""] * 4,
+        padding="max_length",
+        max_length=16,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         embeds = tiny.text_encoder(ids)[0]
 

@@ -26,8 +26,11 @@ PROMPT = "a small red circle in the top left"
 def plain_generate(model, guidance=5.0, seed=0):
     """The plain diffusers call, no diffprobe involved."""
     return model.pipe(
-        PROMPT, num_inference_steps=3, guidance_scale=guidance,
-        generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+        PROMPT,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
     ).images
 
 
@@ -55,10 +58,19 @@ def test_capture_during_generation_is_bit_identical(sd_model, reference):
     assert len(cache.records("unet.mid_block")) == 6
     assert len(cache.records("text_encoder.encoder.layers.3")) == 2
     calls = [(r.call, r.branch) for r in cache.records("unet.mid_block")]
-    assert calls == [(0, "uncond"), (0, "cond"), (1, "uncond"), (1, "cond"), (2, "uncond"), (2, "cond")]
+    assert calls == [
+        (0, "uncond"),
+        (0, "cond"),
+        (1, "uncond"),
+        (1, "cond"),
+        (2, "uncond"),
+        (2, "cond"),
+    ]
     timesteps = [r.timestep for r in cache.records("unet.mid_block", branch="cond")]
     assert timesteps == [float(t) for t in sd_model.pipe.scheduler.timesteps]
-    assert all(r.call is None and r.branch == "none" for r in cache.records("vae.decoder.mid_block"))
+    assert all(
+        r.call is None and r.branch == "none" for r in cache.records("vae.decoder.mid_block")
+    )
 
 
 def test_zero_edit_is_bit_identical(sd_model, reference):
@@ -92,7 +104,9 @@ def test_cfg_branches_are_kept_apart(sd_model, inputs):
         sd_model.denoise(x_t, t, diffprobe.Conditioning(cond.cond))
     for site in ("unet.mid_block", "unet.up_blocks.1"):
         uncond, conditional = alone.records(site)
-        torch.testing.assert_close(guided.last(site, "cond"), conditional.value, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            guided.last(site, "cond"), conditional.value, rtol=1e-5, atol=1e-5
+        )
         torch.testing.assert_close(guided.last(site, "uncond"), uncond.value, rtol=1e-5, atol=1e-5)
         assert guided.last(site, "cond").shape[0] == x_t.shape[0]
 
@@ -133,7 +147,10 @@ def test_hooks_are_removed_on_exception(sd_model):
 
     before = count_hooks()
     with pytest.raises(RuntimeError, match="boom"):
-        with diffprobe.capture(sd_model, SITES), diffprobe.edit(sd_model, Edit("unet.mid_block", "scale", factor=2.0)):
+        with (
+            diffprobe.capture(sd_model, SITES),
+            diffprobe.edit(sd_model, Edit("unet.mid_block", "scale", factor=2.0)),
+        ):
             raise RuntimeError("boom")
     assert count_hooks() == before
 
@@ -143,12 +160,17 @@ def test_add_edit_changes_only_the_chosen_branch(sd_model, inputs):
     direction = torch.randn(64)
     with diffprobe.capture(sd_model, "unet.up_blocks.1") as plain:
         sd_model.denoise(x_t, t, cond, guidance_scale=7.5)
-    with diffprobe.capture(sd_model, ["unet.mid_block", "unet.up_blocks.1"]) as edited, diffprobe.edit(
-        sd_model, Edit("unet.mid_block", "add", value=direction, branch="cond")
+    with (
+        diffprobe.capture(sd_model, ["unet.mid_block", "unet.up_blocks.1"]) as edited,
+        diffprobe.edit(sd_model, Edit("unet.mid_block", "add", value=direction, branch="cond")),
     ):
         sd_model.denoise(x_t, t, cond, guidance_scale=7.5)
-    assert torch.equal(edited.last("unet.up_blocks.1", "uncond"), plain.last("unet.up_blocks.1", "uncond"))
-    assert not torch.allclose(edited.last("unet.up_blocks.1", "cond"), plain.last("unet.up_blocks.1", "cond"))
+    assert torch.equal(
+        edited.last("unet.up_blocks.1", "uncond"), plain.last("unet.up_blocks.1", "uncond")
+    )
+    assert not torch.allclose(
+        edited.last("unet.up_blocks.1", "cond"), plain.last("unet.up_blocks.1", "cond")
+    )
 
 
 def test_edit_ops_mask_and_timestep_window(sd_model, inputs):
@@ -197,7 +219,9 @@ def test_patch_from_cache_transplants_activations(sd_model, inputs):
 
 
 def test_unknown_site_suggests_the_right_name(sd_model):
-    with pytest.raises(UnknownSiteError, match=r"did you mean 'unet\.mid_block'.*diffprobe sites dummy-sd"):
+    with pytest.raises(
+        UnknownSiteError, match=r"did you mean 'unet\.mid_block'.*diffprobe sites dummy-sd"
+    ):
         with diffprobe.capture(sd_model, "unet.midblock"):
             pass
     with pytest.raises(UnknownSiteError, match="no component 'unett'.*did you mean 'unet'"):
@@ -222,9 +246,19 @@ def test_noise_follows_the_documented_formula(sd_model):
     x_t, t = sd_model.add_noise(x0, noise_level=0.25, seed=3, items=[10, 11, 12, 13])
     T = sd_model.pipe.scheduler.config.num_train_timesteps
     assert float(t[0]) == min(round(0.25 * T), T - 1)
-    noise = torch.stack([
-        torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(int(np.random.SeedSequence([3, i]).generate_state(1)[0]))) for i in range(10, 14)
-    ])
+    noise = torch.stack(
+        [
+            torch.randn(
+                4,
+                8,
+                8,
+                generator=torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([3, i]).generate_state(1)[0])
+                ),
+            )
+            for i in range(10, 14)
+        ]
+    )
     expected = DDPMScheduler.from_config(sd_model.pipe.scheduler.config).add_noise(
         x0, noise, torch.full((4,), int(t[0]))
     )

@@ -21,9 +21,12 @@ SITES = ["unet.down_blocks.1", "unet.mid_block", "unet.up_blocks.0.attentions.1"
 
 def make_plan(**overrides):
     settings = dict(
-        sites=SITES, noise_levels=[0.1, 0.6],
+        sites=SITES,
+        noise_levels=[0.1, 0.6],
         conditions=[Condition("empty"), Condition("cap", "captions", guidance_scale=4.0)],
-        pooling="mean", chunk_items=4, seed=5,
+        pooling="mean",
+        chunk_items=4,
+        seed=5,
     )
     settings.update(overrides)
     return ExtractionPlan(**settings)
@@ -61,7 +64,9 @@ def assert_runs_equal(a, b, exact=True):
         if exact:
             assert np.array_equal(a.get(*key), b.get(*key)), key
         else:
-            np.testing.assert_allclose(a.get(*key), b.get(*key), rtol=1e-4, atol=1e-4, err_msg=str(key))
+            np.testing.assert_allclose(
+                a.get(*key), b.get(*key), rtol=1e-4, atol=1e-4, err_msg=str(key)
+            )
 
 
 def test_store_layout_and_provenance(reference_run, source):
@@ -81,7 +86,10 @@ def test_store_layout_and_provenance(reference_run, source):
     group = zarr.open_group(str(run.root / "features.zarr"), mode="r")
     assert np.array_equal(group["unet.mid_block/p0.1/cap.cond"][...], values)
     labelled = run.xarray("unet.mid_block", 0.1, "empty")
-    assert labelled.dims == ("item", "channel") and labelled.coords["label"].values[0] == source.items[0].label
+    assert (
+        labelled.dims == ("item", "channel")
+        and labelled.coords["label"].values[0] == source.items[0].label
+    )
 
 
 def test_cfg_branches_are_stored_apart(reference_run):
@@ -101,11 +109,21 @@ def test_stored_feature_equals_handwritten_hook_on_plain_pipeline(reference_run,
     image = torch.from_numpy(source.items[item].load()).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         latents = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(np.random.SeedSequence([5, item]).generate_state(1)[0])))[None]
+        noise = torch.randn(
+            latents.shape[1:],
+            generator=torch.Generator().manual_seed(
+                int(np.random.SeedSequence([5, item]).generate_state(1)[0])
+            ),
+        )[None]
         t = torch.tensor([600])
         noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, t)
-        ids = pipe.tokenizer([source.items[item].caption], padding="max_length", max_length=77,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            [source.items[item].caption],
+            padding="max_length",
+            max_length=77,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         text = pipe.text_encoder(ids)[0]
         seen = {}
         handle = pipe.unet.mid_block.register_forward_hook(lambda m, a, o: seen.update(v=o))
@@ -128,8 +146,15 @@ def test_batch_size_does_not_change_results(reference_run, model, source, tmp_pa
 
 def test_two_shards_give_the_identical_store(reference_run, model, source, tmp_path):
     for index in (1, 0):  # any order
-        extract(model, source, make_plan(), tmp_path / "sharded", batch_size=4, shard=(index, 2),
-                progress=False)
+        extract(
+            model,
+            source,
+            make_plan(),
+            tmp_path / "sharded",
+            batch_size=4,
+            shard=(index, 2),
+            progress=False,
+        )
     assert_runs_equal(reference_run, open_run(tmp_path / "sharded"))
 
 
@@ -138,9 +163,30 @@ CLI = [sys.executable, "-m", "diffprobe.cli"]
 
 def cli_extract(folder, out, *extra):
     return [
-        *CLI, "extract", "--model", str(folder), "--data", "shapes:10", "--sites", " ".join(SITES),
-        "--noise", "0.1,0.6", "--condition", "captions", "--guidance-scale", "4", "--seed", "5",
-        "--chunk-items", "4", "--batch-size", "4", "--out", str(out), "--quiet", *extra,
+        *CLI,
+        "extract",
+        "--model",
+        str(folder),
+        "--data",
+        "shapes:10",
+        "--sites",
+        " ".join(SITES),
+        "--noise",
+        "0.1,0.6",
+        "--condition",
+        "captions",
+        "--guidance-scale",
+        "4",
+        "--seed",
+        "5",
+        "--chunk-items",
+        "4",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
     ]
 
 
@@ -168,11 +214,23 @@ def test_store_opens_the_group_another_shard_created_first(tmp_path, monkeypatch
 
 
 def test_two_processes_fill_one_store(pipeline_folder, model, source, tmp_path):
-    extract(model, source, make_plan(conditions=[Condition("captions", "captions", guidance_scale=4.0)]),
-            tmp_path / "single", batch_size=4, progress=False)
+    extract(
+        model,
+        source,
+        make_plan(conditions=[Condition("captions", "captions", guidance_scale=4.0)]),
+        tmp_path / "single",
+        batch_size=4,
+        progress=False,
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    procs = [subprocess.Popen(cli_extract(pipeline_folder, tmp_path / "two", "--shard", f"{i}/2"),
-                              env=env, stderr=subprocess.PIPE) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            cli_extract(pipeline_folder, tmp_path / "two", "--shard", f"{i}/2"),
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
@@ -182,11 +240,16 @@ def test_two_processes_fill_one_store(pipeline_folder, model, source, tmp_path):
 def test_resume_after_kill_minus_9(pipeline_folder, model, source, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(cli_extract(pipeline_folder, out, "--batch-size", "1"), env=env,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli_extract(pipeline_folder, out, "--batch-size", "1"), env=env, stderr=subprocess.DEVNULL
+    )
     progress = out / "progress"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(progress.glob("*.done")) if progress.exists() else time.time() < deadline:
+    while (
+        time.time() < deadline and not list(progress.glob("*.done"))
+        if progress.exists()
+        else time.time() < deadline
+    ):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -194,13 +257,20 @@ def test_resume_after_kill_minus_9(pipeline_folder, model, source, tmp_path):
     assert 1 <= len(finished) < 3, "the run was not killed midway"
     with pytest.raises(StoreError, match="incomplete"):
         open_run(out).get("unet.mid_block", 0.1, "captions.cond")
-    result = subprocess.run(cli_extract(pipeline_folder, out, "--batch-size", "1"), env=env,
-                            capture_output=True)
+    result = subprocess.run(
+        cli_extract(pipeline_folder, out, "--batch-size", "1"), env=env, capture_output=True
+    )
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     # finished chunks were not recomputed: their markers are untouched
     assert all((progress / name).read_text() == text for name, text in finished.items())
-    extract(model, source, make_plan(conditions=[Condition("captions", "captions", guidance_scale=4.0)]),
-            tmp_path / "whole", batch_size=1, progress=False)
+    extract(
+        model,
+        source,
+        make_plan(conditions=[Condition("captions", "captions", guidance_scale=4.0)]),
+        tmp_path / "whole",
+        batch_size=1,
+        progress=False,
+    )
     assert_runs_equal(open_run(out), open_run(tmp_path / "whole"))
 
 
@@ -220,8 +290,13 @@ def test_unreadable_images_are_reported_by_path(tmp_path, model):
         open_source(tmp_path)
     source = open_source(tmp_path, on_error="skip")
     assert [it.label for it in source.items] == ["cat", "dog"]
-    run = extract(model, source, make_plan(conditions=[Condition("t", "template", "a photo of a {label}")]),
-                  tmp_path / "run", progress=False)
+    run = extract(
+        model,
+        source,
+        make_plan(conditions=[Condition("t", "template", "a photo of a {label}")]),
+        tmp_path / "run",
+        progress=False,
+    )
     info = json.loads((run / "run.json").read_text())
     assert info["data"]["skipped"][0]["path"].endswith("broken.png")
 
@@ -230,14 +305,21 @@ def test_bad_plans_fail_before_any_work(model, source, tmp_path):
     with pytest.raises(ExtractionError, match="not both"):
         make_plan(timesteps=[10.0])
     with pytest.raises(ExtractionError, match="not in the denoiser"):
-        extract(model, source, make_plan(sites=["text_encoder.encoder.layers.1"]), tmp_path / "x", progress=False)
+        extract(
+            model,
+            source,
+            make_plan(sites=["text_encoder.encoder.layers.1"]),
+            tmp_path / "x",
+            progress=False,
+        )
     with pytest.raises(diffprobe.errors.UnknownSiteError, match="did you mean"):
         extract(model, source, make_plan(sites=["unet.midblock"]), tmp_path / "y", progress=False)
     assert not (tmp_path / "y").exists()
 
 
-def test_changed_weights_in_the_same_folder_are_a_different_extraction(pipeline_folder, source,
-                                                                       tmp_path):
+def test_changed_weights_in_the_same_folder_are_a_different_extraction(
+    pipeline_folder, source, tmp_path
+):
     model = diffprobe.load(pipeline_folder)
     plan = make_plan(noise_levels=[0.1], conditions=[Condition("empty")])
     extract(model, source, plan, tmp_path / "run", batch_size=4, progress=False)

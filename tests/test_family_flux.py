@@ -205,7 +205,12 @@ def test_add_noise_formula(schnell, latents):
     x_t, t = schnell.add_noise(x0, noise_level=0.3, seed=7, items=[3, 5])
     noise = torch.stack(
         [
-            torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(np.random.SeedSequence([7, i]).generate_state(1)[0])))
+            torch.randn(
+                x0.shape[1:],
+                generator=torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([7, i]).generate_state(1)[0])
+                ),
+            )
             for i in (3, 5)
         ]
     )

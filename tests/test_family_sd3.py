@@ -167,7 +167,12 @@ def test_add_noise_formula_and_schedule(model, latents):
     x_t, t = model.add_noise(x0, noise_level=0.3, seed=7, items=[3, 5])
     noise = torch.stack(
         [
-            torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(np.random.SeedSequence([7, i]).generate_state(1)[0])))
+            torch.randn(
+                x0.shape[1:],
+                generator=torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([7, i]).generate_state(1)[0])
+                ),
+            )
             for i in (3, 5)
         ]
     )
@@ -186,7 +191,12 @@ def test_add_noise_formula_and_schedule(model, latents):
 
 
 def model_noise(x0):
-    return torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(np.random.SeedSequence([0, 0]).generate_state(1)[0])))[None]
+    return torch.randn(
+        x0.shape[1:],
+        generator=torch.Generator().manual_seed(
+            int(np.random.SeedSequence([0, 0]).generate_state(1)[0])
+        ),
+    )[None]
 
 
 def test_denoise_equals_direct_transformer_call(model, latents):

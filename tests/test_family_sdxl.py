@@ -185,7 +185,12 @@ def test_add_noise_matches_ddpm_formula(model):
     schedule = DDPMScheduler.from_config(model.pipe.scheduler.config)
     noise = torch.stack(
         [
-            torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(np.random.SeedSequence([7, i]).generate_state(1)[0])))
+            torch.randn(
+                x0.shape[1:],
+                generator=torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([7, i]).generate_state(1)[0])
+                ),
+            )
             for i in (4, 9, 2)
         ]
     )

@@ -11,8 +11,20 @@ from diffprobe.cli import app
 from diffprobe.errors import ModelLoadError, UnknownModelError
 from diffprobe.registry import list_models, resolve
 
-REQUIRED = ["sd1.5", "sd2.1", "sd2.1-base", "sd-turbo", "sdxl", "sdxl-turbo", "sd3", "sd3.5",
-            "flux-schnell", "if-i", "ddpm-celebahq", "tiny"]
+REQUIRED = [
+    "sd1.5",
+    "sd2.1",
+    "sd2.1-base",
+    "sd-turbo",
+    "sdxl",
+    "sdxl-turbo",
+    "sd3",
+    "sd3.5",
+    "flux-schnell",
+    "if-i",
+    "ddpm-celebahq",
+    "tiny",
+]
 
 
 def test_every_required_alias_is_registered_with_its_facts():
@@ -28,7 +40,9 @@ def test_every_required_alias_is_registered_with_its_facts():
 
 
 def test_unknown_alias_lists_the_known_ones():
-    with pytest.raises(UnknownModelError, match=r"Did you mean 'sd1\.5'.*Known aliases: tiny, sd1\.5"):
+    with pytest.raises(
+        UnknownModelError, match=r"Did you mean 'sd1\.5'.*Known aliases: tiny, sd1\.5"
+    ):
         resolve("sd15")
 
 
@@ -85,4 +99,7 @@ def test_sites_option_takes_several_values_after_one_flag(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     import diffprobe
 
-    assert sorted(diffprobe.open_run(tmp_path / "run").sites) == ["unet.mid_block", "unet.up_blocks.1"]
+    assert sorted(diffprobe.open_run(tmp_path / "run").sites) == [
+        "unet.mid_block",
+        "unet.up_blocks.1",
+    ]

@@ -45,8 +45,16 @@ def models(as_json: AsJson = False) -> None:
         typer.echo(json.dumps([s.as_dict() for s in specs], indent=2))
         return
     rows = [("alias", "family", "resolution", "prediction", "source")]
-    rows += [(s.alias, s.family, str(s.resolution), s.prediction_type, s.source if not s.local
-              else "embedded") for s in specs]
+    rows += [
+        (
+            s.alias,
+            s.family,
+            str(s.resolution),
+            s.prediction_type,
+            s.source if not s.local else "embedded",
+        )
+        for s in specs
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4])
@@ -70,11 +78,20 @@ def sites(
     shapes = site_shapes(source, size, component or None)
     chosen = [s for s in shapes.values() if not filter or filter in s.site]
     if as_json:
-        typer.echo(json.dumps([
-            {"site": s.site, "module": s.module_class, "shape": list(s.shape),
-             "elements": {k: list(v) for k, v in (s.elements or {}).items()}}
-            for s in chosen
-        ], indent=1))
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "site": s.site,
+                        "module": s.module_class,
+                        "shape": list(s.shape),
+                        "elements": {k: list(v) for k, v in (s.elements or {}).items()},
+                    }
+                    for s in chosen
+                ],
+                indent=1,
+            )
+        )
         return
     width = max((len(s.site) for s in chosen), default=10)
     for s in chosen:
@@ -106,14 +123,22 @@ def _shard(text: str) -> tuple[int, int]:
 def extract(
     model: Annotated[str, typer.Option(help="alias, hub id or local diffusers folder")],
     data: Annotated[str, typer.Option(help="image folder, THINGS root, or shapes:N")],
-    sites: Annotated[list[str], typer.Option("--sites", help="denoiser sites (repeat or space-separate)")],
+    sites: Annotated[
+        list[str], typer.Option("--sites", help="denoiser sites (repeat or space-separate)")
+    ],
     out: Annotated[Path, typer.Option(help="run folder")],
-    noise: Annotated[str | None, typer.Option(help="noise levels p in [0,1], e.g. 0,0.1,0.5")] = None,
+    noise: Annotated[
+        str | None, typer.Option(help="noise levels p in [0,1], e.g. 0,0.1,0.5")
+    ] = None,
     timesteps: Annotated[str | None, typer.Option(help="timesteps instead of noise levels")] = None,
     condition: Annotated[str, typer.Option(help="empty | template | captions | prompt")] = "empty",
     template: Annotated[str | None, typer.Option(help="e.g. 'a photo of a {label}'")] = None,
-    captions: Annotated[Path | None, typer.Option(help="captions file (id,caption CSV or lines)")] = None,
-    guidance_scale: Annotated[float, typer.Option(help="> 1 stores the cond and uncond branches")] = 1.0,
+    captions: Annotated[
+        Path | None, typer.Option(help="captions file (id,caption CSV or lines)")
+    ] = None,
+    guidance_scale: Annotated[
+        float, typer.Option(help="> 1 stores the cond and uncond branches")
+    ] = 1.0,
     pooling: Annotated[str, typer.Option(help="none | mean | max")] = "mean",
     batch_size: int = 16,
     chunk_items: Annotated[int, typer.Option(help="items per store chunk (the resume unit)")] = 32,
@@ -124,8 +149,12 @@ def extract(
     store_dtype: Annotated[str, typer.Option(help="float32 or float16")] = "float32",
     shard: Annotated[str, typer.Option(help="i/n: this process fills every n-th chunk")] = "0/1",
     on_error: Annotated[str, typer.Option(help="unreadable images: skip | fail")] = "fail",
-    batch_invariant: Annotated[bool, typer.Option(
-        help="same bits at every --batch-size (convolutions one item at a time; slower)")] = False,
+    batch_invariant: Annotated[
+        bool,
+        typer.Option(
+            help="same bits at every --batch-size (convolutions one item at a time; slower)"
+        ),
+    ] = False,
     overwrite: bool = False,
     quiet: Quiet = False,
 ) -> None:
@@ -141,16 +170,30 @@ def extract(
     if kind in ("template", "prompt") and not template:
         raise typer.BadParameter(f"--condition {kind} needs --template")
     plan = ExtractionPlan(
-        sites=site_list, noise_levels=_floats(noise, "--noise"),
+        sites=site_list,
+        noise_levels=_floats(noise, "--noise"),
         timesteps=_floats(timesteps, "--timesteps"),
-        conditions=[Condition(kind, kind, template, guidance_scale)], pooling=pooling, seed=seed,
-        image_size=size, chunk_items=chunk_items, store_dtype=store_dtype,
+        conditions=[Condition(kind, kind, template, guidance_scale)],
+        pooling=pooling,
+        seed=seed,
+        image_size=size,
+        chunk_items=chunk_items,
+        store_dtype=store_dtype,
         batch_invariant=batch_invariant,
     )
     source = open_source(data, on_error)
     loaded = diffprobe.load(model, dtype=dtype, device=device)
-    root = run_extract(loaded, source, plan, out, batch_size=batch_size, shard=_shard(shard),
-                       overwrite=overwrite, captions_file=captions, progress=not quiet)
+    root = run_extract(
+        loaded,
+        source,
+        plan,
+        out,
+        batch_size=batch_size,
+        shard=_shard(shard),
+        overwrite=overwrite,
+        captions_file=captions,
+        progress=not quiet,
+    )
     typer.echo(str(root))
 
 

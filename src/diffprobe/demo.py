@@ -61,8 +61,11 @@ def stage_capture(out: Path) -> dict:
     for site in DEMO_SITES:
         records = cache.records(site)
         value = records[-1].value
-        summary[site] = {"records": len(records), "shape_per_record": list(value.shape),
-                         "branches": sorted({r.branch for r in records})}
+        summary[site] = {
+            "records": len(records),
+            "shape_per_record": list(value.shape),
+            "branches": sorted({r.branch for r in records}),
+        }
         _print(f"  {site:<32} {len(records):>3} records of {tuple(value.shape)}")
     (out / "capture.json").write_text(json.dumps(summary, indent=1))
     _save_image(images[0], out / "tiny_sample.png")
@@ -153,9 +156,11 @@ def stage_extract(out: Path, progress: bool) -> tuple[Path, Path]:
                       progress=progress)  # fmt: skip
     run = diffprobe.open_run(run_dir)
     first = run.get(DEMO_GRID_SITES[0], DEMO_NOISE[0])
-    _print(f"  {len(source)} images x {len(DEMO_GRID_SITES)} sites x {len(DEMO_NOISE)} noise levels "
-           f"x {len(DEMO_CONDITIONS)} conditions ({', '.join(run.conditions)}) -> {run_dir} "
-           f"(e.g. {DEMO_GRID_SITES[0]} {first.shape})")
+    _print(
+        f"  {len(source)} images x {len(DEMO_GRID_SITES)} sites x {len(DEMO_NOISE)} noise levels "
+        f"x {len(DEMO_CONDITIONS)} conditions ({', '.join(run.conditions)}) -> {run_dir} "
+        f"(e.g. {DEMO_GRID_SITES[0]} {first.shape})"
+    )
     return run_dir, things_root
 
 

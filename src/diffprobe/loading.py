@@ -17,9 +17,12 @@ from diffprobe.registry import ModelSpec, resolve
 log = logging.getLogger(__name__)
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
 }
 
 
@@ -64,8 +67,10 @@ def from_pipeline(pipe: Any, spec: ModelSpec | None = None, name: str | None = N
 
 def _hub_failure(spec: ModelSpec, name: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache" if offline else (
-        f"the hub could not be reached or refused access ({type(err).__name__})"
+    why = (
+        "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache"
+        if offline
+        else (f"the hub could not be reached or refused access ({type(err).__name__})")
     )
     return ModelLoadError(
         f"could not load '{name}' from the Hugging Face hub ({spec.source}): {why}. "

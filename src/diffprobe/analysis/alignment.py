@@ -833,7 +833,9 @@ def demo(run_dir: Path, things_root: Path, out: Path, *, folds: int = 3) -> dict
     # more than one condition this shows what the conditioning (e.g. the label prompt) adds
     by_condition = {}
     for condition in dict.fromkeys(r["condition"] for r in result.rows):
-        top = max((r for r in result.rows if r["condition"] == condition), key=lambda r: r["accuracy"])
+        top = max(
+            (r for r in result.rows if r["condition"] == condition), key=lambda r: r["accuracy"]
+        )
         fit = regression if top is best else regress_on(top)
         probed = probe_result if top is best else probe_on(top)
         by_condition[condition] = {

@@ -66,8 +66,13 @@ class Source:
 
     def manifest(self) -> list[dict]:
         return [
-            {"id": it.id, "label": it.label, "caption": it.caption, "sha256": it.sha256,
-             **({"path": it.path} if it.path else {})}
+            {
+                "id": it.id,
+                "label": it.label,
+                "caption": it.caption,
+                "sha256": it.sha256,
+                **({"path": it.path} if it.path else {}),
+            }
             for it in self.items
         ]
 
@@ -92,7 +97,9 @@ def _center_square(image: np.ndarray) -> np.ndarray:
     return image[top : top + side, left : left + side]
 
 
-def _file_items(paths: list[tuple[Path, str, str | None, str]], on_error: str) -> tuple[list[Item], list[dict]]:
+def _file_items(
+    paths: list[tuple[Path, str, str | None, str]], on_error: str
+) -> tuple[list[Item], list[dict]]:
     from PIL import Image
 
     items, skipped = [], []
@@ -111,11 +118,16 @@ def _file_items(paths: list[tuple[Path, str, str | None, str]], on_error: str) -
             log.warning("skipping unreadable image %s (%s)", path, problem["error"])
             skipped.append(problem)
             continue
-        items.append(Item(
-            id=item_id, label=label, caption=caption, path=str(path),
-            sha256=hashlib.sha256(data).hexdigest(),
-            loader=lambda p=path: _center_square(_read_image(p)),
-        ))
+        items.append(
+            Item(
+                id=item_id,
+                label=label,
+                caption=caption,
+                path=str(path),
+                sha256=hashlib.sha256(data).hexdigest(),
+                loader=lambda p=path: _center_square(_read_image(p)),
+            )
+        )
     return items, skipped
 
 
@@ -128,15 +140,18 @@ def image_folder(root: Path, on_error: str = "fail") -> Source:
             for row in csv.DictReader(handle):
                 if "path" not in row or "label" not in row:
                     raise DataError(f"{labels_csv} needs the columns path,label[,caption]")
-                entries.append((root / row["path"], row["label"], row.get("caption") or None,
-                                row["path"]))
+                entries.append(
+                    (root / row["path"], row["label"], row.get("caption") or None, row["path"])
+                )
     else:
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             relative = path.relative_to(root)
             label = relative.parts[0] if len(relative.parts) > 1 else ""
             entries.append((path, label, None, relative.as_posix()))
     if not entries:
-        raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(
+            f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     items, skipped = _file_items(entries, on_error)
     return Source("folder", str(root), items, skipped)
 
@@ -161,7 +176,11 @@ def things_image_files(root: Path, uid: str) -> list[Path]:
     for suffix in (".jpg", ".png", ".jpeg"):
         if (images / f"{uid}{suffix}").is_file():
             single = images / f"{uid}{suffix}"
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if folder.is_dir()
+        else []
+    )
     return [single, *files] if single is not None else files
 
 
@@ -192,11 +211,15 @@ def shapes(n: int, seed: int = 0, split: str = "train") -> Source:
         image = drawn.images[i]
         colour = world.COLOUR_NAMES[drawn.factors["colour"][i]]
         label = f"{colour} {world.SHAPES[drawn.factors['shape'][i]]}"
-        items.append(Item(
-            id=f"shapes-{seed}-{split}-{i}", label=label, caption=drawn.captions[i],
-            sha256=hashlib.sha256(image.tobytes()).hexdigest(),
-            loader=lambda img=image: img,
-        ))
+        items.append(
+            Item(
+                id=f"shapes-{seed}-{split}-{i}",
+                label=label,
+                caption=drawn.captions[i],
+                sha256=hashlib.sha256(image.tobytes()).hexdigest(),
+                loader=lambda img=image: img,
+            )
+        )
     return Source("shapes", f"shapes world, {n} items, seed {seed}, split {split}", items)
 
 
@@ -211,7 +234,9 @@ def open_source(spec: str | Path, on_error: str = "fail") -> Source:
             n = int(parts[1])
             seed = int(parts[2]) if len(parts) > 2 else 0
         except (IndexError, ValueError):
-            raise DataError(f"'{text}': expected shapes:N[:SEED[:SPLIT]], e.g. shapes:256") from None
+            raise DataError(
+                f"'{text}': expected shapes:N[:SEED[:SPLIT]], e.g. shapes:256"
+            ) from None
         split = parts[3] if len(parts) > 3 else "train"
         return shapes(n, seed, split)
     root = Path(text).expanduser()

@@ -60,7 +60,9 @@ class Condition:
     template: str | None = None
     guidance_scale: float = 1.0
 
-    def prompts(self, source: Source, indices: Sequence[int], captions: list[str] | None) -> list[str]:
+    def prompts(
+        self, source: Source, indices: Sequence[int], captions: list[str] | None
+    ) -> list[str]:
         if self.kind == "empty":
             return [""] * len(indices)
         if self.kind == "prompt":
@@ -129,7 +131,9 @@ class ExtractionPlan:
 
     def __post_init__(self) -> None:
         if (self.noise_levels is None) == (self.timesteps is None):
-            raise ExtractionError("give noise levels (--noise) or timesteps (--timesteps), not both")
+            raise ExtractionError(
+                "give noise levels (--noise) or timesteps (--timesteps), not both"
+            )
         grid = self.noise_levels if self.noise_levels is not None else self.timesteps
         if not grid:
             raise ExtractionError("the noise grid is empty")
@@ -152,16 +156,22 @@ def _versions() -> dict:
     import diffprobe
 
     return {
-        "diffprobe": diffprobe.__version__, "torch": torch.__version__,
-        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-        "zarr": zarr.__version__, "numpy": np.__version__, "python": platform.python_version(),
+        "diffprobe": diffprobe.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
     }
 
 
 def _model_info(model: Model) -> dict:
     config = getattr(model.pipe, "config", {}) or {}
     return {
-        "name": model.name, "family": model.family, "pipeline": type(model.pipe).__name__,
+        "name": model.name,
+        "family": model.family,
+        "pipeline": type(model.pipe).__name__,
         "source": model.spec.source if model.spec else config.get("_name_or_path"),
         "revision": config.get("_commit_hash") if hasattr(config, "get") else None,
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -183,8 +193,19 @@ def weights_fingerprint(module: torch.nn.Module, values: int = 64) -> str:
 
 def identity(info: dict) -> str:
     """What must match for a run folder to be resumed (not batch size, device or shard)."""
-    keys = ("model", "sites", "noise", "conditions", "pooling", "seed", "image_size",
-            "chunk_items", "store_dtype", "batch_invariant", "items")
+    keys = (
+        "model",
+        "sites",
+        "noise",
+        "conditions",
+        "pooling",
+        "seed",
+        "image_size",
+        "chunk_items",
+        "store_dtype",
+        "batch_invariant",
+        "items",
+    )
     blob = json.dumps({k: info.get(k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -255,11 +276,18 @@ def extract(
         "model": _model_info(model),
         "sites": list(plan.sites),
         "noise": [
-            {**g, "timestep": g.get("timestep", model.timestep_for(g["noise_level"]) if "noise_level" in g else None)}
+            {
+                **g,
+                "timestep": g.get(
+                    "timestep", model.timestep_for(g["noise_level"]) if "noise_level" in g else None
+                ),
+            }
             for g in grid
         ],
-        "noise_formula": ("docs/noise.md: item i noise ~ torch.Generator('cpu').manual_seed("
-                          "int(numpy.random.SeedSequence([seed, i]).generate_state(1)[0]))"),
+        "noise_formula": (
+            "docs/noise.md: item i noise ~ torch.Generator('cpu').manual_seed("
+            "int(numpy.random.SeedSequence([seed, i]).generate_state(1)[0]))"
+        ),
         "conditions": [asdict(c) for c in plan.conditions],
         "stored_conditions": [n for c in plan.conditions for n in c.stored_names()],
         "pooling": plan.pooling,
@@ -281,11 +309,20 @@ def extract(
     chunks = [k for k in range(-(-n_items // plan.chunk_items)) if k % shard_count == shard_index]
     todo = [k for k in chunks if not store.is_done(k)]
     if len(todo) < len(chunks):
-        log.info("resuming %s: %d of %d chunks of this shard already done", root,
-                 len(chunks) - len(todo), len(chunks))
+        log.info(
+            "resuming %s: %d of %d chunks of this shard already done",
+            root,
+            len(chunks) - len(todo),
+            len(chunks),
+        )
     reduce = pool_fn(plan.pooling)
-    bar = tqdm(total=len(todo) * len(plan.conditions) * len(grid), disable=not progress,
-               desc="extract", unit="pass", file=sys.stderr)
+    bar = tqdm(
+        total=len(todo) * len(plan.conditions) * len(grid),
+        disable=not progress,
+        desc="extract",
+        unit="pass",
+        file=sys.stderr,
+    )
     # The store writes of chunk k run on a writer thread while chunk k + 1 is computed, all of
     # a chunk's arrays in one concurrent zarr call (RunStore.write_rows); the chunk's marker is
     # written only after all of them, so a crash never marks a half-written chunk.
@@ -319,7 +356,10 @@ def extract(
 def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar):
     """Compute one chunk: {array path: (items, ...) float32 numpy array}."""
     images = source.load(indices)
-    batches = [list(range(s, min(s + batch_size, len(indices)))) for s in range(0, len(indices), batch_size)]
+    batches = [
+        list(range(s, min(s + batch_size, len(indices))))
+        for s in range(0, len(indices), batch_size)
+    ]
     x0 = torch.cat([model.encode_images(images[b], size) for b in batches])
     out: dict[str, np.ndarray] = {}
     for condition in plan.conditions:
@@ -331,16 +371,20 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
             for b in batches:
                 items = [indices[i] for i in b]
                 x_t, t = model.add_noise(
-                    x0[b], noise_level=g.get("noise_level"),
+                    x0[b],
+                    noise_level=g.get("noise_level"),
                     timestep=None if "noise_level" in g else g["timestep"],
-                    seed=plan.seed, items=items,
+                    seed=plan.seed,
+                    items=items,
                 )
                 with capture(model, plan.sites, stop_early=True, reduce=reduce) as cache:
                     model.denoise(x_t, t, cond.select(b), guidance_scale=guidance)
                 for site in plan.sites:
-                    for name, branch in zip(condition.stored_names(),
-                                            ("uncond", "cond") if condition.uses_cfg else ("none",),
-                                            strict=True):
+                    for name, branch in zip(
+                        condition.stored_names(),
+                        ("uncond", "cond") if condition.uses_cfg else ("none",),
+                        strict=True,
+                    ):
                         value = cache.last(site, branch)
                         parts.setdefault(array_path(site, g["key"], name), []).append(value)
             # kept on the device until here: no synchronisation inside the batch loop

@@ -86,8 +86,14 @@ class RunStore:
             self.group = zarr.open_group(path, mode="r+", zarr_format=3)
         self._async_arrays: dict[str, Any] = {}
 
-    def write_rows(self, features: dict[str, np.ndarray], first: int, n_items: int,
-                   chunk_items: int, dtype: str) -> None:
+    def write_rows(
+        self,
+        features: dict[str, np.ndarray],
+        first: int,
+        n_items: int,
+        chunk_items: int,
+        dtype: str,
+    ) -> None:
         """Write rows ``first ...`` of many arrays, creating missing ones, in two round trips to
         zarr's event loop: missing arrays are created together with ``create_hierarchy`` (one
         existence check and one metadata document per node), then all rows are written
@@ -97,10 +103,14 @@ class RunStore:
 
         from zarr.core.sync import sync
 
-        missing = {path: values.shape[1:] for path, values in features.items()
-                   if path not in self._async_arrays}
+        missing = {
+            path: values.shape[1:]
+            for path, values in features.items()
+            if path not in self._async_arrays
+        }
         if missing:
             self._async_arrays.update(self._open_or_create(missing, n_items, chunk_items, dtype))
+
         async def write_all() -> None:
             await asyncio.gather(*[
                 self._async_arrays[path].setitem(slice(first, first + len(values)),
@@ -110,8 +120,9 @@ class RunStore:
 
         sync(write_all())
 
-    def _open_or_create(self, shapes: dict[str, tuple[int, ...]], n_items: int,
-                        chunk_items: int, dtype: str) -> dict[str, Any]:
+    def _open_or_create(
+        self, shapes: dict[str, tuple[int, ...]], n_items: int, chunk_items: int, dtype: str
+    ) -> dict[str, Any]:
         """The arrays ``shapes`` names (path -> per-item shape), opened or created."""
         import asyncio
 
@@ -122,7 +133,9 @@ class RunStore:
 
         def options(shape: tuple[int, ...]) -> dict[str, Any]:
             return dict(
-                shape=(n_items, *shape), chunks=(chunk_items, *shape), dtype=dtype,
+                shape=(n_items, *shape),
+                chunks=(chunk_items, *shape),
+                dtype=dtype,
                 fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
                 # uncompressed: zstd saves about 8 % on float activations and costs CPU time
                 # that the denoiser needs (docs/store.md)
@@ -130,16 +143,21 @@ class RunStore:
             )
 
         # the metadata document of a new array of each shape, built once in memory
-        templates = {shape: zarr.create_array(zarr.storage.MemoryStore(), **options(shape)).metadata
-                     for shape in set(shapes.values())}
+        templates = {
+            shape: zarr.create_array(zarr.storage.MemoryStore(), **options(shape)).metadata
+            for shape in set(shapes.values())
+        }
 
         async def create_all() -> dict[str, Any]:
             nodes = {path: templates[shape] for path, shape in shapes.items()}
-            return {path: node async for path, node in group.create_hierarchy(nodes)
-                    if path in shapes}  # (the parent groups it creates are yielded too)
+            return {
+                path: node async for path, node in group.create_hierarchy(nodes) if path in shapes
+            }  # (the parent groups it creates are yielded too)
 
         async def open_or_create_all() -> dict[str, Any]:
-            return dict(zip(shapes, await asyncio.gather(*map(open_or_create, shapes)), strict=True))
+            return dict(
+                zip(shapes, await asyncio.gather(*map(open_or_create, shapes)), strict=True)
+            )
 
         async def open_or_create(path: str):
             try:
@@ -164,8 +182,9 @@ class RunStore:
                 )
         # every chunk is written whole, so zarr's check for chunks that equal the fill value
         # (a NaN-aware comparison of every value) is pure cost
-        return {path: array.with_config({"write_empty_chunks": True})
-                for path, array in arrays.items()}
+        return {
+            path: array.with_config({"write_empty_chunks": True}) for path, array in arrays.items()
+        }
 
     def marker(self, chunk: int) -> Path:
         return self.root / PROGRESS / f"chunk-{chunk:06d}.done"
@@ -230,7 +249,9 @@ class Run:
         if site not in self.sites:
             raise StoreError(f"site '{site}' is not in {self.root}; it has {', '.join(self.sites)}")
         if noise not in self.noise_keys:
-            raise StoreError(f"noise '{noise}' is not in {self.root}; it has {', '.join(self.noise_keys)}")
+            raise StoreError(
+                f"noise '{noise}' is not in {self.root}; it has {', '.join(self.noise_keys)}"
+            )
         if condition not in self.conditions:
             raise StoreError(
                 f"condition '{condition}' is not in {self.root}; it has {', '.join(self.conditions)}"
@@ -238,8 +259,13 @@ class Run:
         group = zarr.open_group(str(self.root / FEATURES), mode="r", zarr_format=3)
         return group[array_path(site, noise, condition)]
 
-    def get(self, site: str, noise: str | float, condition: str | None = None,
-            allow_incomplete: bool = False) -> np.ndarray:
+    def get(
+        self,
+        site: str,
+        noise: str | float,
+        condition: str | None = None,
+        allow_incomplete: bool = False,
+    ) -> np.ndarray:
         """Features (items, ...) of one (site, noise, condition) as a numpy array."""
         if not allow_incomplete and not self.complete:
             done = len(done_chunks(self.root))
@@ -263,7 +289,8 @@ class Run:
         elif values.ndim == 3:
             dims[1:] = ["token", "channel"]
         return xr.DataArray(
-            values, dims=dims,
+            values,
+            dims=dims,
             coords={"item": [m["id"] for m in self.manifest], "label": ("item", self.labels)},
             name=f"{site}/{noise}/{condition or self.conditions[0]}",
         )

@@ -68,7 +68,9 @@ def resolve_site(
 ) -> tuple[Site, nn.Module]:
     """Parse ``text`` and find its module; unknown names get a did-you-mean."""
     site = parse_site(text)
-    listing = f"`diffprobe sites {model_name}` lists all" if model_name else "model.sites() lists all"
+    listing = (
+        f"`diffprobe sites {model_name}` lists all" if model_name else "model.sites() lists all"
+    )
     if site.component not in components:
         close = did_you_mean(site.component, list(components))
         hint = f"; did you mean '{close[0]}'?" if close else ""

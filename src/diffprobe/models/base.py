@@ -85,7 +85,9 @@ class Conditioning:
         )
 
 
-def negative_prompts(prompts: Sequence[str], negative: Sequence[str] | str | None) -> list[str] | None:
+def negative_prompts(
+    prompts: Sequence[str], negative: Sequence[str] | str | None
+) -> list[str] | None:
     """One negative prompt per prompt (a single string is repeated), or None for no CFG."""
     if negative is None:
         return None
@@ -321,7 +323,9 @@ class Model:
                     )
                     uncond, conditional = self._prediction(self.denoiser(**kwargs)).chunk(2)
                     return uncond + guidance_scale * (conditional - uncond)
-                return self._prediction(self.denoiser(**self.denoiser_kwargs(x_t, timestep, cond.cond)))
+                return self._prediction(
+                    self.denoiser(**self.denoiser_kwargs(x_t, timestep, cond.cond))
+                )
             except StopForward:
                 return None
 

@@ -75,7 +75,11 @@ class StableDiffusionModel(Model):
         ids = tokens.input_ids.to(encoder.device)
         with torch.no_grad():
             out = encoder(ids, output_hidden_states=True)
-        return TextEncoding({"text_encoder": tuple(out.hidden_states)}, {"text_encoder": ids}, {"text_encoder": None})
+        return TextEncoding(
+            {"text_encoder": tuple(out.hidden_states)},
+            {"text_encoder": ids},
+            {"text_encoder": None},
+        )
 
     def denoiser_kwargs(
         self, x_t: torch.Tensor, timestep: torch.Tensor, cond: dict[str, Any]

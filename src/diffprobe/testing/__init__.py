@@ -17,8 +17,13 @@ from pathlib import Path
 import torch
 
 CLIP_TEXT = dict(
-    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-    layer_norm_eps=1e-05, max_position_embeddings=77, hidden_act="gelu",
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=5,
+    layer_norm_eps=1e-05,
+    max_position_embeddings=77,
+    hidden_act="gelu",
 )
 
 
@@ -41,7 +46,9 @@ def dummy_clip_tokenizer(max_length: int = 77):
 
     folder = Path(_clip_vocab_dir())
     tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        model_max_length=max_length,
         pad_token="<|endoftext|>",
     )
     return tokenizer
@@ -50,8 +57,13 @@ def dummy_clip_tokenizer(max_length: int = 77):
 def dummy_clip_text_config(tokenizer, projection: int | None = None, **overrides):
     from transformers import CLIPTextConfig
 
-    config = dict(CLIP_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = dict(
+        CLIP_TEXT,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if projection is not None:
         config["projection_dim"] = projection
     config.update(overrides)
@@ -63,10 +75,14 @@ def dummy_vae(latent_channels: int = 4, seed: int = 0):
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3,
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=latent_channels, norm_num_groups=32, sample_size=32,
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        sample_size=32,
     )
 
 
@@ -78,22 +94,38 @@ def dummy_sd_components(seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
         norm_num_groups=32,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     vae = dummy_vae(seed=seed)
     tokenizer = dummy_clip_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(dummy_clip_text_config(tokenizer)).eval()
-    return dict(unet=unet.eval(), scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder,
-                tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-                image_encoder=None)
+    return dict(
+        unet=unet.eval(),
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+    )
 
 
 def dummy_sd_pipeline(seed: int = 0):

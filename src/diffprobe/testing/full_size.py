@@ -11,12 +11,19 @@ import torch
 
 from diffprobe.models import meta
 
-_SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+_SD_SCHEDULE = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
-def random_pipeline(alias: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                    t5: bool = False):
+def random_pipeline(
+    alias: str, device: str = "cpu", dtype: torch.dtype = torch.float32, t5: bool = False
+):
     """A pipeline of ``alias``'s architecture with random weights on ``device``.
 
     Families: sd (sd1.5, sd2.1, sd2.1-base, sd-turbo) and sd3 (sd3, sd3.5). For sd3 the T5-XXL
@@ -33,9 +40,14 @@ def random_pipeline(alias: str, device: str = "cpu", dtype: torch.dtype = torch.
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(
-            vae=build("vae"), text_encoder=build("text_encoder"), tokenizer=dummy_clip_tokenizer(),
-            unet=build("unet"), scheduler=DDIMScheduler(**_SD_SCHEDULE), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
+            vae=build("vae"),
+            text_encoder=build("text_encoder"),
+            tokenizer=dummy_clip_tokenizer(),
+            unet=build("unet"),
+            scheduler=DDIMScheduler(**_SD_SCHEDULE),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     elif "transformer" in names and "text_encoder_3" in names:
         from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -43,9 +55,12 @@ def random_pipeline(alias: str, device: str = "cpu", dtype: torch.dtype = torch.
         from diffprobe.testing.t5 import dummy_t5_tokenizer
 
         pipe = StableDiffusion3Pipeline(
-            transformer=build("transformer"), vae=build("vae"),
-            text_encoder=build("text_encoder"), tokenizer=dummy_clip_tokenizer(),
-            text_encoder_2=build("text_encoder_2"), tokenizer_2=dummy_clip_tokenizer(),
+            transformer=build("transformer"),
+            vae=build("vae"),
+            text_encoder=build("text_encoder"),
+            tokenizer=dummy_clip_tokenizer(),
+            text_encoder_2=build("text_encoder_2"),
+            tokenizer_2=dummy_clip_tokenizer(),
             text_encoder_3=build("text_encoder_3") if t5 else None,
             tokenizer_3=dummy_t5_tokenizer() if t5 else None,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -694,7 +694,9 @@ def _train_denoiser(
         clean = (latent_mean[index] + latent_std[index] * posterior_noise) * scaling_factor
         alpha = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
-        prompt_embeds = torch.where(dropped[:, None, None], empty_embeds[None], caption_embeds[index])
+        prompt_embeds = torch.where(
+            dropped[:, None, None], empty_embeds[None], caption_embeds[index]
+        )
         prediction = unet(noisy, timesteps, prompt_embeds).sample
         target = alpha.sqrt() * noise - (1 - alpha).sqrt() * clean if velocity else noise
         per_item = (prediction.float() - target).pow(2).mean(dim=(1, 2, 3))
@@ -814,8 +816,11 @@ def train_tiny(
         "seed": seed,
         "device": str(torch_device),
         "threads": torch.get_num_threads(),
-        "parameters": {"vae": _parameter_count(vae), "text_encoder": _parameter_count(text_encoder),
-                       "unet": _parameter_count(unet)},  # fmt: skip
+        "parameters": {
+            "vae": _parameter_count(vae),
+            "text_encoder": _parameter_count(text_encoder),
+            "unet": _parameter_count(unet),
+        },  # fmt: skip
         "vocabulary": len(tokenizer),
     }
 
