@@ -97,6 +97,27 @@ def test_a_changed_recipe_refuses_to_resume(trained):
             **TinyConfig.small().__dict__, "steps": 8}), progress=False, threads=1)  # fmt: skip
 
 
+def test_v_prediction_with_zero_terminal_snr_trains_and_ships_its_schedule(tmp_path):
+    """The recipe's other objective (the docs/tiny.md ablation): a v-prediction UNet on a
+    zero-terminal-SNR schedule trains, and the saved pipeline samples with that schedule."""
+    import dataclasses
+
+    config = dataclasses.replace(TinyConfig.small(), prediction_type="v_prediction",
+                                 zero_terminal_snr=True)  # fmt: skip
+    train_tiny(tmp_path, config=config, progress=False, threads=1)
+    model = diffprobe.load(str(tmp_path / "pipeline"))
+    scheduler = model.pipe.scheduler.config
+    assert scheduler.prediction_type == "v_prediction" and scheduler.rescale_betas_zero_snr
+    assert scheduler.timestep_spacing == "trailing"
+    # the last training timestep is pure noise
+    assert float(model.pipe.scheduler.alphas_cumprod[-1]) < 1e-6
+    images = model.generate("a small red circle in the top left", steps=3, seed=0)
+    assert tuple(images.shape) == (1, 64, 64, 3) and np.isfinite(np.asarray(images, float)).all()
+    with pytest.raises(ValueError, match="needs prediction_type='v_prediction'"):
+        train_tiny(tmp_path / "bad", config=dataclasses.replace(config, prediction_type="epsilon"),
+                   progress=False, threads=1)  # fmt: skip
+
+
 def test_caption_labels_mark_unstated_background():
     from diffprobe.data import shapes
 

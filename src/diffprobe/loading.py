@@ -60,6 +60,28 @@ def _no_image_processor_fallback_warning():
         logger.setLevel(level)
 
 
+def _from_pretrained(spec: ModelSpec, name: str, kwargs: dict[str, Any]) -> Any:
+    """The diffusers pipeline of ``spec``: a local folder, or the hub (its cache first)."""
+    from diffusers import DiffusionPipeline
+
+    if spec.local:
+        folder = Path(spec.source)
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"'{name}': no diffusers pipeline at {folder} (model_index.json missing)"
+                + (" — run `diffprobe train-tiny` to rebuild it" if spec.alias == "tiny" else "")
+            )
+        return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    try:
+        # the cache first: no network round trip when the weights are already here
+        return DiffusionPipeline.from_pretrained(spec.source, local_files_only=True, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure here just means "not cached"
+        try:
+            return DiffusionPipeline.from_pretrained(spec.source, **kwargs)
+        except Exception as err:  # noqa: BLE001 - hub errors come in many types
+            raise _hub_failure(spec, name, err) from None
+
+
 def from_pipeline(pipe: Any, spec: ModelSpec | None = None, name: str | None = None) -> Model:
     """Wrap an already built diffusers pipeline."""
     return adapter_for_pipeline(pipe)(pipe, spec, name)
@@ -90,8 +112,6 @@ def load(
 
     ``dtype`` defaults to float32 (the safe choice on CPU); ``device`` to CPU.
     """
-    from diffusers import DiffusionPipeline
-
     name = str(name_or_path)
     spec = resolve(name)
     torch_dtype = parse_dtype(dtype) or torch.float32
@@ -99,26 +119,8 @@ def load(
     if spec.family in ("sd",) and spec.alias not in (None, "tiny"):
         kwargs.setdefault("safety_checker", None)
         kwargs.setdefault("requires_safety_checker", False)
-    if spec.local:
-        folder = Path(spec.source)
-        if not (folder / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"'{name}': no diffusers pipeline at {folder} (model_index.json missing)"
-                + (" — run `diffprobe train-tiny` to rebuild it" if spec.alias == "tiny" else "")
-            )
-        with _no_image_processor_fallback_warning():
-            pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
-    else:
-        try:
-            # the cache first: no network round trip when the weights are already here
-            with _no_image_processor_fallback_warning():
-                pipe = DiffusionPipeline.from_pretrained(spec.source, local_files_only=True,
-                                                         **kwargs)  # fmt: skip
-        except Exception:  # noqa: BLE001 - any failure here just means "not cached"
-            try:
-                pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs)
-            except Exception as err:  # noqa: BLE001 - hub errors come in many types
-                raise _hub_failure(spec, name, err) from None
+    with _no_image_processor_fallback_warning():
+        pipe = _from_pretrained(spec, name, kwargs)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -177,9 +177,7 @@ def register(app: typer.Typer) -> None:
         import numpy as np
         from tqdm.auto import tqdm
 
-        from diffprobe.analysis.alignment import (
-            write_csv,
-        )
+        from diffprobe.analysis.alignment import write_csv
         from diffprobe.analysis.probing import fit_probe_all
         from diffprobe.analysis.probing import probe as run_probe
         from diffprobe.cli import _setup

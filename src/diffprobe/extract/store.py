@@ -94,8 +94,8 @@ class RunStore:
         chunk_items: int,
         dtype: str,
     ) -> None:
-        """Write rows ``first ...`` of many arrays, creating missing ones, in two round trips to
-        zarr's event loop: missing arrays are created together with ``create_hierarchy`` (one
+        """Write rows ``first ...`` of many arrays, creating missing ones, in at most two round
+        trips to zarr's event loop: missing arrays are created together with ``create_hierarchy`` (one
         existence check and one metadata document per node), then all rows are written
         concurrently. A chunk's store time is mostly zarr's per-call overhead, so batching
         is what keeps it small (docs/performance.md)."""
@@ -154,11 +154,6 @@ class RunStore:
                 path: node async for path, node in group.create_hierarchy(nodes) if path in shapes
             }  # (the parent groups it creates are yielded too)
 
-        async def open_or_create_all() -> dict[str, Any]:
-            return dict(
-                zip(shapes, await asyncio.gather(*map(open_or_create, shapes)), strict=True)
-            )
-
         async def open_or_create(path: str):
             try:
                 return await group.getitem(path)
@@ -167,6 +162,11 @@ class RunStore:
                     return await group.create_array(path, **options(shapes[path]))
                 except zarr.errors.ContainsArrayError:  # another shard was first
                     return await group.getitem(path)
+
+        async def open_or_create_all() -> dict[str, Any]:
+            return dict(
+                zip(shapes, await asyncio.gather(*map(open_or_create, shapes)), strict=True)
+            )
 
         try:
             arrays = sync(create_all())

@@ -698,7 +698,7 @@ def _train_denoiser(
             dropped[:, None, None], empty_embeds[None], caption_embeds[index]
         )
         prediction = unet(noisy, timesteps, prompt_embeds).sample
-        target = alpha.sqrt() * noise - (1 - alpha).sqrt() * clean if velocity else noise
+        target = scheduler.get_velocity(clean, noise, timesteps) if velocity else noise
         per_item = (prediction.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_item * loss_weight[timesteps]).mean()
 
