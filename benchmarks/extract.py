@@ -426,8 +426,9 @@ def engine_compute(model, source, sites, noise_levels, *, batch_size, seed, size
 
     for first in range(0, n, chunk_items):
         indices = list(range(first, min(first + chunk_items, n)))
-        engine._compute_chunk(model, source, plan, indices, size, batch_size, reduce, None, grid,
-                              _NoBar())  # fmt: skip
+        for _ in engine._compute_chunk(model, source, plan, indices, size, batch_size, reduce,
+                                       None, grid, _NoBar()):  # fmt: skip
+            pass
 
 
 def read_run(root: Path, sites, noise_levels) -> dict:
@@ -457,6 +458,9 @@ def _sync(device: str) -> None:
 
 
 def timed(fn, device: str):
+    # earlier phases' files (runs, then their deletion) are written back by the kernel in the
+    # background; flush them first, so that no method pays for another's disk work
+    os.sync()
     _sync(device)
     began = time.perf_counter()
     result = fn()
@@ -523,6 +527,20 @@ def _run_worker(argv: list[str]) -> tuple[float, str]:
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark
+
+
+def file_creation_us(folder: Path, count: int = 200) -> float:
+    """Microseconds to create a folder holding one 16 KB file, in ``folder``'s file system:
+    the store's unit of disk work (an array is a folder with its metadata and chunk files)."""
+    probe = Path(tempfile.mkdtemp(dir=folder, prefix="fs-probe-"))
+    os.sync()
+    began = time.perf_counter()
+    for i in range(count):
+        (probe / str(i)).mkdir()
+        (probe / str(i) / "c").write_bytes(bytes(16384))
+    seconds = time.perf_counter() - began
+    shutil.rmtree(probe)
+    return seconds / count * 1e6
 
 
 def _load(args, workdir: Path, log):
@@ -615,6 +633,7 @@ def run(args) -> dict:
             "threads": torch.get_num_threads(), "repeats": args.repeats,
             "load_or_build_s": load_s, "versions": _versions(),
             "load_average_at_start": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+            "workdir": str(workdir), "folder_with_file_us": file_creation_us(workdir),
         }  # fmt: skip
         log(
             f"{len(sites)} sites × {len(noise_levels)} noise levels, {args.items} items, batch "
@@ -1035,6 +1054,8 @@ def table(result: dict) -> str:
         f"({config['device_name']}), {config['threads']} threads",
         f"grid: {len(config['sites'])} sites × {len(config['noise_levels'])} noise levels, "
         f"{config['items']} items, batch {config['batch_size']}, empty prompt, mean pooling",
+        f"run folders in {config['workdir']}: a new folder with one file there takes "
+        f"{config['folder_with_file_us']:.0f} µs",
         "",
         f"{'method':<34} {'seconds':>9} {'images/s':>9}  {'ratio':>22}  values",
     ]

@@ -190,27 +190,86 @@ def cli_extract(folder, out, *extra):
     ]
 
 
-def test_store_opens_the_group_another_shard_created_first(tmp_path, monkeypatch):
-    """Two shards starting together: the group appears between one shard's look and its create
-    (zarr then raises ContainsGroupError); the shard must open the other's group."""
+@pytest.mark.parametrize(
+    ("dtype", "shape", "n_items", "chunk_items"),
+    [("float32", (3,), 10, 4), ("float16", (2, 3, 3), 8, 4), ("float32", (5, 2), 3, 4)],
+)
+def test_store_files_are_byte_identical_to_zarrs_own_writes(
+    tmp_path, dtype, shape, n_items, chunk_items
+):
+    """RunStore writes zarr's files itself (docs/store.md); every file must equal, byte for
+    byte, what zarr writes for the same arrays: metadata, full chunks and the padded last one."""
     import zarr
 
     from diffprobe.extract.store import FEATURES, RunStore
 
-    zarr.open_group(str(tmp_path / FEATURES), mode="w", zarr_format=3)  # the other shard's
-    real_open = zarr.open_group
+    rng = np.random.default_rng(0)
+    paths = ["unet.mid_block/p0.1/empty", "unet.mid_block/p0.5/empty", "unet.down~x/t250/c.cond"]
+    values = {p: rng.standard_normal((n_items, *shape)).astype(dtype) for p in paths}
+    ours = RunStore(tmp_path / "ours")
+    for first in range(0, n_items, chunk_items):  # one chunk of every array at a time
+        ours.write_rows({p: v[first : first + chunk_items] for p, v in values.items()}, first,
+                        n_items, chunk_items, dtype)  # fmt: skip
+    group = zarr.open_group(str(tmp_path / "zarr" / FEATURES), mode="w", zarr_format=3)
+    for path, v in values.items():
+        group.create_array(path, shape=v.shape, chunks=(chunk_items, *shape), dtype=dtype,
+                           fill_value=np.nan, compressors=None,
+                           chunk_key_encoding={"name": "default", "separator": "."})[...] = v  # fmt: skip
 
-    def racing_open(path, mode="a", **kwargs):
-        if mode == "a":
-            raise zarr.errors.ContainsGroupError(f"A group exists in store at {path}")
-        return real_open(path, mode=mode, **kwargs)
+    def files(root):
+        return {
+            str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()
+        }
 
-    monkeypatch.setattr(zarr, "open_group", racing_open)
-    store = RunStore(tmp_path)
-    store.write_rows({"s/p0.1/empty": np.ones((2, 3), np.float32)}, 0, 2, 2, "float32")
-    monkeypatch.undo()
-    assert np.array_equal(zarr.open_group(str(tmp_path / FEATURES), mode="r")["s/p0.1/empty"][...],
-                          np.ones((2, 3), np.float32))  # fmt: skip
+    theirs, written = files(tmp_path / "zarr" / FEATURES), files(tmp_path / "ours" / FEATURES)
+    assert sorted(written) == sorted(theirs)
+    assert all(written[name] == theirs[name] for name in theirs)
+    reread = zarr.open_group(str(tmp_path / "ours" / FEATURES), mode="r")
+    assert all(np.array_equal(reread[p][...], v) for p, v in values.items())
+    assert not list((tmp_path / "ours").rglob("*.partial"))
+
+
+def test_store_refuses_an_array_of_another_shape_and_shards_share_arrays(tmp_path):
+    from diffprobe.extract.store import FEATURES, RunStore
+
+    one, two = RunStore(tmp_path), RunStore(tmp_path)  # two shards of one run
+    one.write_rows({"s/p0.1/empty": np.ones((2, 3), np.float32)}, 0, 4, 2, "float32")
+    two.write_rows({"s/p0.1/empty": np.zeros((2, 3), np.float32)}, 2, 4, 2, "float32")
+    import zarr
+
+    stored = zarr.open_group(str(tmp_path / FEATURES), mode="r")["s/p0.1/empty"][...]
+    assert np.array_equal(stored, np.repeat([[1.0], [0.0]], 2, axis=0) * np.ones((4, 3)))
+    with pytest.raises(StoreError, match=r"s/p0.1/empty .* different extraction"):
+        RunStore(tmp_path).write_rows({"s/p0.1/empty": np.ones((2, 5), np.float32)}, 0, 4, 2,
+                                      "float32")  # fmt: skip
+
+
+@pytest.mark.parametrize("beside_compute", [False, True], ids=["cpu-writes", "gpu-writes"])
+def test_a_failed_write_leaves_its_chunk_unmarked_and_a_rerun_completes_it(
+    model, source, reference_run, tmp_path, monkeypatch, beside_compute
+):
+    """Both ways of writing (after each chunk on every core; on a writer thread beside the
+    compute, as on a GPU) fill the same store, and neither marks a chunk with a failed write."""
+    from diffprobe.extract import engine
+    from diffprobe.extract import store as store_module
+
+    monkeypatch.setattr(engine, "_writes_beside_compute", lambda model: beside_compute)
+
+    real_write = store_module.RunStore.write_rows
+
+    def failing_write(self, features, first, *args, **kwargs):
+        if first == 4 and any("/cap." in path for path in features):  # chunk 1, some arrays
+            raise OSError("disk full (simulated)")
+        return real_write(self, features, first, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.RunStore, "write_rows", failing_write)
+    with pytest.raises(OSError, match="simulated"):
+        extract(model, source, make_plan(), tmp_path / "run", batch_size=4, progress=False)
+    monkeypatch.setattr(store_module.RunStore, "write_rows", real_write)
+    done = sorted(p.name for p in (tmp_path / "run" / "progress").glob("*.done"))
+    assert done == ["chunk-000000.done"]
+    extract(model, source, make_plan(), tmp_path / "run", batch_size=4, progress=False)
+    assert_runs_equal(open_run(tmp_path / "run"), reference_run)
 
 
 def test_two_processes_fill_one_store(pipeline_folder, model, source, tmp_path):

@@ -323,45 +323,64 @@ def extract(
         unit="pass",
         file=sys.stderr,
     )
-    # The store writes of chunk k run on a writer thread while chunk k + 1 is computed, all of
-    # a chunk's arrays in one concurrent zarr call (RunStore.write_rows); the chunk's marker is
-    # written only after all of them, so a crash never marks a half-written chunk.
+    # A chunk's marker is written after all of its writes, and only if every one succeeded: a
+    # crash never marks a half-written chunk. On the CPU a chunk is computed whole and then
+    # written by one thread per torch thread: while torch computes it keeps every core busy,
+    # so writes beside it gain nothing, and creating files is kernel CPU work that two
+    # threads do in about half the time. On a GPU each (condition, noise level) group goes to
+    # a writer thread as soon as it is computed, and is written while the denoiser computes
+    # the next one (docs/performance.md).
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    def write(k: int, indices: list[int], features: dict[str, np.ndarray], began: float) -> None:
-        store.write_rows(features, indices[0], n_items, plan.chunk_items, plan.store_dtype)
+    def mark(k: int, indices: list[int], writes: list[Future], began: float) -> None:
+        for done in writes:
+            done.result()  # finished already (same thread, earlier); re-raises a failed write
         store.mark_done(k, {"items": [indices[0], indices[-1] + 1],
                             "shard": f"{shard_index}/{shard_count}",
                             "seconds": round(time.perf_counter() - began, 3)})  # fmt: skip
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffprobe-store") as writer:
+    beside = _writes_beside_compute(model)
+    with ThreadPoolExecutor(1, "diffprobe-store") as writer:
         pending: Future | None = None
         for k in todo:
             began = time.perf_counter()
             indices = list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
+            rows = (indices[0], n_items, plan.chunk_items, plan.store_dtype)
+            writes = []
             with batch_invariant(plan.batch_invariant):
-                features = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
-                                          captions, grid, bar)  # fmt: skip
+                groups = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
+                                        captions, grid, bar)  # fmt: skip
+                if beside:
+                    writes = [writer.submit(store.write_rows, group, *rows) for group in groups]
+                else:
+                    chunk = {path: values for group in groups for path, values in group.items()}
+                    store.write_rows(chunk, *rows, workers=torch.get_num_threads())
             if pending is not None:
                 pending.result()  # one chunk in flight at most; re-raises a failed write
-            pending = writer.submit(write, k, indices, features, began)
+            pending = writer.submit(mark, k, indices, writes, began)
         if pending is not None:
             pending.result()
     bar.close()
     return root
 
 
+def _writes_beside_compute(model: Model) -> bool:
+    """Whether store writes run on a writer thread while the denoiser computes (a GPU), rather
+    than after each chunk on every core (the CPU)."""
+    return model.device.type != "cpu"
+
+
 # inference mode, not just no_grad: no version counters or view tracking; only numpy leaves
 @torch.inference_mode()
 def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar):
-    """Compute one chunk: {array path: (items, ...) float32 numpy array}."""
+    """Compute one chunk, yielding each (condition, noise level) group as soon as it is done:
+    {array path: (items, ...) float32 numpy array}."""
     images = source.load(indices)
     batches = [
         list(range(s, min(s + batch_size, len(indices))))
         for s in range(0, len(indices), batch_size)
     ]
     x0 = torch.cat([model.encode_images(images[b], size) for b in batches])
-    out: dict[str, np.ndarray] = {}
     for condition in plan.conditions:
         prompts = condition.prompts(source, indices, captions)
         cond = model.encode_prompt(prompts, negative="" if condition.uses_cfg else None)
@@ -388,7 +407,5 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
                         value = cache.last(site, branch)
                         parts.setdefault(array_path(site, g["key"], name), []).append(value)
             # kept on the device until here: no synchronisation inside the batch loop
-            for path, values in parts.items():
-                out[path] = torch.cat(values).float().cpu().numpy()
+            yield {path: torch.cat(values).float().cpu().numpy() for path, values in parts.items()}
             bar.update(1)
-    return out
