@@ -11,7 +11,7 @@ Layout (documented in docs/store.md)::
 ``<site>`` is the site name with ``:`` written as ``~`` (``unet.down_blocks.1~res_samples``);
 ``<noise>`` is ``p0.1`` for noise level 0.1 or ``t250`` for timestep 250; ``<condition>`` is the
 condition's name, with ``.cond`` / ``.uncond`` appended when classifier-free guidance doubled the
-batch. Chunk files are written atomically by zarr's LocalStore (temporary file, then rename), and
+batch. Every file is written atomically (temporary file, then rename; ``RunStore``), and
 a chunk counts as finished only when its ``.done`` marker exists, so a run killed at any moment
 resumes without recomputing finished chunks and never reads a half-written one.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,8 @@ RUN_JSON = "run.json"
 FEATURES = "features.zarr"
 PROGRESS = "progress"
 # zarr v3's default chunk keys, with "." between the parts: chunk k of an array is the file
-# c.<k>.0 (more zeros for more dimensions) in the array's folder. On our machines creating a
-# folder costs ten times as much as creating a file in an existing one (docs/store.md).
+# c.<k>.0 (more zeros for more dimensions) in the array's folder, two folders fewer per array
+# than c/<k>/0; every file-system entry is slow to create on some disks (docs/store.md).
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 
 
@@ -65,14 +64,7 @@ def array_path(site: str, noise: str, condition: str) -> str:
 def write_json_atomic(path: Path, payload: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes_atomic(path, json.dumps(payload, indent=1, sort_keys=False).encode())
 
 
 class RunStore:
@@ -233,7 +225,6 @@ class _Layout:
             # uncompressed: zstd saves about 8 % on float activations and costs CPU time that
             # the denoiser needs (docs/store.md)
             compressors=None,
-            # chunk files c.<k>.0 in the array's folder: no two folders c/<k>/ per array
             chunk_key_encoding=CHUNK_KEY_ENCODING,
         )
         self.document = files["zarr.json"].to_bytes()

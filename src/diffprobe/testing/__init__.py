@@ -16,6 +16,16 @@ from pathlib import Path
 
 import torch
 
+# Stable Diffusion's published DDIM settings, shared by the dummy and full-size pipelines
+SD_SCHEDULE = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
 CLIP_TEXT = dict(
     hidden_size=32,
     intermediate_size=37,
@@ -104,14 +114,7 @@ def dummy_sd_components(seed: int = 0) -> dict:
         cross_attention_dim=32,
         norm_num_groups=32,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD_SCHEDULE)
     vae = dummy_vae(seed=seed)
     tokenizer = dummy_clip_tokenizer()
     torch.manual_seed(seed)

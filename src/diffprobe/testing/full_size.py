@@ -10,15 +10,7 @@ from __future__ import annotations
 import torch
 
 from diffprobe.models import meta
-
-_SD_SCHEDULE = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+from diffprobe.testing import SD_SCHEDULE
 
 
 def random_pipeline(
@@ -44,7 +36,7 @@ def random_pipeline(
             text_encoder=build("text_encoder"),
             tokenizer=dummy_clip_tokenizer(),
             unet=build("unet"),
-            scheduler=DDIMScheduler(**_SD_SCHEDULE),
+            scheduler=DDIMScheduler(**SD_SCHEDULE),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
