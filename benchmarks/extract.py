@@ -76,6 +76,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+# KEEP_UNTIL_END: run folders (and the file-creation probe) stay until every method has been
+# timed. On ext4 without a journal (our VMs' disk) the kernel skips inodes freed in the last
+# 60-360 s when it allocates one, checking each in turn, so creating files right after deleting
+# hundreds costs up to 0.8 ms of kernel time apiece instead of 20 us (docs/performance.md):
+# deleting each repeat's run folder slowed the next repeat's store, and only diffprobe's side.
 NOISE_LEVELS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 N_SITES = 9
 PHASES = ("extract", "engine", "invariant", "hand", "nnsight", "baseline", "memory", "mfu",
@@ -539,8 +544,7 @@ def file_creation_us(folder: Path, count: int = 200) -> float:
         (probe / str(i)).mkdir()
         (probe / str(i) / "c").write_bytes(bytes(16384))
     seconds = time.perf_counter() - began
-    shutil.rmtree(probe)
-    return seconds / count * 1e6
+    return seconds / count * 1e6  # left for the end, with the run folders (see KEEP_UNTIL_END)
 
 
 def _load(args, workdir: Path, log):
@@ -671,7 +675,6 @@ def run(args) -> dict:
                 timings["extract"].append(seconds)
                 if reference is None:
                     reference = read_run(root, sites, noise_levels)
-                shutil.rmtree(root, ignore_errors=True)
                 log(f"[{repeat}] diffprobe extract: {seconds:.2f} s")
             if "engine" in phases:
                 seconds, _ = timed(lambda: engine_compute(
@@ -687,7 +690,6 @@ def run(args) -> dict:
                 timings["invariant"].append(seconds)
                 if repeat == 0:
                     others["invariant"] = read_run(root, sites, noise_levels)
-                shutil.rmtree(root, ignore_errors=True)
                 log(f"[{repeat}] diffprobe extract --batch-invariant: {seconds:.2f} s")
             for name, fn in (("hand", plain_grid), ("nnsight", nnsight_grid)):
                 if name not in phases or (name == "nnsight" and not nnsight_ok):
@@ -772,7 +774,7 @@ def run(args) -> dict:
                 _free(device)
         result["grid"] = {"sites": len(sites), "noise_levels": len(noise_levels), "units": grid}
         result["config"]["load_average_at_end"] = list(os.getloadavg())
-    finally:
+    finally:  # KEEP_UNTIL_END: nothing is deleted while methods are timed
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return result

@@ -44,7 +44,7 @@ def test_python_examples_run_and_print_what_they_say(tmp_path, monkeypatch):
     root = tmp_path / "runs" / "store-demo"
     assert sorted(p.name for p in root.iterdir()) == ["features.zarr", "progress", "run.json"]
     assert (
-        root / "features.zarr" / "unet.down_blocks.1~hidden_states" / "p0.1" / "cap.cond"
+        root / "features.zarr" / "unet.down_blocks.1~hidden_states" / "cap.cond" / "p0.1"
     ).is_dir()
 
 

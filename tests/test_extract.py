@@ -84,7 +84,20 @@ def test_store_layout_and_provenance(reference_run, source):
     import zarr
 
     group = zarr.open_group(str(run.root / "features.zarr"), mode="r")
-    assert np.array_equal(group["unet.mid_block/p0.1/cap.cond"][...], values)
+    assert np.array_equal(group["unet.mid_block/cap.cond/p0.1"][...], values)
+    # exactly these folders and files, nothing more: each one is slow to create on some disks
+    sites = [s.replace(":", "~") for s in run.sites]
+    groups = [*sites, *(f"{s}/{c}" for s in sites for c in run.conditions)]
+    arrays = [f"{s}/{c}/{n}" for s in sites for c in run.conditions for n in run.noise_keys]
+    chunks = [f"{a}/c.{k}.0" for a in arrays for k in range(run.n_chunks)]
+    features = run.root / "features.zarr"
+    found = {p.relative_to(features).as_posix(): p.is_dir() for p in features.rglob("*")}
+    assert {p for p, folder in found.items() if folder} == {*groups, *arrays}
+    assert {p for p, folder in found.items() if not folder} == {
+        "zarr.json",
+        *(f"{p}/zarr.json" for p in groups + arrays),
+        *chunks,
+    }
     labelled = run.xarray("unet.mid_block", 0.1, "empty")
     assert (
         labelled.dims == ("item", "channel")
@@ -204,7 +217,7 @@ def test_store_files_are_byte_identical_to_zarrs_own_writes(
     from diffprobe.extract.store import FEATURES, RunStore
 
     rng = np.random.default_rng(0)
-    paths = ["unet.mid_block/p0.1/empty", "unet.mid_block/p0.5/empty", "unet.down~x/t250/c.cond"]
+    paths = ["unet.mid_block/empty/p0.1", "unet.mid_block/empty/p0.5", "unet.down~x/c.cond/t250"]
     values = {p: rng.standard_normal((n_items, *shape)).astype(dtype) for p in paths}
     ours = RunStore(tmp_path / "ours")
     for first in range(0, n_items, chunk_items):  # one chunk of every array at a time
@@ -233,14 +246,14 @@ def test_store_refuses_an_array_of_another_shape_and_shards_share_arrays(tmp_pat
     from diffprobe.extract.store import FEATURES, RunStore
 
     one, two = RunStore(tmp_path), RunStore(tmp_path)  # two shards of one run
-    one.write_rows({"s/p0.1/empty": np.ones((2, 3), np.float32)}, 0, 4, 2, "float32")
-    two.write_rows({"s/p0.1/empty": np.zeros((2, 3), np.float32)}, 2, 4, 2, "float32")
+    one.write_rows({"s/empty/p0.1": np.ones((2, 3), np.float32)}, 0, 4, 2, "float32")
+    two.write_rows({"s/empty/p0.1": np.zeros((2, 3), np.float32)}, 2, 4, 2, "float32")
     import zarr
 
-    stored = zarr.open_group(str(tmp_path / FEATURES), mode="r")["s/p0.1/empty"][...]
+    stored = zarr.open_group(str(tmp_path / FEATURES), mode="r")["s/empty/p0.1"][...]
     assert np.array_equal(stored, np.repeat([[1.0], [0.0]], 2, axis=0) * np.ones((4, 3)))
-    with pytest.raises(StoreError, match=r"s/p0.1/empty .* different extraction"):
-        RunStore(tmp_path).write_rows({"s/p0.1/empty": np.ones((2, 5), np.float32)}, 0, 4, 2,
+    with pytest.raises(StoreError, match=r"s/empty/p0.1 .* different extraction"):
+        RunStore(tmp_path).write_rows({"s/empty/p0.1": np.ones((2, 5), np.float32)}, 0, 4, 2,
                                       "float32")  # fmt: skip
 
 
@@ -336,6 +349,41 @@ def test_resume_after_kill_minus_9(pipeline_folder, model, source, tmp_path):
 def test_a_different_extraction_into_the_same_folder_is_refused(model, source, reference_run):
     with pytest.raises(ExtractionError, match="--overwrite"):
         extract(model, source, make_plan(seed=6), reference_run.root, progress=False)
+
+
+def test_runs_in_the_first_store_layout_open_and_are_not_resumed_into_the_new_one(
+    model, source, reference_run, tmp_path
+):
+    """Run format 1 nested the noise level above the condition; such runs still read the same,
+    and resuming one with this diffprobe stops instead of mixing two layouts in one folder."""
+    import shutil
+
+    old = tmp_path / "format-1"
+    shutil.copytree(reference_run.root, old)
+    features = old / "features.zarr"
+    for site, noise, condition in reference_run.keys():
+        s = site.replace(":", "~")
+        (features / s / noise).mkdir(exist_ok=True)
+        shutil.copy(features / "zarr.json", features / s / noise / "zarr.json")  # a group
+        shutil.move(features / s / condition / noise, features / s / noise / condition)
+    for site in reference_run.sites:
+        for condition in reference_run.conditions:
+            shutil.rmtree(features / site.replace(":", "~") / condition)
+    info = json.loads((old / "run.json").read_text())
+    assert info["format"] == "diffprobe-run/2"
+    info["format"] = "diffprobe-run/1"
+    (old / "run.json").write_text(json.dumps(info))
+
+    assert_runs_equal(open_run(old), reference_run)
+    assert open_run(old).array("unet.mid_block", 0.6, "cap.cond").shape == (10, 64)
+    with pytest.raises(ExtractionError, match="diffprobe-run/1 .*--overwrite"):
+        extract(model, source, make_plan(), old, batch_size=4, progress=False)
+    info["format"] = "diffprobe-run/9"
+    (old / "run.json").write_text(json.dumps(info))
+    with pytest.raises(StoreError, match="'diffprobe-run/9' is not one this diffprobe reads"):
+        open_run(old).get("unet.mid_block", 0.1)
+    extract(model, source, make_plan(), old, batch_size=4, progress=False, overwrite=True)
+    assert_runs_equal(open_run(old), reference_run)
 
 
 def test_unreadable_images_are_reported_by_path(tmp_path, model):

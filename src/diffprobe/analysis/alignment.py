@@ -321,16 +321,13 @@ def run_concept_features(
     """Concept features of one (site, noise, condition) of a run: item features are read in
     blocks, reduced by ``reduction`` (see :func:`reduce_items`, applied only to unpooled
     features) and averaged per concept. Returns ((concepts, dims), counts (concepts,))."""
-    import zarr
-
-    from diffprobe.extract.store import FEATURES, StoreError, array_path
+    from diffprobe.extract.store import StoreError
 
     if not run.complete:
         raise StoreError(
             f"run {run.root} is incomplete; run the same extract command again to finish it"
         )
-    group = zarr.open_group(str(run.root / FEATURES), mode="r", zarr_format=3)
-    array = group[array_path(site, noise, condition)]
+    array = run.array(site, noise, condition)
     item_concepts = np.asarray(item_concepts)
     sums, counts = None, np.zeros(n_concepts, dtype=np.int64)
     for start in range(0, array.shape[0], block_items):

@@ -1289,7 +1289,7 @@ def analyse_run(
     grids: dict[str, tuple[int, int]] = {}
     for site in sites:
         # the stored shape, without reading the array
-        shape = run._array(site, noises[0], conditions[0]).shape
+        shape = run.array(site, noises[0], conditions[0]).shape
         grids[site] = to_grid(np.zeros((1, *shape[1:]), np.float32), grid).shape[1:3]
     cropped_runs = {}
     if corner:

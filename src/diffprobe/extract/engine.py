@@ -26,10 +26,12 @@ from diffprobe.data.sources import Source, read_captions
 from diffprobe.determinism import batch_invariant
 from diffprobe.errors import DiffprobeError
 from diffprobe.extract.store import (
+    RUN_FORMAT,
     RUN_JSON,
     RunStore,
     array_path,
     noise_key,
+    run_format,
     write_json_atomic,
 )
 from diffprobe.hooks.engine import capture
@@ -215,7 +217,15 @@ def _prepare_run(root: Path, info: dict, overwrite: bool) -> None:
     if path.is_file():
         existing = json.loads(path.read_text())
         if existing.get("identity") == info["identity"]:
-            return
+            if run_format(existing) == info["format"]:
+                return
+            if not overwrite:
+                raise ExtractionError(
+                    f"{root} holds this extraction in the store layout of "
+                    f"{run_format(existing)} (an older diffprobe), this "
+                    f"one writes {info['format']} (docs/store.md); finish it with the diffprobe "
+                    "that started it, or pass --overwrite to start it again"
+                )
         if not overwrite:
             raise ExtractionError(
                 f"{root} already holds a different extraction (its run.json differs in model, "
@@ -272,7 +282,7 @@ def extract(
     captions = read_captions(Path(captions_file), source) if captions_file else None
     grid = plan.grid()
     info = {
-        "format": "diffprobe-run/1",
+        "format": RUN_FORMAT,
         "model": _model_info(model),
         "sites": list(plan.sites),
         "noise": [

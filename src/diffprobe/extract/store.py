@@ -5,7 +5,7 @@ Layout (documented in docs/store.md)::
     RUN/
       run.json                      identity, provenance, item manifest
       features.zarr/                zarr v3 group
-        <site>/<noise>/<condition>  one array per (site, noise level, condition), items on axis 0
+        <site>/<condition>/<noise>  one array per (site, noise level, condition), items on axis 0
       progress/chunk-000012.done    written after every array of item chunk 12 is complete
 
 ``<site>`` is the site name with ``:`` written as ``~`` (``unet.down_blocks.1~res_samples``);
@@ -31,6 +31,14 @@ import numpy as np
 from diffprobe.errors import DiffprobeError
 
 RUN_JSON = "run.json"
+# run.json's "format"; each names where an array lives in features.zarr. Format 1 nested the
+# noise level above the condition: a group per (site, noise level), 90 folders and documents
+# more for the benchmark's 9 x 11 grid than a group per (site, condition) (docs/store.md).
+RUN_FORMAT = "diffprobe-run/2"
+ARRAY_PATHS = {
+    "diffprobe-run/1": "{site}/{noise}/{condition}",
+    "diffprobe-run/2": "{site}/{condition}/{noise}",
+}
 FEATURES = "features.zarr"
 PROGRESS = "progress"
 # zarr v3's default chunk keys, with "." between the parts: chunk k of an array is the file
@@ -57,8 +65,19 @@ def noise_key(noise_level: float | None = None, timestep: float | None = None) -
     return f"t{timestep:g}"
 
 
-def array_path(site: str, noise: str, condition: str) -> str:
-    return f"{site_key(site)}/{noise}/{condition}"
+def run_format(info: dict) -> str:
+    """The layout a run.json describes (the first runs wrote no ``format``)."""
+    return info.get("format", "diffprobe-run/1")
+
+
+def array_path(site: str, noise: str, condition: str, run_format: str = RUN_FORMAT) -> str:
+    """Where the array of (site, noise key, stored condition) lives inside ``features.zarr``."""
+    if run_format not in ARRAY_PATHS:
+        raise StoreError(
+            f"run format {run_format!r} is not one this diffprobe reads "
+            f"({', '.join(ARRAY_PATHS)}); update diffprobe"
+        )
+    return ARRAY_PATHS[run_format].format(site=site_key(site), noise=noise, condition=condition)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -299,7 +318,13 @@ class Run:
     def keys(self) -> list[tuple[str, str, str]]:
         return [(s, n, c) for s in self.sites for n in self.noise_keys for c in self.conditions]
 
-    def _array(self, site: str, noise: str | float, condition: str | None):
+    @property
+    def format(self) -> str:
+        return run_format(self.info)
+
+    def array(self, site: str, noise: str | float, condition: str | None = None):
+        """The zarr array of one (site, noise, condition), read lazily (slice it to read rows);
+        unfinished items read as NaN."""
         import zarr
 
         noise = noise if isinstance(noise, str) else noise_key(noise_level=noise)
@@ -315,7 +340,7 @@ class Run:
                 f"condition '{condition}' is not in {self.root}; it has {', '.join(self.conditions)}"
             )
         group = zarr.open_group(str(self.root / FEATURES), mode="r", zarr_format=3)
-        return group[array_path(site, noise, condition)]
+        return group[array_path(site, noise, condition, self.format)]
 
     def get(
         self,
@@ -332,7 +357,7 @@ class Run:
                 "same extract command again to finish it, or pass allow_incomplete=True "
                 "(unfinished items are NaN)"
             )
-        return np.asarray(self._array(site, noise, condition)[...])
+        return np.asarray(self.array(site, noise, condition)[...])
 
     def xarray(self, site: str, noise: str | float, condition: str | None = None):
         """The same as :meth:`get`, as an ``xarray.DataArray`` labelled by item id and label."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import string
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -37,31 +36,33 @@ CLIP_TEXT = dict(
 )
 
 
-@lru_cache(maxsize=1)
-def _clip_vocab_dir() -> str:
-    folder = Path(tempfile.mkdtemp(prefix="diffprobe-clip-vocab-"))
+def _clip_vocab() -> dict[str, int]:
     symbols = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for symbol in symbols:
         vocab.setdefault(symbol, len(vocab))
         vocab.setdefault(symbol + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return str(folder)
+    return vocab
 
 
 def dummy_clip_tokenizer(max_length: int = 77):
-    """A character-level CLIPTokenizer (vocabulary of about 140 symbols), offline."""
+    """A character-level CLIPTokenizer (vocabulary of about 140 symbols), offline.
+
+    The tokenizer reads its vocabulary files when it is built; they are written to a temporary
+    folder that is removed again.
+    """
     from transformers import CLIPTokenizer
 
-    folder = Path(_clip_vocab_dir())
-    tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"),
-        str(folder / "merges.txt"),
-        model_max_length=max_length,
-        pad_token="<|endoftext|>",
-    )
-    return tokenizer
+    with tempfile.TemporaryDirectory(prefix="diffprobe-clip-vocab-") as tmp:
+        folder = Path(tmp)
+        (folder / "vocab.json").write_text(json.dumps(_clip_vocab()))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(
+            str(folder / "vocab.json"),
+            str(folder / "merges.txt"),
+            model_max_length=max_length,
+            pad_token="<|endoftext|>",
+        )
 
 
 def dummy_clip_text_config(tokenizer, projection: int | None = None, **overrides):
