@@ -266,6 +266,21 @@ def test_noise_follows_the_documented_formula(sd_model):
     # item noise does not depend on the batch it is in
     alone, _ = sd_model.add_noise(x0[2:3], noise_level=0.25, seed=3, items=[12])
     assert torch.equal(alone[0], x_t[2])
+    # noise drawn once and handed in (the grid does this per chunk) gives the same bits
+    given, _ = sd_model.add_noise(x0, noise_level=0.25, seed=99, items=[0, 1, 2, 3], noise=noise)
+    assert torch.equal(given, expected)
+    with pytest.raises(DiffprobeError, match=r"noise of shape \(3, 4, 8, 8\)"):
+        sd_model.add_noise(x0, noise_level=0.25, noise=noise[:3])
+    # the cached schedule follows a scheduler swapped in with other betas
+    pipe = sd_model.pipe
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DDPMScheduler.from_config(original.config, beta_end=0.02)
+        swapped, _ = sd_model.add_noise(x0, noise_level=0.25, seed=3, items=[10, 11, 12, 13])
+        assert not torch.equal(swapped, x_t)
+        assert torch.equal(swapped, pipe.scheduler.add_noise(x0, noise, torch.full((4,), 250)))
+    finally:
+        pipe.scheduler = original
 
 
 def test_bad_inputs_give_clear_errors(sd_model):

@@ -36,7 +36,7 @@ from diffprobe.extract.store import (
 )
 from diffprobe.hooks.engine import capture
 from diffprobe.hooks.sites import parse_site
-from diffprobe.models.base import Model
+from diffprobe.models.base import Model, item_noise
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +391,8 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
         for s in range(0, len(indices), batch_size)
     ]
     x0 = torch.cat([model.encode_images(images[b], size) for b in batches])
+    # an item's noise does not depend on the noise level: drawn once per chunk (docs/noise.md)
+    noise = item_noise(x0.shape[1:], plan.seed, indices, device=x0.device, dtype=torch.float32)
     for condition in plan.conditions:
         prompts = condition.prompts(source, indices, captions)
         cond = model.encode_prompt(prompts, negative="" if condition.uses_cfg else None)
@@ -405,6 +407,7 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
                     timestep=None if "noise_level" in g else g["timestep"],
                     seed=plan.seed,
                     items=items,
+                    noise=noise[b],
                 )
                 with capture(model, plan.sites, stop_early=True, reduce=reduce) as cache:
                     model.denoise(x_t, t, cond.select(b), guidance_scale=guidance)
