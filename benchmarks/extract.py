@@ -662,55 +662,72 @@ def run(args) -> dict:
                 notes.append(f"nnsight failed: {type(err).__name__}: {str(err)[:500]}")
                 nnsight_ok = False
                 _free(device)
-        for repeat in range(args.repeats):
-            if "extract" in phases or reference is None:
-                if device.startswith("cuda"):
-                    torch.cuda.reset_peak_memory_stats()
-                root = workdir / f"run-{repeat}"
-                seconds, _ = timed(lambda root=root: diffprobe_extract(
-                    model, source, sites, noise_levels, batch_size=args.batch_size, seed=args.seed,
-                    size=size, chunk_items=chunk_items, root=root), device)  # fmt: skip
-                if device.startswith("cuda"):
-                    peak_gpu = max(peak_gpu or 0, torch.cuda.max_memory_allocated())
-                timings["extract"].append(seconds)
-                if reference is None:
-                    reference = read_run(root, sites, noise_levels)
-                log(f"[{repeat}] diffprobe extract: {seconds:.2f} s")
-            if "engine" in phases:
-                seconds, _ = timed(lambda: engine_compute(
-                    model, source, sites, noise_levels, batch_size=args.batch_size, seed=args.seed,
-                    size=size, chunk_items=chunk_items), device)  # fmt: skip
-                timings["engine"].append(seconds)
-                log(f"[{repeat}] diffprobe engine without the store: {seconds:.2f} s")
-            if "invariant" in phases:
-                root = workdir / f"invariant-{repeat}"
-                seconds, _ = timed(lambda root=root: diffprobe_extract(
-                    model, source, sites, noise_levels, batch_size=args.batch_size, seed=args.seed,
-                    size=size, chunk_items=chunk_items, root=root, batch_invariant=True), device)  # fmt: skip
-                timings["invariant"].append(seconds)
-                if repeat == 0:
-                    others["invariant"] = read_run(root, sites, noise_levels)
-                log(f"[{repeat}] diffprobe extract --batch-invariant: {seconds:.2f} s")
-            for name, fn in (("hand", plain_grid), ("nnsight", nnsight_grid)):
-                if name not in phases or (name == "nnsight" and not nnsight_ok):
-                    continue
-                if deadline.left() < 1.5 * min(timings["extract"]):
-                    notes.append(f"{name} repeat {repeat}: skipped, time budget")
-                    continue
-                try:
-                    seconds, values = timed(lambda fn=fn: fn(
-                        model.pipe, images, sites, noise_levels, batch_size=args.batch_size,
-                        seed=args.seed, size=size), device)  # fmt: skip
-                except Exception as err:  # noqa: BLE001 - report, keep the other figures
-                    notes.append(f"{name} failed: {type(err).__name__}: {str(err)[:500]}")
-                    nnsight_ok = nnsight_ok and name != "nnsight"
-                    phases = [p for p in phases if p != name]
-                    _free(device)
-                    continue
-                timings[name].append(seconds)
-                others.setdefault(name, values)
-                log(f"[{repeat}] {name}: {seconds:.2f} s")
+
+        def run_extract(repeat: int) -> None:
+            nonlocal reference, peak_gpu
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            root = workdir / f"run-{repeat}"
+            seconds, _ = timed(lambda: diffprobe_extract(
+                model, source, sites, noise_levels, batch_size=args.batch_size, seed=args.seed,
+                size=size, chunk_items=chunk_items, root=root), device)  # fmt: skip
+            if device.startswith("cuda"):
+                peak_gpu = max(peak_gpu or 0, torch.cuda.max_memory_allocated())
+            timings["extract"].append(seconds)
+            if reference is None:
+                reference = read_run(root, sites, noise_levels)
+            log(f"[{repeat}] diffprobe extract: {seconds:.2f} s")
+
+        def run_engine(repeat: int) -> None:
+            seconds, _ = timed(lambda: engine_compute(
+                model, source, sites, noise_levels, batch_size=args.batch_size, seed=args.seed,
+                size=size, chunk_items=chunk_items), device)  # fmt: skip
+            timings["engine"].append(seconds)
+            log(f"[{repeat}] diffprobe engine without the store: {seconds:.2f} s")
+
+        def run_invariant(repeat: int) -> None:
+            root = workdir / f"invariant-{repeat}"
+            seconds, _ = timed(lambda: diffprobe_extract(
+                model, source, sites, noise_levels, batch_size=args.batch_size, seed=args.seed,
+                size=size, chunk_items=chunk_items, root=root, batch_invariant=True), device)  # fmt: skip
+            timings["invariant"].append(seconds)
+            others.setdefault("invariant", read_run(root, sites, noise_levels))
+            log(f"[{repeat}] diffprobe extract --batch-invariant: {seconds:.2f} s")
+
+        def run_other(name: str, fn, repeat: int) -> None:
+            nonlocal nnsight_ok, phases
+            if name == "nnsight" and not nnsight_ok or name not in phases:
+                return
+            if deadline.left() < 1.5 * min(timings["extract"]):
+                notes.append(f"{name} repeat {repeat}: skipped, time budget")
+                return
+            try:
+                seconds, values = timed(lambda: fn(
+                    model.pipe, images, sites, noise_levels, batch_size=args.batch_size,
+                    seed=args.seed, size=size), device)  # fmt: skip
+            except Exception as err:  # noqa: BLE001 - report, keep the other figures
+                notes.append(f"{name} failed: {type(err).__name__}: {str(err)[:500]}")
+                nnsight_ok = nnsight_ok and name != "nnsight"
+                phases = [p for p in phases if p != name]
                 _free(device)
+                return
+            timings[name].append(seconds)
+            others.setdefault(name, values)
+            log(f"[{repeat}] {name}: {seconds:.2f} s")
+            _free(device)
+
+        # Interleaved, and the order turns by one method each repeat: on a shared machine the
+        # speed drifts within a repeat too, and no method should always run first or last.
+        steps = [("extract", run_extract), ("engine", run_engine), ("invariant", run_invariant),
+                 ("hand", lambda r: run_other("hand", plain_grid, r)),
+                 ("nnsight", lambda r: run_other("nnsight", nnsight_grid, r))]  # fmt: skip
+        steps = [(n, f) for n, f in steps if n in phases or n == "extract"]
+        for repeat in range(args.repeats):
+            turn = repeat % len(steps)
+            for name, step in steps[turn:] + steps[:turn]:
+                if name == "extract" and "extract" not in phases and reference is not None:
+                    continue
+                step(repeat)
         extract_s = min(timings["extract"])
         result["timings_s"] = timings
         phase = result["phases"]
