@@ -1,10 +1,10 @@
 """diffprobe: look inside diffusion models.
 
-import diffprobe
-model = diffprobe.load("tiny")
-with diffprobe.capture(model, ["unet.mid_block"]) as cache:
-    model.generate("a red circle in the top left", steps=10)
-cache.stack("unet.mid_block", branch="cond").shape
+>>> import diffprobe
+>>> model = diffprobe.load("tiny")
+>>> with diffprobe.capture(model, ["unet.mid_block"]) as cache:
+...     model.generate("a red circle in the top left", steps=10)
+>>> cache.stack("unet.mid_block", branch="cond").shape
 """
 
 from diffprobe.errors import DiffprobeError

@@ -400,13 +400,10 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
         for g in grid:
             parts: dict[str, list[torch.Tensor]] = {}
             for b in batches:
-                items = [indices[i] for i in b]
                 x_t, t = model.add_noise(
                     x0[b],
                     noise_level=g.get("noise_level"),
                     timestep=None if "noise_level" in g else g["timestep"],
-                    seed=plan.seed,
-                    items=items,
                     noise=noise[b],
                 )
                 with capture(model, plan.sites, stop_early=True, reduce=reduce) as cache:

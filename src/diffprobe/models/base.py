@@ -279,14 +279,15 @@ class Model:
         """Noise clean inputs ``x0`` (items, ...) -> (x_t, timestep tensor (items,)).
 
         ``noise``: the items' noise if already drawn, ``item_noise(x0.shape[1:], seed, items)``
-        (the same for every noise level, so a grid draws it once per item)."""
+        (the same for every noise level, so a grid draws it once per item); ``seed`` and
+        ``items`` are then not used."""
         if (noise_level is None) == (timestep is None):
             raise DiffprobeError("give exactly one of noise_level and timestep")
         t = self.timestep_for(noise_level) if noise_level is not None else float(timestep)
         if not self.flow_matching:
             t = float(round(t))  # DDPM-type schedules are defined on integer timesteps
-        items = list(range(x0.shape[0])) if items is None else list(items)
         if noise is None:
+            items = list(range(x0.shape[0])) if items is None else list(items)
             noise = item_noise(x0.shape[1:], seed, items, device=x0.device, dtype=torch.float32)
         elif noise.shape != x0.shape:
             raise DiffprobeError(f"noise of shape {tuple(noise.shape)} for x0 {tuple(x0.shape)}")
