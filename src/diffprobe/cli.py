@@ -21,6 +21,30 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"diffprobe {version('diffprobe')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")
+    ] = False,
+) -> None:
+    """Look inside diffusion models: representations, alignment, anomalies, lens, editing."""
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -155,15 +179,22 @@ def extract(
             help="same bits at every --batch-size (convolutions one item at a time; slower)"
         ),
     ] = False,
-    overwrite: bool = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="replace an earlier, different extraction in OUT (only what diffprobe wrote "
+            "there is removed; a folder holding anything else is refused)"
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Extract every site x noise level x condition in one pass over the data into RUN."""
     _setup(quiet)
     import diffprobe
     from diffprobe.data.sources import open_source
-    from diffprobe.extract.engine import Condition, ExtractionPlan
+    from diffprobe.extract.engine import EXTRACT_KIND, Condition, ExtractionPlan
     from diffprobe.extract.engine import extract as run_extract
+    from diffprobe.io import check_output
 
     site_list = [s for entry in sites for s in entry.split()]
     kind = "captions" if captions is not None and condition == "empty" else condition
@@ -181,6 +212,7 @@ def extract(
         store_dtype=store_dtype,
         batch_invariant=batch_invariant,
     )
+    check_output(out, EXTRACT_KIND, overwrite=overwrite)
     source = open_source(data, on_error)
     loaded = diffprobe.load(model, dtype=dtype, device=device)
     root = run_extract(
@@ -270,12 +302,47 @@ def join_variadic(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> None:
+DEBUG_HINT = "rerun with --debug for the traceback"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point: every expected failure is one line on stderr and exit code 2;
+    an unexpected one is one line and a hint (``--debug`` anywhere shows the traceback);
+    Ctrl-C says what was kept and exits 130."""
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DIFFPROBE_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
     try:
-        app(args=join_variadic(sys.argv[1:]))
+        app(args=join_variadic(args), prog_name="diffprobe", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        raise SystemExit(done.exit_code) from None
+    except click.ClickException as err:
+        err.show()
+        raise SystemExit(err.exit_code) from None
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo(
+            "interrupted: finished work is kept (an extraction keeps its finished chunks); run "
+            "the same command again to go on",
+            err=True,
+        )
+        raise SystemExit(130) from None
     except DiffprobeError as err:
-        typer.echo(f"error: {err}", err=True)
+        if debug:
+            raise
+        typer.echo(f"error: {_one_line(err)}", err=True)
         raise SystemExit(2) from None
+    except Exception as err:
+        if debug:
+            raise
+        typer.echo(f"error: unexpected {type(err).__name__}: {_one_line(err)}", err=True)
+        typer.echo(DEBUG_HINT, err=True)
+        raise SystemExit(1) from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -26,21 +26,25 @@ from diffprobe.data.sources import Source, read_captions
 from diffprobe.determinism import batch_invariant
 from diffprobe.errors import DiffprobeError
 from diffprobe.extract.store import (
+    FEATURES,
+    PROGRESS,
     RUN_FORMAT,
     RUN_JSON,
     RunStore,
     array_path,
     noise_key,
     run_format,
-    write_json_atomic,
 )
 from diffprobe.hooks.engine import capture
 from diffprobe.hooks.sites import parse_site
+from diffprobe.io import check_output, claim_output, write_json
 from diffprobe.models.base import Model, item_noise
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("none", "mean", "max")
+EXTRACT_KIND = "extract"
+RUN_ENTRIES = (RUN_JSON, FEATURES, PROGRESS)
 
 
 class ExtractionError(DiffprobeError):
@@ -213,11 +217,18 @@ def identity(info: dict) -> str:
 
 
 def _prepare_run(root: Path, info: dict, overwrite: bool) -> None:
+    """Claim ``root`` for this extraction (diffprobe.io's folder rule): resume the same
+    extraction, replace a different one only with ``overwrite`` or when it finished no chunk."""
+    check_output(root, EXTRACT_KIND, overwrite=overwrite)
     path = root / RUN_JSON
     if path.is_file():
-        existing = json.loads(path.read_text())
+        try:
+            existing = json.loads(path.read_text())
+        except ValueError:
+            existing = {}
         if existing.get("identity") == info["identity"]:
             if run_format(existing) == info["format"]:
+                claim_output(root, EXTRACT_KIND, entries=RUN_ENTRIES)
                 return
             if not overwrite:
                 raise ExtractionError(
@@ -226,21 +237,16 @@ def _prepare_run(root: Path, info: dict, overwrite: bool) -> None:
                     f"one writes {info['format']} (docs/store.md); finish it with the diffprobe "
                     "that started it, or pass --overwrite to start it again"
                 )
-        if not overwrite:
+        elif not overwrite and any((root / PROGRESS).glob("chunk-*.done")):
             raise ExtractionError(
                 f"{root} already holds a different extraction (its run.json differs in model, "
                 "sites, grid, conditions, pooling, seed or items); choose another --out or pass "
                 "--overwrite to replace it"
             )
-        import shutil
-
-        shutil.rmtree(root)
-    elif overwrite and root.exists():
-        import shutil
-
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, info)
+        # a different extraction that finished no chunk holds nothing to lose
+        overwrite = True
+    claim_output(root, EXTRACT_KIND, overwrite=overwrite, entries=RUN_ENTRIES)
+    write_json(path, info)
 
 
 def extract(

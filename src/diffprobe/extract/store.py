@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.io import write_bytes, write_json
 
 RUN_JSON = "run.json"
 # run.json's "format"; each names where an array lives in features.zarr. Format 1 nested the
@@ -78,12 +76,6 @@ def array_path(site: str, noise: str, condition: str, run_format: str = RUN_FORM
             f"({', '.join(ARRAY_PATHS)}); update diffprobe"
         )
     return ARRAY_PATHS[run_format].format(site=site_key(site), noise=noise, condition=condition)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, json.dumps(payload, indent=1, sort_keys=False).encode())
 
 
 class RunStore:
@@ -184,7 +176,7 @@ class RunStore:
         if folder not in self._folders:
             folder.mkdir(parents=True, exist_ok=True)
             self._folders.add(folder)
-        write_bytes_atomic(path, data)
+        write_bytes(path, data, record=False)
 
     def marker(self, chunk: int) -> Path:
         return self.root / PROGRESS / f"chunk-{chunk:06d}.done"
@@ -193,20 +185,7 @@ class RunStore:
         return self.marker(chunk).is_file()
 
     def mark_done(self, chunk: int, info: dict) -> None:
-        write_json_atomic(self.marker(chunk), info)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` through a temporary name in the same folder and a rename: the file is
-    either absent or complete, whenever the process dies."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        write_json(self.marker(chunk), info, record=False)
 
 
 @functools.cache

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffprobe.io import claim_output, write_json
+
 __all__ = [
     "TinyConfig",
     "build_tokenizer",
@@ -750,6 +752,10 @@ def _save_pipeline(
 # ---------------------------------------------------------------------------------- entry
 
 
+TRAIN_KIND = "train-tiny"
+TRAIN_ENTRIES = ("checkpoints", "latents.pt", "pipeline", "pipeline.partial", "metrics.json")
+
+
 def train_tiny(
     out_dir: str | Path,
     *,
@@ -788,7 +794,9 @@ def train_tiny(
     config = config or TinyConfig()
     overrides = {"steps": steps, "batch_size": batch_size}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    out_dir = Path(out_dir)
+    # the folder rule (diffprobe.io): only a new, empty or earlier train-tiny folder is used,
+    # so the deletions below touch nothing but diffprobe's own files
+    out_dir = claim_output(out_dir, TRAIN_KIND, entries=TRAIN_ENTRIES)
     checkpoints = out_dir / "checkpoints"
     torch_device = torch.device(device)
     if threads is not None:
@@ -796,7 +804,6 @@ def train_tiny(
     if not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)
         (out_dir / "latents.pt").unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     latest = None
     if resume and (found := _list_checkpoints(checkpoints)):
@@ -899,7 +906,7 @@ def train_tiny(
     metrics["folder_bytes"] = sum(p.stat().st_size for p in pipeline_dir.rglob("*") if p.is_file())
     metrics["total_seconds_this_session"] = time.perf_counter() - began
     metrics["config"] = config.to_json()
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out_dir / "metrics.json", metrics)
     _log(f"wrote {pipeline_dir} ({metrics['folder_bytes'] / 1e6:.1f} MB)", progress)
     return pipeline_dir
 
