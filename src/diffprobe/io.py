@@ -194,6 +194,11 @@ def check_output(
         return folder
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{named} is not writable for you; choose a folder you can write to")
+    if overwrite:
+        why = _protected(folder)
+        if why is not None:
+            raise OutputError(f"--overwrite refuses to clear {folder}: {why}; choose a folder "
+                              "of its own for diffprobe's output")  # fmt: skip
     entries = [p.name for p in folder.iterdir()]
     if not entries:
         return folder
@@ -210,10 +215,6 @@ def check_output(
             "another folder"
         )
     if overwrite:
-        why = _protected(folder)
-        if why is not None:
-            raise OutputError(f"--overwrite refuses to clear {folder}: {why}; choose a folder "
-                              "of its own for diffprobe's output")  # fmt: skip
         foreign = _foreign(folder, marker)
         if foreign:
             raise OutputError(
