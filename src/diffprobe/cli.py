@@ -303,6 +303,7 @@ def join_variadic(argv: list[str]) -> list[str]:
 
 
 DEBUG_HINT = "rerun with --debug for the traceback"
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,19 +316,15 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("DIFFPROBE_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     try:
-        app(args=join_variadic(args), prog_name="diffprobe", standalone_mode=False)
+        # outside standalone mode typer returns the code of an exit (130 for Ctrl-C)
+        code = app(args=join_variadic(args), prog_name="diffprobe", standalone_mode=False)
     except click.exceptions.Exit as done:
-        raise SystemExit(done.exit_code) from None
+        code = done.exit_code
     except click.ClickException as err:
         err.show()
         raise SystemExit(err.exit_code) from None
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        typer.echo(
-            "interrupted: finished work is kept (an extraction keeps its finished chunks); run "
-            "the same command again to go on",
-            err=True,
-        )
-        raise SystemExit(130) from None
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
+        code = INTERRUPTED
     except DiffprobeError as err:
         if debug:
             raise
@@ -339,6 +336,14 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: unexpected {type(err).__name__}: {_one_line(err)}", err=True)
         typer.echo(DEBUG_HINT, err=True)
         raise SystemExit(1) from None
+    if code == INTERRUPTED:
+        typer.echo(
+            "interrupted: finished work is kept (an extraction keeps its finished chunks); run "
+            "the same command again to go on",
+            err=True,
+        )
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 def _one_line(err: BaseException) -> str:
