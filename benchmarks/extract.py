@@ -211,8 +211,12 @@ def plain_kwargs(pipe, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -
     return {key: x_t, "timestep": timesteps, **cond, "return_dict": False}
 
 
-def _rows(cond: dict, count: int) -> dict:
-    return {k: v[:count] for k, v in cond.items()}
+def _rows(pipe, encoded: dict, count: int) -> dict:
+    """The empty prompt's denoiser inputs for a batch of ``count`` items, encoded at that batch
+    size (as diffprobe does: a text encoder's kernels round by batch size) once per size."""
+    if count not in encoded:
+        encoded[count] = plain_prompt(pipe, count)
+    return encoded[count]
 
 
 def plain_grid(
@@ -230,7 +234,7 @@ def plain_grid(
     execution order when ``early_stop`` (the hook on the last one ends the pass)."""
     n = len(images)
     x0 = plain_encode(pipe, images, size, batch_size)
-    cond = plain_prompt(pipe, min(batch_size, n))
+    cond: dict = {}  # batch size -> the empty prompt's inputs
     denoiser = plain_denoiser(pipe)
     out: dict = {}
     current: dict = {}
@@ -252,7 +256,7 @@ def plain_grid(
                     items = list(range(first, min(first + batch_size, n)))
                     x_t, t = plain_noise(pipe, x0[first : items[-1] + 1], p, seed, items)
                     try:
-                        denoiser(**plain_kwargs(pipe, x_t, t, _rows(cond, len(items))))
+                        denoiser(**plain_kwargs(pipe, x_t, t, _rows(pipe, cond, len(items))))
                     except _Stop:
                         pass
                     for site in sites:
@@ -308,7 +312,7 @@ def nnsight_grid(
     denoiser_name = "transformer" if plain_is_flow(pipe) else "unet"
     wrapped = NNsight(plain_denoiser(pipe))
     x0 = plain_encode(pipe, images, size, batch_size)
-    cond = plain_prompt(pipe, min(batch_size, n))
+    cond: dict = {}  # batch size -> the empty prompt's inputs
     paths = [s.removeprefix(denoiser_name + ".") for s in sites]
     joint = {s: type(plain_module(pipe, s)).__name__ == "JointTransformerBlock" for s in sites}
     out: dict = {}
@@ -325,7 +329,9 @@ def nnsight_grid(
                 items = list(range(first, min(first + batch_size, n)))
                 x_t, t = plain_noise(pipe, x0[first : items[-1] + 1], p, seed, items)
                 saved = {}
-                with wrapped.trace(**plain_kwargs(pipe, x_t, t, _rows(cond, len(items)))) as tracer:
+                with wrapped.trace(
+                    **plain_kwargs(pipe, x_t, t, _rows(pipe, cond, len(items)))
+                ) as tracer:
                     for site, path in zip(sites, paths, strict=True):
                         value = envoy_at(path).output
                         if isinstance(value, tuple):

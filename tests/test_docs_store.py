@@ -42,7 +42,12 @@ def test_python_examples_run_and_print_what_they_say(tmp_path, monkeypatch):
             )
     # the run the page builds has the documented layout on disk
     root = tmp_path / "runs" / "store-demo"
-    assert sorted(p.name for p in root.iterdir()) == ["features.zarr", "progress", "run.json"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "diffprobe-output.json",
+        "features.zarr",
+        "progress",
+        "run.json",
+    ]
     assert (
         root / "features.zarr" / "unet.down_blocks.1~hidden_states" / "cap.cond" / "p0.1"
     ).is_dir()

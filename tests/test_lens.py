@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import diffprobe
+from diffprobe.errors import DiffprobeError
 from diffprobe.lens import (
     LensError,
     emergence,
@@ -439,7 +440,9 @@ def test_cli(small_sd_folder, tmp_path):
     assert bad.exit_code != 0 and "out of range" in str(bad.exception)
     bad = runner.invoke(app, ["lens", "--model", str(small_sd_folder), "--prompt", PROMPT,
                               "--pad", "nope", "--out", str(out), "-q"])  # fmt: skip
-    assert bad.exit_code == 2 and "--pad must be one of keep, full" in bad.output
+    # a DiffprobeError: the console entry point (diffprobe.cli.main) prints it as one line, exit 2
+    assert isinstance(bad.exception, DiffprobeError), bad.output
+    assert "--pad 'nope'" in str(bad.exception) and "keep, full" in str(bad.exception)
 
 
 # ----------------------------------------------------------------------------- emergence

@@ -49,12 +49,30 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A log handler that writes to whatever ``sys.stderr`` is at the time of the message
+    (notebooks and test runners swap it; a handler holding the old stream would write to a
+    closed file)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
 
@@ -126,23 +144,6 @@ def sites(
     typer.echo(f"{len(chosen)} sites", err=True)
 
 
-def _floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise typer.BadParameter(f"--shard takes i/n (e.g. 0/4), got {text!r}") from None
-    return index, count
-
-
 @app.command()
 def extract(
     model: Annotated[str, typer.Option(help="alias, hub id or local diffusers folder")],
@@ -192,18 +193,35 @@ def extract(
     _setup(quiet)
     import diffprobe
     from diffprobe.data.sources import open_source
-    from diffprobe.extract.engine import EXTRACT_KIND, Condition, ExtractionPlan
+    from diffprobe.extract.engine import (
+        EXTRACT_KIND,
+        Condition,
+        ExtractionError,
+        ExtractionPlan,
+        check_batching,
+        parse_grid,
+        parse_shard,
+    )
     from diffprobe.extract.engine import extract as run_extract
     from diffprobe.io import check_output
+    from diffprobe.loading import parse_device, parse_dtype
 
     site_list = [s for entry in sites for s in entry.split()]
     kind = "captions" if captions is not None and condition == "empty" else condition
-    if kind in ("template", "prompt") and not template:
-        raise typer.BadParameter(f"--condition {kind} needs --template")
+    if template is not None and kind not in ("template", "prompt"):
+        raise ExtractionError(
+            f"--template {template!r} is used only with --condition template or --condition "
+            f"prompt, not --condition {kind}; pass one of those"
+        )
+    if captions is not None and kind != "captions":
+        raise ExtractionError(
+            f"--captions {captions} is used only with --condition captions, not --condition "
+            f"{kind}; leave one of them out"
+        )
     plan = ExtractionPlan(
         sites=site_list,
-        noise_levels=_floats(noise, "--noise"),
-        timesteps=_floats(timesteps, "--timesteps"),
+        noise_levels=parse_grid(noise, "--noise"),
+        timesteps=parse_grid(timesteps, "--timesteps"),
         conditions=[Condition(kind, kind, template, guidance_scale)],
         pooling=pooling,
         seed=seed,
@@ -212,6 +230,10 @@ def extract(
         store_dtype=store_dtype,
         batch_invariant=batch_invariant,
     )
+    shard_range = parse_shard(shard)
+    check_batching(batch_size, shard_range)
+    parse_dtype(dtype)
+    parse_device(device)
     check_output(out, EXTRACT_KIND, overwrite=overwrite)
     source = open_source(data, on_error)
     loaded = diffprobe.load(model, dtype=dtype, device=device)
@@ -221,7 +243,7 @@ def extract(
         plan,
         out,
         batch_size=batch_size,
-        shard=_shard(shard),
+        shard=shard_range,
         overwrite=overwrite,
         captions_file=captions,
         progress=not quiet,

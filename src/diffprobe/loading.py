@@ -30,9 +30,56 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[dtype.lower()]
+        return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+        raise ModelLoadError(
+            f"--dtype {dtype!r} is not a dtype diffprobe loads models in; use one of "
+            f"{', '.join(_DTYPES)}"
+        ) from None
+
+
+class DeviceError(ModelLoadError):
+    """A device torch does not know, or one this machine does not have."""
+
+
+def available_devices() -> list[str]:
+    """The devices this machine has: ``cpu``, then ``cuda:0`` ..., ``mps``, ``xpu:0`` ..."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return found
+
+
+def parse_device(device: str | torch.device | None) -> torch.device | None:
+    """``"cuda:1"`` -> ``torch.device("cuda:1")``, refused with :class:`DeviceError` (naming the
+    devices this machine has) unless the device is here; None stays None."""
+    if device is None:
+        return None
+    here = available_devices()
+    hint = f"the devices available here: {', '.join(here)}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(
+            f"--device {str(device)!r} is not a device torch knows; use one of {hint}"
+        ) from None
+    if parsed.type == "cpu":
+        return parsed
+    present = [d for d in here if d.split(":")[0] == parsed.type]
+    if parsed.type == "mps":
+        ok = bool(present) and parsed.index in (None, 0)
+    else:
+        ok = bool(present) and (parsed.index is None or f"{parsed.type}:{parsed.index}" in here)
+    if not ok:
+        what = "no such device" if present else f"no {parsed.type} device"
+        raise DeviceError(f"--device {str(device)!r}: this machine has {what}; use one of {hint}")
+    return parsed
 
 
 def _dtype_keyword() -> str:
@@ -46,18 +93,30 @@ def _dtype_keyword() -> str:
 
 
 @contextlib.contextmanager
-def _no_image_processor_fallback_warning():
-    """Without torchvision, transformers warns (once per process, at import) that its CLIP and
-    SigLIP image processors fall back to PIL. diffusers imports them with every Stable Diffusion
-    pipeline, diffprobe never uses them, and the warning says nothing about the user's model, so
-    it is held back while a pipeline loads; every other transformers message still shows."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet_loading():
+    """Loading says nothing a user needs while a pipeline is built: diffusers' per-component
+    "Loading pipeline components" bar (once per load, repeated through every command) is off,
+    and so are its "Couldn't connect to the Hub ... will try the local cache" warnings (a
+    failed hub load ends in diffprobe's own error, which says what to do). Without
+    torchvision, transformers also warns once per process that its CLIP and SigLIP image
+    processors fall back to PIL; diffusers imports them with every Stable Diffusion pipeline
+    and diffprobe never uses them, so that is held back too. Errors still show."""
+    from diffusers.utils import logging as diffusers_logging
+
+    image_logger = logging.getLogger("transformers.utils.import_utils")
+    image_level = image_logger.level
+    bars = diffusers_logging.is_progress_bar_enabled()
+    verbosity = diffusers_logging.get_verbosity()
+    image_logger.setLevel(logging.ERROR)
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        image_logger.setLevel(image_level)
+        diffusers_logging.set_verbosity(verbosity)
+        if bars:
+            diffusers_logging.enable_progress_bar()
 
 
 def _from_pretrained(spec: ModelSpec, name: str, kwargs: dict[str, Any]) -> Any:
@@ -113,13 +172,14 @@ def load(
     ``dtype`` defaults to float32 (the safe choice on CPU); ``device`` to CPU.
     """
     name = str(name_or_path)
-    spec = resolve(name)
     torch_dtype = parse_dtype(dtype) or torch.float32
+    parse_device(device)  # a missing device fails before the weights are read
+    spec = resolve(name)
     kwargs = {_dtype_keyword(): torch_dtype, **pipeline_kwargs}
     if spec.family in ("sd",) and spec.alias not in (None, "tiny"):
         kwargs.setdefault("safety_checker", None)
         kwargs.setdefault("requires_safety_checker", False)
-    with _no_image_processor_fallback_warning():
+    with _quiet_loading():
         pipe = _from_pretrained(spec, name, kwargs)
     if device is not None:
         pipe.to(device)

@@ -7,6 +7,7 @@ local diffusers folder into a :class:`ModelSpec`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,14 +158,20 @@ def resolve(name_or_path: str | Path) -> ModelSpec:
     name = str(name_or_path)
     if name in _MODELS:
         return _MODELS[name]
+    if not name.strip():
+        raise UnknownModelError(
+            f"--model {name!r} names no model; give an alias (`diffprobe models` lists them: "
+            f"{', '.join(_MODELS)}), a hub id ('org/name') or a local diffusers folder"
+        )
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise UnknownModelError(
-                f"'{name}' is a path but not a diffusers pipeline folder (no model_index.json "
-                "in it); pass a folder written by `pipeline.save_pretrained(...)`"
-            )
+        _check_pipeline_folder(name, path)
         return ModelSpec(None, "auto", str(path.resolve()), 0, "auto", local=True)
+    if _looks_like_path(name):
+        raise UnknownModelError(
+            f"no such folder: '{name}' ({path.absolute()} does not exist); pass an existing "
+            "diffusers pipeline folder, an alias or a hub id ('org/name')"
+        )
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return ModelSpec(None, "auto", name, 0, "auto")
     close = did_you_mean(name, list(_MODELS))
@@ -174,3 +181,35 @@ def resolve(name_or_path: str | Path) -> ModelSpec:
         "Also accepted: a hub id ('org/name') or a local diffusers folder. "
         "`diffprobe models` lists the aliases."
     )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name a hub id cannot be: it starts like a path, or has more than one '/'."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_pipeline_folder(name: str, path: Path) -> None:
+    """Raise :class:`UnknownModelError` unless ``path`` is a folder with a readable
+    ``model_index.json`` naming a pipeline class (what ``save_pretrained`` writes)."""
+    how = "pass a folder written by `pipeline.save_pretrained(...)`"
+    if not path.is_dir():
+        raise UnknownModelError(
+            f"'{name}' is a file, not a diffusers pipeline folder; {how}, an alias or a hub id"
+        )
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UnknownModelError(
+            f"'{name}' is a path but not a diffusers pipeline folder (no model_index.json "
+            f"in it); {how}"
+        )
+    try:
+        config = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UnknownModelError(
+            f"'{name}': its model_index.json cannot be read as JSON ({type(err).__name__}: "
+            f"{err}); {how}"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+        raise UnknownModelError(
+            f"'{name}': its model_index.json names no pipeline class (no _class_name); {how}"
+        )

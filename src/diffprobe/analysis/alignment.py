@@ -317,10 +317,16 @@ def run_concept_features(
     n_concepts: int,
     reduction: str = "mean",
     block_items: int = 256,
+    warn: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Concept features of one (site, noise, condition) of a run: item features are read in
     blocks, reduced by ``reduction`` (see :func:`reduce_items`, applied only to unpooled
-    features) and averaged per concept. Returns ((concepts, dims), counts (concepts,))."""
+    features) and averaged per concept. Returns ((concepts, dims), counts (concepts,)).
+
+    Items whose features hold NaN or infinity (a damaged store) are left out of the averages,
+    with a warning (``warn``) that counts them; ``counts`` counts the items averaged, and a
+    concept left without one has count 0 and a NaN row. When no item of a concept is finite,
+    :class:`AlignmentError`."""
     from diffprobe.extract.store import StoreError
 
     if not run.complete:
@@ -328,20 +334,47 @@ def run_concept_features(
             f"run {run.root} is incomplete; run the same extract command again to finish it"
         )
     array = run.array(site, noise, condition)
+    where = f"site {site}, noise {noise}, condition {condition} of run {run.root}"
     item_concepts = np.asarray(item_concepts)
     sums, counts = None, np.zeros(n_concepts, dtype=np.int64)
+    non_finite = 0
     for start in range(0, array.shape[0], block_items):
         stop = min(start + block_items, array.shape[0])
         concepts = item_concepts[start:stop]
         if not (concepts >= 0).any():
             continue
-        block = reduce_items(np.asarray(array[start:stop]), reduction)
-        means, block_counts = concept_means(block, concepts, n_concepts)
+        try:
+            stored = np.asarray(array[start:stop])
+        except Exception as err:  # noqa: BLE001 - zarr raises many kinds for damaged chunks
+            raise StoreError(
+                f"cannot read items {start}-{stop - 1} at {where} ({type(err).__name__}: "
+                f"{' '.join(str(err).split())}); its features.zarr is damaged: extract again "
+                "into a new folder"
+            ) from None
+        block = reduce_items(stored, reduction)
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        non_finite += int((~finite & (concepts >= 0)).sum())
+        means, block_counts = concept_means(block, np.where(finite, concepts, -1), n_concepts)
         block_sums = np.nan_to_num(means) * block_counts[:, None]
         sums = block_sums if sums is None else sums + block_sums
         counts += block_counts
     if sums is None:
         raise AlignmentError(f"no item of run {run.root} belongs to a concept")
+    if non_finite and not counts.any():
+        raise AlignmentError(
+            f"every item at {where} holds NaN or infinite features ({non_finite} items); the "
+            "store is damaged or the model diverged: extract again (e.g. with --dtype fp32)"
+        )
+    if non_finite and warn:
+        had = np.bincount(item_concepts[item_concepts >= 0], minlength=n_concepts) > 0
+        log.warning(
+            "%s: %d of %d items hold NaN or infinite features and are left out of the concept "
+            "averages (%d concepts keep no item)",
+            where,
+            non_finite,
+            int((item_concepts >= 0).sum()),
+            int((had & (counts == 0)).sum()),
+        )
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts[:, None], counts
 
@@ -370,11 +403,13 @@ def load_concept_features(
     progress: bool = False,
 ) -> tuple[dict[tuple[str, str, str], np.ndarray], np.ndarray]:
     """Concept features of the selected arrays of one run: ({(site, noise, condition): (covered
-    concepts, dims)}, covered (concepts,) bool). ``reduction`` applies to unpooled runs."""
+    concepts, dims)}, covered (concepts,) bool). ``reduction`` applies to unpooled runs.
+
+    A concept none of whose items has finite features in one of the arrays is left out of all
+    of them (with a warning), so every array covers the same concepts."""
     from tqdm.auto import tqdm
 
     concepts = things.item_concepts(run.manifest)
-    covered = np.bincount(concepts[concepts >= 0], minlength=things.n_concepts) > 0
     unpooled = run.info.get("pooling") == "none"
     item_reduction, components = parse_reduction(reduction) if unpooled else ("mean", None)
     keys = [
@@ -383,12 +418,44 @@ def load_concept_features(
         for noise in _select(run, "noise", noises, run.noise_keys)
         for condition in _select(run, "condition", conditions, run.conditions)
     ]
-    features = {}
-    for key in tqdm(keys, desc="features", unit="array", disable=not progress, file=sys.stderr):
-        values, _ = run_concept_features(run, *key, concepts, things.n_concepts, item_reduction)
-        values = values[covered]
-        features[key] = pca_project(values, components) if components else values
+    # A second pass only when the first found concepts without finite features: they are
+    # left out of every array, and PCA is fitted on the concepts that remain.
+    for first_pass in (True, False):
+        covered = np.bincount(concepts[concepts >= 0], minlength=things.n_concepts) > 0
+        features, lost = {}, np.zeros(things.n_concepts, dtype=bool)
+        bar = tqdm(keys, desc="features", unit="array", disable=not progress, file=sys.stderr)
+        for key in bar:
+            values, counts = run_concept_features(
+                run, *key, concepts, things.n_concepts, item_reduction, warn=first_pass
+            )
+            lost |= covered & (counts == 0)
+            values = values[covered]
+            features[key] = pca_project(values, components) if components else values
+        if not lost.any():
+            break
+        _leave_out_concepts(lost, covered, [concepts], things)
     return features, covered
+
+
+def _leave_out_concepts(
+    lost: np.ndarray, covered: np.ndarray, item_concepts: list[np.ndarray], things
+) -> None:
+    """Mark the items of the ``lost`` concepts (bool (concepts,)) as belonging to none
+    (-1, in place), and say so; :class:`AlignmentError` when no ``covered`` concept remains."""
+    if not (covered & ~lost).any():
+        raise AlignmentError(
+            "no concept has an item with finite features in every selected array (the others "
+            "hold NaN or infinity); the store is damaged: extract again"
+        )
+    names = [things.unique_ids[i] for i in np.flatnonzero(lost)]
+    log.warning(
+        "%d concepts have no item with finite features in some array and are left out of every "
+        "array, with the triplets that use them: %s",
+        len(names),
+        ", ".join(names[:10]) + (", ..." if len(names) > 10 else ""),
+    )
+    for concepts in item_concepts:
+        concepts[(concepts >= 0) & lost[np.maximum(concepts, 0)]] = -1
 
 
 @dataclass
@@ -433,10 +500,9 @@ def align_run(
     ``reductions`` apply to runs stored unpooled (default ``mean``); a pooled run is used as
     stored and its rows name its pooling. ``sites``, ``noises`` (keys such as ``p0.1``) and
     ``conditions`` select arrays (default: all). Concepts without items are left out, with the
-    triplets that use them. ``ceiling`` overrides the THINGS root's.
+    triplets that use them, and so are concepts with no item whose features are finite in
+    every array (a damaged store; with a warning). ``ceiling`` overrides the THINGS root's.
     """
-    from tqdm.auto import tqdm
-
     for metric in metrics:
         _check_metric(metric)
     run_list = list(runs) if isinstance(runs, list | tuple) else [runs]
@@ -446,12 +512,16 @@ def align_run(
         chosen = things.get_triplets(triplets)
     ceiling = things.ceiling if ceiling is None else ceiling
     item_concepts = [things.item_concepts(run.manifest) for run in run_list]
-    covered = np.ones(things.n_concepts, dtype=bool)
-    for concepts in item_concepts:
-        covered &= np.bincount(concepts[concepts >= 0], minlength=things.n_concepts) > 0
-    if not covered.any():
-        raise AlignmentError("no concept has items in every run")
-    used = restrict_triplets(chosen, covered)
+    # A second pass only when the first found concepts without an item with finite features in
+    # some array: they are left out of every array, so all rows score the same triplets.
+    for first_pass in (True, False):
+        rows, features, covered, used, lost = _align_pass(
+            run_list, things, item_concepts, chosen, metrics, reductions, pca, sites, noises,
+            conditions, ceiling, progress, warn=first_pass,
+        )  # fmt: skip
+        if not lost.any():
+            break
+        _leave_out_concepts(lost, covered, item_concepts, things)
     if len(used) < len(chosen):
         log.warning(
             "%d of %d concepts have items; %d of %d triplets use only those and are scored",
@@ -460,8 +530,29 @@ def align_run(
             len(used),
             len(chosen),
         )
+    return AlignmentResult(rows, features, covered, used)
+
+
+def _align_pass(
+    run_list, things, item_concepts, chosen, metrics, reductions, pca, sites, noises, conditions,
+    ceiling, progress, warn,
+):  # fmt: skip
+    """Rows and features of :func:`align_run` over the concepts that ``item_concepts`` (one
+    array (items,) per run) cover, and the covered concepts that lost every item to NaN or
+    infinite features in some array (then rows and features are incomplete)."""
+    from tqdm.auto import tqdm
+
+    covered = np.ones(things.n_concepts, dtype=bool)
+    for concepts in item_concepts:
+        covered &= np.bincount(concepts[concepts >= 0], minlength=things.n_concepts) > 0
+    if not covered.any():
+        raise AlignmentError("no concept has items in every run")
+    used = restrict_triplets(chosen, covered)
     if len(used) == 0:
-        raise AlignmentError("no triplet uses only concepts the run has items for")
+        raise AlignmentError(
+            f"none of the {len(chosen)} triplets uses only the {int(covered.sum())} concepts "
+            "the runs have items for; extract from all the concepts the triplets use"
+        )
     human = human_similarity(used, int(covered.sum()))
 
     jobs = []
@@ -497,12 +588,17 @@ def align_run(
                         )
 
     rows, features = [], {}
+    lost = np.zeros(things.n_concepts, dtype=bool)
     bar = tqdm(jobs, desc="align", unit="array", disable=not progress, file=sys.stderr)
     for name, run, concepts, site, entry, condition, reduction, unpooled in bar:
         item_reduction, components = parse_reduction(reduction) if unpooled else ("mean", None)
-        values, _ = run_concept_features(
-            run, site, entry["key"], condition, concepts, things.n_concepts, item_reduction
-        )
+        values, counts = run_concept_features(
+            run, site, entry["key"], condition, concepts, things.n_concepts, item_reduction,
+            warn=warn,
+        )  # fmt: skip
+        lost |= covered & (counts == 0)
+        if lost.any():
+            continue  # this pass only looks for more such concepts; the next one scores
         values = values[covered]
         if components:
             values = pca_project(values, components)
@@ -533,7 +629,7 @@ def align_run(
                     "concepts": int(covered.sum()),
                 }
             )
-    return AlignmentResult(rows, features, covered, used)
+    return rows, features, covered, used, lost
 
 
 # ------------------------------------------------------------------------------ outputs

@@ -107,6 +107,19 @@ class LinearTransform:
 # ------------------------------------------------------------------------------ splits
 
 
+def _finite(values: np.ndarray, what: str = "concept features") -> np.ndarray:
+    """``values`` as float64, or :class:`ProbingError` when any is NaN or infinite (they would
+    turn every fitted weight into NaN)."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1) if values.size else []
+    if np.any(bad):
+        raise ProbingError(
+            f"{int(np.sum(bad))} of {len(values)} rows of {what} hold NaN or infinite values "
+            f"(first row {int(np.flatnonzero(bad)[0])}); leave those concepts out"
+        )
+    return values
+
+
 def object_folds(
     n_concepts: int, folds: int, seed: int = 0, present: np.ndarray | None = None
 ) -> list[np.ndarray]:
@@ -365,7 +378,7 @@ def probe(
     """
     from tqdm.auto import tqdm
 
-    values = np.asarray(features, dtype=np.float64)
+    values = _finite(features)
     triplets = np.asarray(triplets, dtype=np.int64)
     n = len(values)
     present = np.zeros(n, dtype=bool)
@@ -483,8 +496,8 @@ def regress(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    values = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
-    target = np.asarray(target, dtype=np.float64)
+    values = _finite(features).reshape(len(features), -1)
+    target = _finite(target, "the target embedding")
     if target.ndim == 1:
         target = target[:, None]
     if len(target) != len(values):

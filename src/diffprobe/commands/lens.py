@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -9,15 +10,69 @@ import typer
 
 
 def _seeds(text: str) -> list[int]:
+    from diffprobe.lens import LensError
+
     try:
         seeds = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise typer.BadParameter(f"--seeds takes comma-separated integers, got {text!r}") from None
+        raise LensError(
+            f"--seeds {text!r}: seeds are comma-separated integers such as 0,1,2,3"
+        ) from None
     if not seeds or min(seeds) < 0:
-        raise typer.BadParameter(
-            f"--seeds takes non-negative integers such as 0,1,2,3, got {text!r}"
-        )
+        raise LensError(f"--seeds {text!r}: seeds are integers >= 0, such as 0,1,2,3")
     return seeds
+
+
+def _check_layers(text: str) -> None:
+    """The form of ``--layers`` (the range is checked once the model is loaded)."""
+    from diffprobe.lens import LensError
+
+    if text.strip().lower() == "all":
+        return
+    words = [w for w in text.replace(" ", "").split(",") if w]
+    if not words or not all(w.lstrip("-").isdigit() for w in words):
+        raise LensError(
+            f"--layers {text!r}: give 'all' or comma-separated layer numbers such as 0,2,4 "
+            "(-1 = the last)"
+        )
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder, or a path where one can be made (checked before the model
+    loads, so a bad path costs no generation)."""
+    from diffprobe.io import OutputError
+
+    folder = out.expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(
+            f"--out {out} is a file, not a folder; the lens writes a folder of images there: "
+            "choose a new folder path"
+        )
+    parent = next((p for p in folder.absolute().parents if p.exists()), None)
+    if not folder.exists() and parent is not None and not parent.is_dir():
+        raise OutputError(
+            f"--out {out}: {parent} is a file, so no folder can be made under it; choose "
+            "another path"
+        )
+
+
+def _check_numbers(steps: int, batch_size: int, size: int | None, guidance: float | None):
+    from diffprobe.lens import LensError
+
+    if steps < 1:
+        raise LensError(f"--steps {steps}: the sampler needs at least 1 step")
+    if batch_size < 1:
+        raise LensError(f"--batch-size {batch_size}: a batch holds at least 1 prompt")
+    if size is not None and size < 1:
+        raise LensError(
+            f"--size {size}: the image size is a positive number of pixels (leave it out for "
+            "the model's native size)"
+        )
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise LensError(
+            f"--guidance {guidance:g}: the guidance scale is a finite number >= 0 (leave it "
+            "out for the family's default)"
+        )
 
 
 def lens_command(
@@ -57,13 +112,19 @@ def lens_command(
 
     _setup(quiet)
     import diffprobe
-    from diffprobe.lens import NORMS, PADDING, POOLED, lens
+    from diffprobe.lens import NORMS, PADDING, POOLED, LensError, lens
+    from diffprobe.loading import parse_device, parse_dtype
 
     for name, value, choices in (("--pad", pad, PADDING), ("--norm", norm, NORMS),
                                  ("--pooled", pooled, POOLED)):  # fmt: skip
         if value not in choices:
-            raise typer.BadParameter(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            raise LensError(f"{name} {value!r}: expected one of {', '.join(choices)}")
     seed_list = _seeds(seeds)
+    _check_layers(layers)
+    _check_numbers(steps, batch_size, size, guidance)
+    parse_dtype(dtype)
+    parse_device(device)
+    _check_out(out)
     loaded = diffprobe.load(model, dtype=dtype, device=device)
     result = lens(
         loaded, prompt, layers=layers, seeds=seed_list, steps=steps, guidance_scale=guidance,

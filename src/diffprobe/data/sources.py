@@ -33,6 +33,17 @@ class DataError(DiffprobeError):
     pass
 
 
+class UnreadableImageError(DataError):
+    """An image file that cannot be decoded; ``reason`` says why (without the path)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"cannot read image {path}: {reason}. Fix or remove it, or pass --on-error skip to "
+            "leave it out (it is then listed in run.json)"
+        )
+
+
 @dataclass
 class Item:
     id: str
@@ -83,11 +94,56 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path, data: bytes | None = None) -> np.ndarray:
+    """Decode the whole image file at ``path`` (or its bytes ``data``) to uint8 RGB
+    (height, width, 3), the first frame of an animation.
+
+    8-bit modes (grey, palette, RGBA, LA, CMYK, ...) go through PIL's ``convert("RGB")``,
+    which drops alpha. Deeper images keep their real range instead of being clipped at 255:
+    16-bit grey (modes ``I;16*``, and ``I`` with values in 0..65535) is divided by 257 and
+    rounded, so 65535 is 255; float images (mode ``F``) must hold values in [0, 1], which are
+    multiplied by 255 and rounded. Other integer or float ranges, NaN and infinity raise
+    :class:`DataError`, as does a file that is truncated or not an image.
+    """
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
+            img.load()  # decodes every byte: a truncated file fails here, not mid-run
+            if img.mode.startswith("I") or img.mode == "F":
+                grey = _deep_to_uint8(np.asarray(img), img.mode, path)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            return np.asarray(img.convert("RGB"))
+    except UnreadableImageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds
+        raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from None
+
+
+def _deep_to_uint8(values: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image (height, width) as uint8 (see
+    :func:`_read_image` for the rules)."""
+    finite = np.isfinite(values) if values.dtype.kind == "f" else np.ones(values.shape, bool)
+    if not finite.all():
+        raise UnreadableImageError(path, f"mode {mode} image holds NaN or infinite pixels")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F":
+        if low < 0 or high > 1:
+            raise UnreadableImageError(
+                path,
+                f"float image with values in [{low:g}, {high:g}], and diffprobe reads float "
+                "images as intensities in [0, 1] (rescale it, or save it as 8-bit)",
+            )
+        return np.round(values.astype(np.float64) * 255).astype(np.uint8)
+    if low < 0 or high > 65535:
+        raise UnreadableImageError(
+            path,
+            f"mode {mode} image with values in [{low:g}, {high:g}], and diffprobe reads 8- and "
+            "16-bit images (save it as an 8- or 16-bit PNG)",
+        )
+    return np.round(values.astype(np.float64) / 257).astype(np.uint8)
 
 
 def _center_square(image: np.ndarray) -> np.ndarray:
@@ -100,22 +156,31 @@ def _center_square(image: np.ndarray) -> np.ndarray:
 def _file_items(
     paths: list[tuple[Path, str, str | None, str]], on_error: str
 ) -> tuple[list[Item], list[dict]]:
-    from PIL import Image
+    """Items of image files, each decoded in full once here (and again when loaded, so no
+    image is kept in memory) so that a truncated, empty or foreign file is named before any
+    model work: :class:`DataError` with ``on_error="fail"``, else listed in ``skipped``."""
+    import os
+    import sys
 
+    from tqdm.auto import tqdm
+
+    # a bar only where decoding takes more than a few seconds; --quiet sets TQDM_DISABLE
+    quiet = len(paths) < 1000 or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
     items, skipped = [], []
-    for path, label, caption, item_id in paths:
+    for path, label, caption, item_id in tqdm(
+        paths, desc="checking images", unit="image", leave=False, file=sys.stderr, disable=quiet
+    ):
         try:
-            data = path.read_bytes()
-            with Image.open(path) as img:
-                img.verify()
-        except Exception as err:  # noqa: BLE001 - PIL raises many kinds
-            problem = {"path": str(path), "error": f"{type(err).__name__}: {err}"}
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                raise UnreadableImageError(path, err.strerror or str(err)) from None
+            _read_image(path, data)
+        except UnreadableImageError as err:
             if on_error == "fail":
-                raise DataError(
-                    f"cannot read image {path}: {problem['error']}. Fix or remove it, or pass "
-                    "--on-error skip to leave it out (it is then listed in run.json)"
-                ) from None
-            log.warning("skipping unreadable image %s (%s)", path, problem["error"])
+                raise
+            problem = {"path": str(path), "error": err.reason}
+            log.warning("skipping unreadable image %s (%s)", path, err.reason)
             skipped.append(problem)
             continue
         items.append(
@@ -131,27 +196,53 @@ def _file_items(
     return items, skipped
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` (a BOM is dropped), or :class:`DataError` naming it when it
+    is missing, not a file, unreadable or not UTF-8."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist; check the path")
+    if not path.is_file():
+        raise DataError(f"{what} {path} is not a file; pass the file itself")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise DataError(f"cannot read {what} {path}: {err.strerror or err}") from None
+
+
 def image_folder(root: Path, on_error: str = "fail") -> Source:
     root = Path(root)
     labels_csv = root / "labels.csv"
     entries = []
     if labels_csv.is_file():
-        with labels_csv.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                if "path" not in row or "label" not in row:
-                    raise DataError(f"{labels_csv} needs the columns path,label[,caption]")
-                entries.append(
-                    (root / row["path"], row["label"], row.get("caption") or None, row["path"])
-                )
+        rows = csv.DictReader(read_text_file(labels_csv, "label file").splitlines())
+        for row in rows:
+            if "path" not in row or "label" not in row:
+                raise DataError(f"{labels_csv} needs the columns path,label[,caption]")
+            entries.append(
+                (root / row["path"], row["label"], row.get("caption") or None, row["path"])
+            )
+        if not entries:
+            raise DataError(f"{labels_csv} lists no images; add rows path,label[,caption]")
     else:
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        found = sorted(root.rglob("*"))
+        for path in (p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()):
             relative = path.relative_to(root)
             label = relative.parts[0] if len(relative.parts) > 1 else ""
             entries.append((path, label, None, relative.as_posix()))
-    if not entries:
-        raise DataError(
-            f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+        if not found:
+            raise DataError(f"data folder {root} is empty; put image files in it")
+        if not entries:
+            others = [p.relative_to(root).as_posix() for p in found if p.is_file()]
+            seen = f" (it holds {len(others)} other files, e.g. {others[0]})" if others else ""
+            raise DataError(
+                f"no image files in data folder {root}{seen}; diffprobe reads "
+                f"{', '.join(sorted(IMAGE_SUFFIXES))}"
+            )
     items, skipped = _file_items(entries, on_error)
     return Source("folder", str(root), items, skipped)
 
@@ -161,11 +252,15 @@ def read_things_concepts(root: Path) -> list[dict]:
     the concept index."""
     table = Path(root) / "things_concepts.tsv"
     if not table.is_file():
-        raise DataError(f"{root} is not a THINGS root: no things_concepts.tsv in it")
-    with table.open(newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
+        raise DataError(
+            f"{root} is not a THINGS root: {table} is missing; a THINGS root holds "
+            "things_concepts.tsv (a uniqueID column, one row per concept), images/ and triplets/"
+        )
+    rows = list(csv.DictReader(read_text_file(table, "concept table").splitlines(), delimiter="\t"))
     if not rows or "uniqueID" not in rows[0]:
-        raise DataError(f"{table} needs a header with a uniqueID column")
+        raise DataError(
+            f"{table} needs a tab-separated header with a uniqueID column and one row per concept"
+        )
     return rows
 
 
@@ -223,27 +318,51 @@ def shapes(n: int, seed: int = 0, split: str = "train") -> Source:
     return Source("shapes", f"shapes world, {n} items, seed {seed}, split {split}", items)
 
 
+# the shapes world is drawn in memory (12 KB an image): a typo such as shapes:2560000 would
+# fill it before any work
+MAX_SHAPES_ITEMS = 100_000
+
+
+def parse_shapes_spec(text: str) -> tuple[int, int, str]:
+    """``shapes:N[:SEED[:SPLIT]]`` -> (N, SEED, SPLIT); :class:`DataError` naming ``text``
+    unless 1 <= N <= MAX_SHAPES_ITEMS, SEED >= 0 and SPLIT is one of the world's splits."""
+    from diffprobe.data.shapes import SPLITS
+
+    usage = (
+        f"expected shapes:N[:SEED[:SPLIT]] with N items (1 to {MAX_SHAPES_ITEMS}), a seed >= 0 "
+        f"and SPLIT one of {', '.join(SPLITS)}, e.g. shapes:256 or shapes:256:0:heldout"
+    )
+    parts = text.split(":")[1:]
+    if not 1 <= len(parts) <= 3:
+        raise DataError(f"data '{text}': {usage}")
+    try:
+        n = int(parts[0])
+        seed = int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise DataError(f"data '{text}': N and SEED must be whole numbers; {usage}") from None
+    split = parts[2] if len(parts) > 2 else "train"
+    if not 1 <= n <= MAX_SHAPES_ITEMS or seed < 0 or split not in SPLITS:
+        raise DataError(f"data '{text}': {usage}")
+    return n, seed, split
+
+
 def open_source(spec: str | Path, on_error: str = "fail") -> Source:
     """Open a data source from its command-line form (see the module docstring)."""
     if on_error not in ("skip", "fail"):
         raise DataError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
     text = str(spec)
     if text.startswith("shapes:"):
-        parts = text.split(":")
-        try:
-            n = int(parts[1])
-            seed = int(parts[2]) if len(parts) > 2 else 0
-        except (IndexError, ValueError):
-            raise DataError(
-                f"'{text}': expected shapes:N[:SEED[:SPLIT]], e.g. shapes:256"
-            ) from None
-        split = parts[3] if len(parts) > 3 else "train"
-        return shapes(n, seed, split)
+        return shapes(*parse_shapes_spec(text))
     root = Path(text).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"data '{text}' does not exist; pass an image folder, a THINGS root (with "
+            "things_concepts.tsv) or shapes:N (e.g. shapes:256)"
+        )
     if not root.is_dir():
         raise DataError(
-            f"data '{text}' is neither a folder nor shapes:N; pass an image folder, a THINGS "
-            "root (with things_concepts.tsv) or shapes:256"
+            f"data '{text}' is a file, not a folder; pass the folder that holds the images, a "
+            "THINGS root (with things_concepts.tsv) or shapes:N (e.g. shapes:256)"
         )
     if (root / "things_concepts.tsv").is_file():
         return things(root, on_error)
@@ -254,18 +373,32 @@ def read_captions(path: Path, source: Source) -> list[str]:
     """Per-item captions from a file: a CSV/TSV with ``id,caption`` columns, or plain text with
     one caption per line in item order."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".csv", ".tsv"):
-        delimiter = "\t" if path.suffix == ".tsv" else ","
+    text = read_text_file(path, "captions file")
+    if not text.strip():
+        raise DataError(
+            f"captions file {path} is empty; it needs one caption per item ({len(source)}), "
+            "one a line in item order or as id,caption CSV rows"
+        )
+    if path.suffix.lower() in (".csv", ".tsv"):
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
         if not rows or "id" not in rows[0] or "caption" not in rows[0]:
-            raise DataError(f"{path} needs the columns id,caption")
+            raise DataError(
+                f"captions file {path} needs a header with the columns id,caption and a row "
+                "per item"
+            )
         by_id = {r["id"]: r["caption"] for r in rows}
         missing = [it.id for it in source.items if it.id not in by_id]
         if missing:
-            raise DataError(f"{path} has no caption for {len(missing)} items, e.g. {missing[:3]}")
-        return [by_id[it.id] for it in source.items]
+            raise DataError(
+                f"captions file {path} has no caption for {len(missing)} of {len(source)} "
+                f"items, e.g. {missing[:3]}; add a row id,caption for each"
+            )
+        return [by_id[it.id] or "" for it in source.items]
     lines = [line for line in text.splitlines() if line.strip()]
     if len(lines) != len(source):
-        raise DataError(f"{path} has {len(lines)} captions for {len(source)} items")
+        raise DataError(
+            f"captions file {path} has {len(lines)} captions for {len(source)} items; it needs "
+            "one non-empty line per item, in item order"
+        )
     return lines

@@ -27,7 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffprobe.data.sources import DataError, read_things_concepts, things_image_files
+from diffprobe.data.sources import (
+    DataError,
+    read_text_file,
+    read_things_concepts,
+    things_image_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +48,29 @@ def validate_triplets(triplets: np.ndarray, n_concepts: int, where: str = "tripl
     item.
     """
     array = np.asarray(triplets)
+    if array.size == 0:
+        raise DataError(
+            f"{where} holds no triplets; it needs rows of three 0-based concept indices, "
+            "column 2 the odd one out"
+        )
     if array.ndim != 2 or array.shape[1] != 3:
-        raise DataError(f"{where}: expected an array of shape (triplets, 3), got {array.shape}")
+        raise DataError(
+            f"{where}: expected an array of shape (triplets, 3), got {array.shape}; each row "
+            "is three 0-based concept indices, column 2 the odd one out"
+        )
     if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            row = int(np.flatnonzero(~np.all(array == np.round(array), axis=1))[0])
+        whole = np.isfinite(array) & (array == np.round(array))
+        if not whole.all():
+            row = int(np.flatnonzero(~whole.all(axis=1))[0])
             raise DataError(
                 f"{where}: row {row} {array[row].tolist()} holds non-integer values; "
                 "triplets are 0-based integer concept indices"
             )
     elif array.dtype.kind not in "iu":
-        raise DataError(f"{where}: expected integer concept indices, got dtype {array.dtype}")
+        raise DataError(
+            f"{where}: expected integer concept indices, got {_dtype_name(array.dtype)}; "
+            "triplets are 0-based integer rows of things_concepts.tsv"
+        )
     array = array.astype(np.int64)
     outside = (array < 0) | (array >= n_concepts)
     if outside.any():
@@ -76,33 +93,86 @@ def validate_triplets(triplets: np.ndarray, n_concepts: int, where: str = "tripl
     return array
 
 
+def _dtype_name(dtype: np.dtype) -> str:
+    kinds = {"U": "text", "S": "bytes", "O": "Python objects", "b": "booleans", "c": "complex"}
+    return f"{kinds.get(dtype.kind, 'values')} (dtype {dtype})"
+
+
+def load_array(path: str | Path, what: str) -> np.ndarray:
+    """The array of a ``.npy`` file, never unpickling: :class:`DataError` naming ``path`` when
+    it is missing, not a ``.npy`` array, truncated or holds Python objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist" if not path.exists() else
+                        f"{what} {path} is not a file")  # fmt: skip
+    with path.open("rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            raise DataError(
+                f"{what} {path} is not a .npy file (no numpy header); save a numeric array "
+                "with numpy.save"
+            )
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        reason = (
+            "it holds Python objects, which diffprobe never unpickles"
+            if "allow_pickle" in str(err) and "Object arrays" in str(err)
+            else f"it is not a readable .npy array ({str(err).split('. ')[0]})"
+        )
+        raise DataError(f"{what} {path}: {reason}; save a numeric array with numpy.save") from None
+    except (OSError, EOFError) as err:
+        raise DataError(
+            f"{what} {path}: it is not a readable .npy array ({err or 'empty file'}); save a "
+            "numeric array with numpy.save"
+        ) from None
+    return array
+
+
+def _load_text_table(path: Path, what: str) -> np.ndarray:
+    """Numbers separated by spaces, tabs or commas, one row a line: float64 (rows, columns)."""
+    text = read_text_file(path, what).replace(",", " ")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return np.zeros((0, 0))
+    try:
+        return np.loadtxt(lines, ndmin=2)
+    except ValueError as err:
+        raise DataError(
+            f"{what} {path}: cannot read it as rows of numbers ({err}); write one row a line, "
+            "numbers separated by spaces, tabs or commas"
+        ) from None
+
+
 def read_triplets(path: str | Path, n_concepts: int) -> np.ndarray:
     """Triplets from ``.npy`` or plain text (N×3 integers separated by spaces, tabs or commas),
     validated against ``n_concepts``: int64 (triplets, 3)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"triplet file {path} does not exist")
-    if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
+        raise DataError(
+            f"triplet file {path} does not exist; pass test, train, all or the path of a "
+            "triplet file (.npy or text, N×3)"
+            if not path.exists()
+            else f"triplet file {path} is not a file"
+        )
+    if path.suffix.lower() == ".npy":
+        array = load_array(path, "triplet file")
     else:
-        text = path.read_text().replace(",", " ")
-        try:
-            array = np.loadtxt(text.splitlines(), ndmin=2)
-        except ValueError as err:
-            raise DataError(f"{path}: cannot read N×3 integers ({err})") from None
-    return validate_triplets(array, n_concepts, str(path))
+        array = _load_text_table(path, "triplet file")
+    return validate_triplets(array, n_concepts, f"triplet file {path}")
 
 
 def read_embedding(path: str | Path, n_concepts: int) -> np.ndarray:
     """A (concepts, dims) embedding from ``.npy`` or plain text (e.g. the 66-d SPoSE embedding),
     one row per concept in ``things_concepts.tsv`` order: float64."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"embedding file {path} does not exist")
-    if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
+    if path.suffix.lower() == ".npy":
+        array = load_array(path, "embedding file")
     else:
-        array = np.loadtxt(path.read_text().replace(",", " ").splitlines(), ndmin=2)
+        if not path.exists():
+            raise DataError(f"embedding file {path} does not exist; pass a .npy or text file")
+        array = _load_text_table(path, "embedding file")
+    if array.dtype.kind not in "iuf":
+        raise DataError(f"embedding file {path}: expected numbers, got {_dtype_name(array.dtype)}")
     array = np.asarray(array, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] != n_concepts:
         raise DataError(
@@ -190,6 +260,28 @@ def _find_triplet_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _read_ceiling(path: Path) -> float:
+    """The ``ceiling`` number of a ``noise_ceiling.json``."""
+    try:
+        stored = json.loads(read_text_file(path, "noise ceiling file"))
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"noise ceiling file {path} is not valid JSON ({err}); it needs "
+            '{"ceiling": <accuracy between 1/3 and 1>}'
+        ) from None
+    if not isinstance(stored, dict) or "ceiling" not in stored:
+        raise DataError(
+            f"noise ceiling file {path} has no 'ceiling' entry; it needs "
+            '{"ceiling": <accuracy between 1/3 and 1>} (or remove it, or pass --ceiling)'
+        )
+    value = stored["ceiling"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise DataError(
+            f"noise ceiling file {path}: 'ceiling' is {value!r}, not a number between 1/3 and 1"
+        )
+    return float(value)
+
+
 def load_things(root: str | Path, check_images: bool = True) -> Things:
     """Read and validate a THINGS root: concepts, the train / test triplets found under
     ``triplets/`` and the noise ceiling. With ``check_images`` every concept must have at least
@@ -219,12 +311,16 @@ def load_things(root: str | Path, check_images: bool = True) -> Things:
             triplets[name] = read_triplets(path, len(ids))
     ceiling, source = None, "none"
     if (folder / "noise_ceiling.json").is_file():
-        stored = json.loads((folder / "noise_ceiling.json").read_text())
-        if "ceiling" not in stored:
-            raise DataError(f"{folder / 'noise_ceiling.json'} has no 'ceiling' entry")
-        ceiling, source = float(stored["ceiling"]), str(folder / "noise_ceiling.json")
+        source = str(folder / "noise_ceiling.json")
+        ceiling = _read_ceiling(folder / "noise_ceiling.json")
     elif (folder / "repeated.npy").is_file():
-        choices = np.load(folder / "repeated.npy", allow_pickle=False)
+        choices = load_array(folder / "repeated.npy", "repeated choices file")
+        if choices.ndim != 2 or choices.shape[1] < 2 or choices.dtype.kind not in "iu":
+            raise DataError(
+                f"repeated choices file {folder / 'repeated.npy'}: expected integers of shape "
+                f"(triplets, repeats >= 2), the odd-one-out concept of every response, got "
+                f"{_dtype_name(choices.dtype)} of shape {choices.shape}"
+            )
         ceiling, source = noise_ceiling(choices), str(folder / "repeated.npy")
     if ceiling is not None and not 1 / 3 < ceiling <= 1:
         raise DataError(f"noise ceiling {ceiling} from {source} is outside (1/3, 1]")

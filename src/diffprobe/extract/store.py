@@ -318,8 +318,16 @@ class Run:
             raise StoreError(
                 f"condition '{condition}' is not in {self.root}; it has {', '.join(self.conditions)}"
             )
-        group = zarr.open_group(str(self.root / FEATURES), mode="r", zarr_format=3)
-        return group[array_path(site, noise, condition, self.format)]
+        path = array_path(site, noise, condition, self.format)
+        try:
+            group = zarr.open_group(str(self.root / FEATURES), mode="r", zarr_format=3)
+            return group[path]
+        except Exception as err:  # noqa: BLE001 - zarr raises many kinds for damaged stores
+            raise StoreError(
+                f"cannot read array {path} of run {self.root} ({type(err).__name__}: "
+                f"{' '.join(str(err).split())}); its {FEATURES} is damaged or was changed by "
+                "hand: extract again into a new folder"
+            ) from None
 
     def get(
         self,
@@ -358,10 +366,58 @@ class Run:
         )
 
 
+# what readers take from run.json, and the type each must have
+RUN_JSON_FIELDS = {
+    "sites": list,
+    "noise": list,
+    "stored_conditions": list,
+    "items": list,
+    "chunk_items": int,
+}
+
+
 def open_run(root: str | Path) -> Run:
-    """Open a run folder written by ``diffprobe extract``."""
+    """Open a run folder written by ``diffprobe extract``; :class:`StoreError` naming the folder
+    when it is missing, its ``run.json`` is malformed or its ``features.zarr`` is gone."""
     root = Path(root)
     path = root / RUN_JSON
+    if not root.exists():
+        raise StoreError(f"run folder {root} does not exist; pass a folder written by extract")
+    if not root.is_dir():
+        raise StoreError(f"{root} is a file, not a run folder; pass a folder written by extract")
     if not path.is_file():
         raise StoreError(f"{root} is not a diffprobe run folder (no {RUN_JSON})")
-    return Run(root, json.loads(path.read_text()))
+    damaged = f"run folder {root} is damaged: its {RUN_JSON}"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreError(
+            f"{damaged} is not valid JSON ({err}); extract again into a new folder"
+        ) from None
+    if not isinstance(info, dict):
+        raise StoreError(f"{damaged} holds {type(info).__name__}, not an object; extract again")
+    wrong = [
+        name
+        for name, kind in RUN_JSON_FIELDS.items()
+        if not isinstance(info.get(name), kind) or isinstance(info.get(name), bool)
+    ]
+    if not wrong:
+        entries = {"noise": "key", "items": "id"}
+        wrong = [f for f, key in entries.items() if not all(isinstance(e, dict) and key in e
+                                                           for e in info[f])]  # fmt: skip
+    if wrong or info["chunk_items"] < 1:
+        raise StoreError(
+            f"{damaged} lacks or has malformed {', '.join(wrong or ['chunk_items'])}; extract "
+            "again into a new folder"
+        )
+    if run_format(info) not in ARRAY_PATHS:
+        raise StoreError(
+            f"run folder {root}: run format {run_format(info)!r} is not one this diffprobe "
+            f"reads ({', '.join(ARRAY_PATHS)}); update diffprobe"
+        )
+    if not (root / FEATURES / "zarr.json").is_file():
+        raise StoreError(
+            f"run folder {root} has no {FEATURES} (its features store is missing or was "
+            "deleted); extract again into a new folder"
+        )
+    return Run(root, info)

@@ -25,6 +25,8 @@ shard count or order.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,6 +41,10 @@ from diffprobe.hooks.sites import all_site_names, module_components, resolve_sit
 from diffprobe.registry import ModelSpec
 
 
+class SeedError(DiffprobeError, ValueError):
+    """A negative seed or item index."""
+
+
 def item_seed(seed: int, item: int) -> int:
     """The generator seed of item ``item`` under run seed ``seed`` (documented, stable).
 
@@ -46,7 +52,7 @@ def item_seed(seed: int, item: int) -> int:
     only the low 32 bits of its seed, so ``seed * 2**32 + item`` would ignore ``seed``.
     """
     if seed < 0 or item < 0:
-        raise ValueError("seed and item index must be non-negative")
+        raise SeedError(f"seed {seed} (--seed) and item index {item} must be integers >= 0")
     return int(np.random.SeedSequence([seed, item]).generate_state(1)[0])
 
 
@@ -207,12 +213,32 @@ class Model:
         """Image sizes must be multiples of this."""
         raise NotImplementedError
 
+    def unet_multiple(self) -> int:
+        """For a UNet denoiser, the size every down-sampling halves evenly: VAE factor ×
+        2**(down blocks - 1), the rule ``diffprobe sites`` documents shapes by
+        (``models.meta.latent_geometry``); 1 for other denoisers. (A UNet pads and interpolates
+        at other sizes, so its features there are not the documented shapes.)"""
+        blocks = getattr(getattr(self.denoiser, "config", None), "down_block_types", None)
+        if not blocks:
+            return 1
+        factor = int(self.pipe.vae_scale_factor) if getattr(self.pipe, "vae", None) else 1
+        return factor * 2 ** (len(blocks) - 1)
+
     def check_size(self, size: int) -> None:
-        multiple = self.size_multiple()
-        if size <= 0 or size % multiple:
+        """Raise :class:`ImageSizeError` unless ``size`` px can be taken (``--size``)."""
+        multiple = math.lcm(self.size_multiple(), self.unet_multiple())
+        name = self.name or self.family
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
             raise ImageSizeError(
-                f"image size {size} px cannot be taken by {self.name or self.family}: it must be a "
-                f"positive multiple of {multiple} (native size {self.resolution})"
+                f"--size {size!r}: the image size must be a positive number of pixels, a "
+                f"multiple of {multiple} for {name} (native size {self.resolution})"
+            )
+        if size % multiple:
+            lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+            choices = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ImageSizeError(
+                f"image size {size} px (--size {size}) cannot be taken by {name}: it must be a "
+                f"positive multiple of {multiple} (native size {self.resolution}); try {choices}"
             )
 
     # -- the five operations ---------------------------------------------------------------------

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from diffprobe.errors import DiffprobeError, ImageSizeError
 from diffprobe.hooks.elements import TUPLE_ELEMENTS, element_index
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -69,6 +70,11 @@ NATIVE_SIZE: dict[str, int] = {
     "if-i": 64,
     "ddpm-celebahq": 256,
 }
+
+
+class ConfigError(DiffprobeError, ValueError):
+    """A model, component or config diffprobe cannot build shapes from."""
+
 
 DENOISERS = ("unet", "transformer")
 # Components that get sites, in the order they are reported; others in a folder (scheduler,
@@ -130,7 +136,7 @@ def _resolve(alias_or_folder: str | Path) -> str:
     folder = Path(source).expanduser()
     if folder.is_dir():
         if not _folder_components(folder.resolve()):
-            raise ValueError(
+            raise ConfigError(
                 f"folder {source!r} has no component folders with a config.json "
                 f"(expected diffusers layout, e.g. {source}/unet/config.json)"
             )
@@ -138,9 +144,10 @@ def _resolve(alias_or_folder: str | Path) -> str:
     aliases = available_configs()
     close = difflib.get_close_matches(source, aliases, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(
+    raise ConfigError(
         f"unknown model {source!r}: {hint}known aliases are {', '.join(aliases)}, "
-        "or give a local folder in diffusers layout"
+        "or give a local folder in diffusers layout (shapes come from the configs shipped "
+        "with diffprobe or in the folder: a hub model is read from its downloaded folder)"
     )
 
 
@@ -191,7 +198,7 @@ def component_config(alias: str | Path, component: str) -> dict:
     source = _resolve(alias)
     available = components(source)
     if component not in available:
-        raise ValueError(
+        raise ConfigError(
             f"{source!r} has no component {component!r}; it has {', '.join(available)}"
         )
     if _is_alias(source):
@@ -205,7 +212,7 @@ def component_config(alias: str | Path, component: str) -> dict:
             architectures[0] if architectures else _TEXT_ENCODER_CLASS.get(config.get("model_type"))
         )
         if class_name is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} names no class (no _class_name, architectures or known model_type)"
             )
         config["_class_name"] = class_name
@@ -217,12 +224,12 @@ def component_config(alias: str | Path, component: str) -> dict:
 def _model_class(config: dict) -> type[torch.nn.Module]:
     library = config["_library"]
     if library not in ("diffusers", "transformers"):
-        raise ValueError(f"unknown _library {library!r}; expected 'diffusers' or 'transformers'")
+        raise ConfigError(f"unknown _library {library!r}; expected 'diffusers' or 'transformers'")
     module = importlib.import_module(library)
     try:
         return getattr(module, config["_class_name"])
     except AttributeError:
-        raise ValueError(f"{library} has no class {config['_class_name']!r}") from None
+        raise ConfigError(f"{library} has no class {config['_class_name']!r}") from None
 
 
 def build_component(
@@ -283,12 +290,15 @@ def latent_geometry(alias_or_folder: str | Path, size: int) -> dict[str, Any]:
     (size / factor), ``multiple`` (the sizes that can be taken are its multiples), ``denoiser``
     and ``denoiser_class``, ``input_shape`` (the denoiser's per-item input: (channels, height,
     width) for UNets and SD3, (tokens, channels) for FLUX's packed latents) and ``tokens`` (image
-    tokens for DiTs, else ``None``). Raises ``ValueError`` when the size cannot be taken.
+    tokens for DiTs, else ``None``). Raises :class:`ImageSizeError` (a ``ValueError``) when the
+    size cannot be taken.
     """
     source = _resolve(alias_or_folder)
     name = source if _is_alias(source) else repr(source)
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(f"image size must be a positive integer number of pixels, got {size!r}")
+        raise ImageSizeError(
+            f"--size {size!r}: the image size must be a positive integer number of pixels"
+        )
     factor, latent_channels = _vae_factor(source)
     why = [f"VAE factor {factor}"] if latent_channels is not None else []
     multiple = factor
@@ -317,12 +327,12 @@ def latent_geometry(alias_or_folder: str | Path, size: int) -> dict[str, Any]:
     if size % multiple:
         lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
         choices = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ValueError(
+        raise ImageSizeError(
             f"image size {size} px cannot be taken by {name}: it must be a multiple of "
             f"{multiple} px ({' × '.join(why)}); try {choices}"
         )
     if max_size is not None and size > max_size:
-        raise ValueError(
+        raise ImageSizeError(
             f"image size {size} px cannot be taken by {name}: its position embedding covers at "
             f"most {max_size} px (pos_embed_max_size {config['pos_embed_max_size']})"
         )
@@ -357,7 +367,7 @@ def native_size(alias_or_folder: str | Path) -> int:
     if denoiser is None:
         if "vae" in components(source):
             return int(component_config(source, "vae").get("sample_size") or 512)
-        raise ValueError(f"{source!r} has no denoiser or VAE, so no image size applies")
+        raise ConfigError(f"{source!r} has no denoiser or VAE, so no image size applies")
     sample_size = component_config(source, denoiser).get("sample_size")
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
@@ -407,7 +417,7 @@ def _unet_condition_inputs(config: dict, geometry: dict) -> dict[str, Any]:
             "time_ids": _empty(BATCH, time_ids),
         }
     elif addition not in (None, "text"):
-        raise ValueError(
+        raise ConfigError(
             f"cannot make dummy inputs for a UNet with addition_embed_type {addition!r}; "
             "supported: None, 'text' (IF), 'text_time' (SDXL)"
         )
@@ -426,7 +436,7 @@ def _class_label_inputs(config: dict) -> dict[str, Any]:
     if kind is None and config.get("num_class_embeds"):
         return {"class_labels": _empty(BATCH, dtype=torch.long)}
     if kind not in (None, "identity"):
-        raise ValueError(f"cannot make dummy inputs for class_embed_type {kind!r}")
+        raise ConfigError(f"cannot make dummy inputs for class_embed_type {kind!r}")
     return {}
 
 
@@ -464,7 +474,7 @@ def _denoiser_inputs(source: str, denoiser: str, size: int) -> dict[str, Any]:
         if config.get("guidance_embeds"):
             inputs["guidance"] = _empty(BATCH)
         return inputs
-    raise ValueError(f"cannot make dummy inputs for denoiser class {cls!r}")
+    raise ConfigError(f"cannot make dummy inputs for denoiser class {cls!r}")
 
 
 def _text_inputs(source: str, component: str) -> dict[str, Any]:
@@ -617,13 +627,13 @@ def site_shapes(
     selected = tuple(available if components is None else components)
     unknown = [c for c in selected if c not in available]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"{source!r} has no component {unknown[0]!r}; it has {', '.join(available)}"
         )
     if size is None:
         size = native_size(source) if any(_needs_size(c) for c in selected) else 0
     elif any(_needs_size(c) for c in selected):
-        latent_geometry(source, size)  # raises ValueError naming the size
+        latent_geometry(source, size)  # raises ImageSizeError naming the size
     return dict(_site_shapes_cached(source, size, selected, _stamp(source)))
 
 
