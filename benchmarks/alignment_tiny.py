@@ -3,7 +3,7 @@
 Exports the shapes world in the THINGS layout (48 colour × shape concepts, simulated odd-one-out
 triplets with a stored noise ceiling), extracts every site × noise level × condition with
 ``tiny`` (the empty prompt and the label prompt "a {label}", spatial mean), then runs
-``diffprobe.analysis.alignment.demo``: zero-shot odd-one-out accuracy per (site, noise level,
+``diffprobe.stages.demo.alignment_demo``: zero-shot odd-one-out accuracy per (site, noise level,
 condition) on the test triplets; on the best one a linear probe and a ridge regression onto the
 true factors, K folds over objects; and the regression on the best site of each condition.
 
@@ -30,11 +30,10 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import diffprobe
-    from diffprobe.analysis.alignment import demo
     from diffprobe.data.sources import open_source
     from diffprobe.data.things_export import export_things
-    from diffprobe.demo import DEMO_CONDITIONS, DEMO_GRID_SITES, DEMO_NOISE
-    from diffprobe.extract.engine import Condition, ExtractionPlan, extract
+    from diffprobe.extract import Condition, ExtractionPlan, extract
+    from diffprobe.stages.demo import DEMO_CONDITIONS, DEMO_GRID_SITES, DEMO_NOISE, alignment_demo
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images-per-concept", type=int, default=12)
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = args.work / f"run-{args.images_per_concept}"
     shutil.rmtree(run_dir, ignore_errors=True)  # extract afresh: the timing includes it
     extract(model, open_source(str(root)), plan, run_dir, batch_size=args.batch_size, progress=True)
-    numbers = demo(run_dir, root, args.work / f"alignment-{args.images_per_concept}",
+    numbers = alignment_demo(run_dir, root, args.work / f"alignment-{args.images_per_concept}",
                    folds=args.folds)  # fmt: skip
     summary = {
         "command": "python benchmarks/alignment_tiny.py " + " ".join(argv or sys.argv[1:]),

@@ -413,7 +413,7 @@ def diffprobe_extract(
     root: Path,
     batch_invariant: bool = False,
 ) -> Path:
-    from diffprobe.extract.engine import Condition, ExtractionPlan, extract
+    from diffprobe.extract import Condition, ExtractionPlan, extract
 
     plan = ExtractionPlan(sites=list(sites), noise_levels=list(noise_levels),
                           conditions=[Condition("empty")], pooling="mean", seed=seed,
@@ -824,7 +824,7 @@ def _nnsight_available(notes: list[str]) -> bool:
 
 
 def _warm_up(model, images, sites, size, args, device) -> None:
-    from diffprobe.extract.engine import pool_fn
+    from diffprobe.extract.plan import pool_fn
     from diffprobe.hooks.engine import capture
 
     batch = images[: args.batch_size]
@@ -948,7 +948,7 @@ def _memory(args, folder, sites, noise_levels, size, workdir, first, log) -> dic
 def _mfu(args, model, images, sites, noise_levels, size, extract_s, passes, deadline, log) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffprobe.extract.engine import pool_fn
+    from diffprobe.extract.plan import pool_fn
     from diffprobe.hooks.engine import capture
 
     batch = images[: args.batch_size]
@@ -1016,7 +1016,7 @@ def _bare(model, kwargs) -> None:
 
 def _maxbatch(args, model, images, sites, size, deadline, log) -> dict:
     """Largest batch whose extraction step (encode + one captured, early-stopped pass) fits."""
-    from diffprobe.extract.engine import pool_fn
+    from diffprobe.extract.plan import pool_fn
     from diffprobe.hooks.engine import capture
 
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)

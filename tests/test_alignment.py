@@ -15,7 +15,6 @@ from diffprobe.analysis.alignment import (
     concept_means,
     human_similarity,
     linear_cka,
-    noise_ceiling,
     normalised_score,
     ooo_accuracy,
     ooo_correct,
@@ -25,8 +24,10 @@ from diffprobe.analysis.alignment import (
     similarity_matrix,
 )
 from diffprobe.data.sources import DataError
-from diffprobe.data.things import load_things, read_triplets, validate_triplets
+from diffprobe.data.things import load_things, noise_ceiling, read_triplets, validate_triplets
 from diffprobe.data.things_export import export_things
+from diffprobe.stages.demo import alignment_demo
+from diffprobe.stages.probing import load_transform
 
 # ---------------------------------------------------------------------------- brute force
 
@@ -278,7 +279,7 @@ SITES = ["unet.down_blocks.1", "unet.mid_block"]
 @pytest.fixture(scope="module")
 def run_dir(things_root, tmp_path_factory, sd_model):
     from diffprobe.data.sources import open_source
-    from diffprobe.extract.engine import ExtractionPlan, extract
+    from diffprobe.extract import ExtractionPlan, extract
 
     plan = ExtractionPlan(
         sites=SITES, noise_levels=[0.1, 0.5], pooling="none", image_size=32, chunk_items=48, seed=0
@@ -302,7 +303,6 @@ def test_cli_align_probe_regress(run_dir, things_root, tmp_path):
     from typer.testing import CliRunner
 
     import diffprobe
-    from diffprobe.analysis.probing import LinearTransform
     from diffprobe.cli import app
 
     runner = CliRunner()
@@ -378,7 +378,7 @@ def test_cli_align_probe_regress(run_dir, things_root, tmp_path):
     assert len(read_rows(probe_out / "probe.csv")) == 2
     summary = read_rows(probe_out / "probe_summary.csv")
     assert len(summary) == 1 and 0 <= float(summary[0]["probed_mean"]) <= 1
-    transform = LinearTransform.load(Path(summary[0]["transform"]))
+    transform = load_transform(Path(summary[0]["transform"]))
     with np.load(summary[0]["transform"], allow_pickle=False) as stored:
         assert set(stored.files) == {"weights", "bias", "mean", "std"}
     new_items = run.get("unet.mid_block", "p0.1").mean((2, 3))[:5]
@@ -420,7 +420,7 @@ def test_cli_align_probe_regress(run_dir, things_root, tmp_path):
 
 
 def test_demo(run_dir, things_root, tmp_path, capsys):
-    numbers = alignment.demo(run_dir, things_root, tmp_path / "demo")
+    numbers = alignment_demo(run_dir, things_root, tmp_path / "demo")
     rows = read_rows(tmp_path / "demo" / "alignment.csv")
     assert {"site", "noise", "condition", "accuracy", "ceiling", "normalised"} <= set(rows[0])
     assert len(rows) == len(SITES) * 2

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 
 from diffprobe.analysis import anomalies as A
+from diffprobe.data import anomaly_labels as L
+from diffprobe.stages import anomalies as S
+from diffprobe.stages import crops as C
+from diffprobe.stages import demo as D
 
 SITES = ["unet.down_blocks.1", "unet.up_blocks.1"]
 
@@ -172,13 +176,13 @@ def test_planted_high_norm_groups_detected_exactly(reference, tmp_path):
     # against label files: every image looked at, the planted groups marked
     ids = [f"img-{i}" for i in range(8)]
     for i, item_id in enumerate(ids):
-        A.write_label_file(
+        L.write_label_file(
             tmp_path / f"{item_id}.json",
             item_id,
             [{"x": x, "y": y} for item, y, x in PLANTED if item == i],
             index=i,
         )
-    table = A.labels_to_table(tmp_path, ids)
+    table = L.labels_to_table(tmp_path, ids)
     result = A.compare_with_labels(found, table, tolerance=0)
     assert (result["precision"], result["recall"], result["matched"]) == (1.0, 1.0, len(PLANTED))
     # a higher threshold than the planted scores finds nothing
@@ -222,7 +226,7 @@ def test_matching_rule():
 
 def test_label_files_round_trip(tmp_path):
     ids = ["x-0", "x-1", "x-2"]
-    A.write_label_file(
+    L.write_label_file(
         tmp_path / "l" / "a.json",
         "x-2",
         [(3, 4), {"x": 1, "y": 0}],
@@ -230,8 +234,8 @@ def test_label_files_round_trip(tmp_path):
         site="unet.up_blocks.1",
         grid=(16, 16),
     )
-    A.write_label_file(tmp_path / "l" / "b.json", "x-0", [])
-    back = A.read_label_file(tmp_path / "l" / "a.json")
+    L.write_label_file(tmp_path / "l" / "b.json", "x-0", [])
+    back = L.read_label_file(tmp_path / "l" / "a.json")
     assert back == {
         "item": "x-2",
         "index": 2,
@@ -239,9 +243,9 @@ def test_label_files_round_trip(tmp_path):
         "grid": [16, 16],
         "groups": [{"x": 4, "y": 3}, {"x": 1, "y": 0}],
     }
-    table = A.labels_to_table(tmp_path / "l", ids)
-    A.save_label_table(table, tmp_path / "labels.npz")
-    loaded = A.load_label_table(tmp_path / "labels.npz")
+    table = L.labels_to_table(tmp_path / "l", ids)
+    L.save_label_table(table, tmp_path / "labels.npz")
+    loaded = L.load_label_table(tmp_path / "labels.npz")
     assert set(loaded) == set(table)
     for key in table:
         assert np.array_equal(loaded[key], table[key]), key
@@ -251,14 +255,14 @@ def test_label_files_round_trip(tmp_path):
         "",
     ]
     (tmp_path / "bad.json").write_text(json.dumps({"item": "x-1", "groups": [{"x": 1}]}))
-    with pytest.raises(A.AnomalyError, match="'x' and 'y'"):
-        A.labels_to_table([tmp_path / "bad.json"], ids)
-    A.write_label_file(tmp_path / "wrong.json", "x-1", [], index=0)
-    with pytest.raises(A.AnomalyError, match="index 0"):
-        A.labels_to_table([tmp_path / "wrong.json"], ids)
-    with pytest.raises(A.AnomalyError, match="not a diffprobe anomaly label table"):
+    with pytest.raises(L.LabelError, match="'x' and 'y'"):
+        L.labels_to_table([tmp_path / "bad.json"], ids)
+    L.write_label_file(tmp_path / "wrong.json", "x-1", [], index=0)
+    with pytest.raises(L.LabelError, match="index 0"):
+        L.labels_to_table([tmp_path / "wrong.json"], ids)
+    with pytest.raises(L.LabelError, match="not a diffprobe anomaly label table"):
         np.savez(tmp_path / "other.npz", a=np.arange(3))
-        A.load_label_table(tmp_path / "other.npz")
+        L.load_label_table(tmp_path / "other.npz")
 
 
 # -------------------------------------------------------------------------- similarity
@@ -311,7 +315,7 @@ def model(pipeline_folder):
 @pytest.fixture(scope="module")
 def spatial_run(model, tmp_path_factory):
     from diffprobe.data.sources import open_source
-    from diffprobe.extract.engine import ExtractionPlan, extract
+    from diffprobe.extract import ExtractionPlan, extract
     from diffprobe.extract.store import open_run
 
     root = tmp_path_factory.mktemp("runs") / "spatial"
@@ -323,15 +327,15 @@ def spatial_run(model, tmp_path_factory):
 def test_run_images_are_regenerated(spatial_run):
     from diffprobe.data.sources import open_source
 
-    images = A.load_run_images(spatial_run)
+    images = C.load_run_images(spatial_run)
     assert np.array_equal(images, open_source("shapes:6").load(range(6)))
 
 
 @pytest.fixture(scope="module")
 def helper_maps(model, spatial_run):
     """The corner maps from the in-memory helper (capture, not the extraction engine)."""
-    images = A.load_run_images(spatial_run)
-    return A.corner_features(model, images, SITES, noise_level=0.2, seed=1, batch_size=4)
+    images = C.load_run_images(spatial_run)
+    return C.corner_features(model, images, SITES, noise_level=0.2, seed=1, batch_size=4)
 
 
 def test_corner_helper_matches_the_extraction(helper_maps, spatial_run):
@@ -357,7 +361,7 @@ def test_cli_end_to_end(spatial_run, helper_maps, tmp_path):
     labels = tmp_path / "labels"
     for item in range(len(ids)):
         mine = found["item"] == item
-        A.write_label_file(
+        L.write_label_file(
             labels / f"{item}.json",
             ids[item],
             [(int(y), int(x)) for y, x in zip(found["y"][mine], found["x"][mine], strict=True)],
@@ -391,7 +395,7 @@ def test_cli_end_to_end(spatial_run, helper_maps, tmp_path):
         and "# anomaly_score:" in text
         and "threshold = 1.3" in text
     )
-    probes = A.read_table(out / "position_probes.csv")
+    probes = S.read_table(out / "position_probes.csv")
     for site in SITES:
         maps = A.to_grid(run.get(site, "p0.2"))
         expected = A.position_probe(maps)
@@ -402,18 +406,18 @@ def test_cli_end_to_end(spatial_run, helper_maps, tmp_path):
         for r, e in zip(mine, expected, strict=True):
             assert float(r["accuracy"]) == pytest.approx(e["accuracy"], abs=1e-5)
             assert float(r["chance"]) == pytest.approx(e["chance"], abs=1e-5)
-    detections = A.read_table(out / "high_norm_detections.csv")
+    detections = S.read_table(out / "high_norm_detections.csv")
     assert sorted(
         (int(r["item"]), int(r["y"]), int(r["x"]))
         for r in detections
         if r["site"] == "unet.up_blocks.1"
     ) == sorted(zip(found["item"].tolist(), found["y"].tolist(), found["x"].tolist(), strict=True))
-    comparison = A.read_table(out / "label_comparison.csv")
+    comparison = S.read_table(out / "label_comparison.csv")
     up = [r for r in comparison if r["site"] == "unet.up_blocks.1"][0]
     assert float(up["precision"]) == 1.0 and float(up["recall"]) == 1.0
 
     # the corner ratio from the cropped run folders equals the in-memory helper's
-    corners = {r["site"]: r for r in A.read_table(out / "corner_ratio.csv")}
+    corners = {r["site"]: r for r in S.read_table(out / "corner_ratio.csv")}
     for site in SITES:
         original, cropped = helper_maps[site]
         assert float(corners[site]["ratio"]) == pytest.approx(
@@ -428,7 +432,7 @@ def test_cli_end_to_end(spatial_run, helper_maps, tmp_path):
         assert np.allclose(saved["unet.up_blocks.1|p0.2|empty"], norms, rtol=1e-5)
     for name in ("probe_accuracy", "corner_ratio", "norm_maps", "similarity_maps"):
         assert (out / f"{name}_p0.2_empty.png").stat().st_size > 1000
-    assert A.load_label_table(out / "labels.npz")["item"].tolist() == found["item"].tolist()
+    assert L.load_label_table(out / "labels.npz")["item"].tolist() == found["item"].tolist()
 
 
 def corner_ratio_of(cropped, original):
@@ -440,7 +444,7 @@ def test_cli_refuses_pooled_runs(model, tmp_path):
 
     from diffprobe.cli import app
     from diffprobe.data.sources import open_source
-    from diffprobe.extract.engine import ExtractionPlan, extract
+    from diffprobe.extract import ExtractionPlan, extract
 
     root = tmp_path / "pooled"
     extract(
@@ -458,7 +462,7 @@ def test_cli_refuses_pooled_runs(model, tmp_path):
 
 
 def test_demo_on_dummy_folder(pipeline_folder, tmp_path, capsys):
-    numbers = A.demo(str(pipeline_folder), tmp_path / "demo", items=8, progress=False)
+    numbers = D.anomalies_demo(str(pipeline_folder), tmp_path / "demo", items=8, progress=False)
     printed = capsys.readouterr().out
     # the dummy UNet has two levels: no up_blocks.2
     assert list(numbers["sites"]) == [
@@ -483,7 +487,7 @@ def test_demo_on_dummy_folder(pipeline_folder, tmp_path, capsys):
     ):
         assert (tmp_path / "demo" / name).is_file(), name
     with pytest.raises(A.AnomalyError, match="not in"):
-        A.demo(str(pipeline_folder), tmp_path / "demo2", items=2, sites=["unet.up_blocks.2"])
+        D.anomalies_demo(str(pipeline_folder), tmp_path / "demo2", items=2, sites=["unet.up_blocks.2"])
 
 
 def test_doc_examples_run():

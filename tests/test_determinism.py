@@ -10,7 +10,7 @@ import torch
 import diffprobe
 from diffprobe.data.sources import open_source
 from diffprobe.determinism import batch_invariant
-from diffprobe.extract.engine import ExtractionPlan, extract
+from diffprobe.extract import ExtractionPlan, extract
 from diffprobe.extract.store import open_run
 
 

@@ -13,7 +13,7 @@ import torch
 
 import diffprobe
 from diffprobe.data.sources import DataError, open_source
-from diffprobe.extract.engine import Condition, ExtractionError, ExtractionPlan, extract
+from diffprobe.extract import Condition, ExtractionError, ExtractionPlan, extract
 from diffprobe.extract.store import StoreError, open_run
 
 SITES = ["unet.down_blocks.1", "unet.mid_block", "unet.up_blocks.0.attentions.1"]

@@ -7,13 +7,13 @@ import pytest
 from diffprobe.analysis import probing
 from diffprobe.analysis.alignment import ooo_accuracy, similarity_matrix
 from diffprobe.analysis.probing import (
-    LinearTransform,
     fit_probe,
     object_folds,
     probe,
     regress,
     triplets_within,
 )
+from diffprobe.stages.probing import load_transform, save_transform
 
 
 def answered_triplets(embedding: np.ndarray, n: int, rng, metric: str = "dot") -> np.ndarray:
@@ -117,11 +117,11 @@ def test_transform_round_trip_and_new_features(planted, tmp_path):
     val = triplets_within(triplets, np.arange(80, 120), 120)
     transform, info = fit_probe(features, train, val, max_epochs=40, seed=0)
     assert 1 <= info["best_epoch"] <= info["epochs"] <= 40
-    path = transform.save(tmp_path / "transform.npz")
+    path = save_transform(transform, tmp_path / "transform.npz")
     with np.load(path, allow_pickle=False) as stored:
         assert set(stored.files) == {"weights", "bias", "mean", "std"}
         manual = (features - stored["mean"]) / stored["std"] @ stored["weights"] + stored["bias"]
-    loaded = LinearTransform.load(path)
+    loaded = load_transform(path)
     assert np.allclose(loaded.apply(features), manual)
     # New items (not used in fitting) map the same way, one at a time or together.
     fresh = np.random.default_rng(9).normal(size=(3, 32))

@@ -17,7 +17,9 @@ folder holding anything else, the home folder, ``/``, the current folder or a pa
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
+import io
 import json
 import os
 import shutil
@@ -63,6 +65,48 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy scalars and arrays
         return value.tolist()
     return str(value)
+
+
+def write_csv(
+    path: str | Path,
+    rows: list[dict],
+    columns: list[str] | tuple[str, ...] | None = None,
+    *,
+    comments: list[str] | tuple[str, ...] = (),
+    record: bool = True,
+) -> Path:
+    """Dict ``rows`` as a CSV file (atomically): ``columns`` in that order (default: the keys
+    in first-seen order; keys outside ``columns`` are left out), floats with 6 significant
+    digits, and each of ``comments`` first as a ``# ...`` line (read the file back with
+    :func:`read_csv`, or ``pandas.read_csv(path, comment="#")``)."""
+    rows = list(rows)
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    for line in comments:
+        buffer.write(f"# {line}\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore",
+                            lineterminator="\n")  # fmt: skip
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return write_bytes(path, buffer.getvalue().encode("utf-8"), record=record)
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float) or getattr(getattr(value, "dtype", None), "kind", "") == "f":
+        return f"{float(value):.6g}"
+    return value
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file written by :func:`write_csv` (``#`` lines skipped; values as
+    text)."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines()
+             if not line.startswith("#")]  # fmt: skip
+    return list(csv.DictReader(lines))
 
 
 @contextlib.contextmanager
@@ -143,10 +187,14 @@ def _foreign(folder: Path, marker: dict) -> list[str]:
     found = []
     for entry in sorted(folder.iterdir()):
         name = entry.name
-        if name == MARKER or name in marker["entries"] or _is_temporary(name):
+        if name == MARKER or _is_temporary(name):
             continue
         inner = _marker_of(entry) if entry.is_dir() and not entry.is_symlink() else None
-        if inner is not None and not _foreign(entry, inner):
+        if inner is not None:
+            # a nested output folder (listed here or not) is ours only if all it holds is
+            if not _foreign(entry, inner):
+                continue
+        elif name in marker["entries"]:
             continue
         found.append(name)
     return found
@@ -258,6 +306,11 @@ def claim_output(
         }
     listed = sorted({*marker["entries"], *entries})
     if listed != marker["entries"] or not (folder / MARKER).is_file():
+        if not folder.is_dir():
+            # a folder made inside another diffprobe output is listed there (so that output's
+            # --overwrite knows it as its own)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            _record(folder)
         folder.mkdir(parents=True, exist_ok=True)
         _write_marker(folder, {**marker, "entries": listed})
     return folder

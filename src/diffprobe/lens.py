@@ -47,10 +47,7 @@ Semantics (``docs/lens.md`` has the table per family; ``lens.json`` repeats them
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +58,7 @@ import numpy as np
 import torch
 
 from diffprobe.errors import DiffprobeError, did_you_mean
+from diffprobe.io import atomic_path, claim_output, write_csv, write_json
 from diffprobe.models.base import Model
 
 log = logging.getLogger(__name__)
@@ -86,6 +84,7 @@ PADDING = ("keep", "full")
 NORMS = ("pipeline", "final")
 POOLED = ("full", "lens")
 EMERGENCE_ATTRIBUTES = ("colour", "shape", "quadrant")
+LENS_KIND = "lens"
 
 
 class LensError(DiffprobeError, ValueError):
@@ -643,45 +642,27 @@ class LensResult:
         return _grid(self.images, self.layers, self.seeds, len(self.prompts) > 1, title)
 
     def save(self, out: str | Path) -> Path:
-        """Write one PNG per (prompt, layer, seed), ``grid.png`` and ``lens.json`` into ``out``
-        (created); each file is written atomically. Returns ``out``."""
+        """Write one PNG per (prompt, layer, seed), ``grid.png`` and ``lens.json`` into the lens
+        folder ``out`` (claimed: new, empty or an earlier lens output); each file is written
+        atomically. Returns ``out``."""
         from PIL import Image
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = claim_output(out, LENS_KIND)
         files = []
         for p in range(len(self.prompts)):
             for li, layer in enumerate(self.layers):
                 for si, seed in enumerate(self.seeds):
                     name = self.file_name(layer, seed, p)
-                    _atomic_image(Image.fromarray(self.images[p, li, si]), out / name)
+                    _save_image(Image.fromarray(self.images[p, li, si]), out / name)
                     files.append({"prompt": p, "layer": layer, "seed": seed, "file": name})
-        _atomic_image(self.grid(), out / "grid.png")
-        metadata = dict(self.metadata, files=files, grid="grid.png")
-        _atomic_text(out / "lens.json", json.dumps(metadata, indent=1, ensure_ascii=False) + "\n")
+        _save_image(self.grid(), out / "grid.png")
+        write_json(out / "lens.json", dict(self.metadata, files=files, grid="grid.png"))
         return out
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_image(image: Any, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
-    try:
+def _save_image(image: Any, path: Path) -> None:
+    with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _font(size: int):
@@ -892,14 +873,7 @@ class EmergenceResult:
 
     def write_csv(self, path: str | Path) -> Path:
         """``rows()`` as CSV (layer, attribute, accuracy, chance), written atomically."""
-        lines = ["layer,attribute,accuracy,chance"] + [
-            f"{row['layer']},{row['attribute']},{row['accuracy']:.4f},{row['chance']:.4f}"
-            for row in self.rows()
-        ]
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_text(path, "\n".join(lines) + "\n")
-        return path
+        return write_csv(path, self.rows(), ["layer", "attribute", "accuracy", "chance"])
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -994,14 +968,10 @@ def emergence(
 
 def plot_emergence(result: EmergenceResult, path: str | Path, title: str | None = None) -> Path:
     """Accuracy against layer, one line per attribute, dashed chance levels; PNG at ``path``."""
-    import matplotlib
+    from diffprobe.report.figures import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(figsize=(5.5, 3.6))
+    figure = new_figure(figsize=(5.5, 3.6), layout="constrained")
+    axes = figure.subplots()
     for index, (name, values) in enumerate(result.accuracy.items()):
         colour = f"C{index}"
         axes.plot(result.layers, values, marker="o", color=colour, label=name)
@@ -1012,16 +982,7 @@ def plot_emergence(result: EmergenceResult, path: str | Path, title: str | None 
     axes.set_ylim(0, 1.02)
     axes.set_title(title or f"Diffusion Lens: attribute emergence ({result.items} images)")
     axes.legend(title="dotted: chance", fontsize=8)
-    figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=120, format="png")
-        os.replace(temporary, path)
-    finally:
-        plt.close(figure)
-        Path(temporary).unlink(missing_ok=True)
-    return path
+    return save_figure(figure, path)
 
 
 # ------------------------------------------------------------------------------- make demo

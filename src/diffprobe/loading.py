@@ -94,21 +94,24 @@ def _dtype_keyword() -> str:
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """Loading says nothing a user needs while a pipeline is built: diffusers' per-component
-    "Loading pipeline components" bar (once per load, repeated through every command) is off,
-    and so are its "Couldn't connect to the Hub ... will try the local cache" warnings (a
-    failed hub load ends in diffprobe's own error, which says what to do). Without
+    """Loading says nothing a user needs while a pipeline is built: diffusers' "Loading pipeline
+    components" bar and transformers' "Loading weights" bars (repeated through every command) are
+    off, and so are diffusers' "Couldn't connect to the Hub ... will try the local cache"
+    warnings (a failed hub load ends in diffprobe's own error, which says what to do). Without
     torchvision, transformers also warns once per process that its CLIP and SigLIP image
     processors fall back to PIL; diffusers imports them with every Stable Diffusion pipeline
     and diffprobe never uses them, so that is held back too. Errors still show."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     image_logger = logging.getLogger("transformers.utils.import_utils")
     image_level = image_logger.level
     bars = diffusers_logging.is_progress_bar_enabled()
+    weight_bars = transformers_logging.is_progress_bar_enabled()
     verbosity = diffusers_logging.get_verbosity()
     image_logger.setLevel(logging.ERROR)
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar, once per component
     diffusers_logging.set_verbosity(logging.ERROR)
     try:
         yield
@@ -117,6 +120,8 @@ def _quiet_loading():
         diffusers_logging.set_verbosity(verbosity)
         if bars:
             diffusers_logging.enable_progress_bar()
+        if weight_bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _from_pretrained(spec: ModelSpec, name: str, kwargs: dict[str, Any]) -> Any:

@@ -303,7 +303,7 @@ def copy_root(root: Path, where: Path) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(things_root, tmp_path_factory, sd_model) -> Path:
     """A pooled run over the THINGS export: 96 items, 2 sites, 2 noise levels."""
-    from diffprobe.extract.engine import ExtractionPlan, extract
+    from diffprobe.extract import ExtractionPlan, extract
 
     plan = ExtractionPlan(sites=SITES, noise_levels=[0.1, 0.5], image_size=32, chunk_items=32)
     out = tmp_path_factory.mktemp("run") / "run"
@@ -546,8 +546,8 @@ def nan_run(run_dir, tmp_path) -> Path:
 
 def test_nan_items_are_left_out_of_the_averages(nan_run, things_root, caplog):
     import diffprobe
-    from diffprobe.analysis.alignment import align_run
     from diffprobe.data.things import load_things
+    from diffprobe.stages.align import align_run
 
     # items 2k and 2k + 1 are the two images of concept k: NaN in one image of concepts 0-4,
     # infinity in one image of concept 7, only at (mid_block, p0.1)
@@ -572,8 +572,8 @@ def test_nan_items_are_left_out_of_the_averages(nan_run, things_root, caplog):
 
 def test_a_concept_without_finite_items_is_left_out_everywhere(nan_run, things_root, caplog):
     import diffprobe
-    from diffprobe.analysis.alignment import align_run, load_concept_features
     from diffprobe.data.things import load_things
+    from diffprobe.stages.align import align_run, load_concept_features
 
     _plant(nan_run, {("unet.down_blocks.1", "p0.5"): [10, 11, 20]})  # all of concept 5
     run, things = diffprobe.open_run(nan_run), load_things(things_root)

@@ -27,12 +27,9 @@ with :meth:`LinearTransform.apply`.
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -79,29 +76,21 @@ class LinearTransform:
             )
         return (values - self.mean) / self.std @ self.weights + self.bias
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``weights``, ``bias``, ``mean``, ``std`` to ``path`` (.npz) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, weights=self.weights, bias=self.bias, mean=self.mean, std=self.std)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+    ARRAYS = ("weights", "bias", "mean", "std")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The four arrays by name (what ``transform.npz`` files hold)."""
+        return {name: np.asarray(getattr(self, name)) for name in self.ARRAYS}
 
     @classmethod
-    def load(cls, path: str | Path) -> LinearTransform:
-        with np.load(Path(path), allow_pickle=False) as stored:
-            missing = {"weights", "bias", "mean", "std"} - set(stored.files)
-            if missing:
-                raise ProbingError(
-                    f"{path} is not a probe transform: it lacks {', '.join(sorted(missing))}"
-                )
-            return cls(*(np.asarray(stored[k]) for k in ("weights", "bias", "mean", "std")))
+    def from_arrays(cls, arrays, where: str = "the arrays") -> LinearTransform:
+        """A transform from a mapping with the four arrays (e.g. an opened ``.npz``)."""
+        missing = set(cls.ARRAYS) - set(arrays.keys() if hasattr(arrays, "keys") else arrays)
+        if missing:
+            raise ProbingError(
+                f"{where} is not a probe transform: it lacks {', '.join(sorted(missing))}"
+            )
+        return cls(*(np.asarray(arrays[k]) for k in cls.ARRAYS))
 
 
 # ------------------------------------------------------------------------------ splits

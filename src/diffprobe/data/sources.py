@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,3 +403,74 @@ def read_captions(path: Path, source: Source) -> list[str]:
             "one non-empty line per item, in item order"
         )
     return lines
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (items, H, W, 3) -> uint8 (items, size, size, 3) (PIL bicubic; as is when equal)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([_resize(image, size) for image in images])
+
+
+def array_source(
+    images: np.ndarray,
+    description: str,
+    ids: list[str] | None = None,
+    labels: list[str] | None = None,
+    captions: list[str | None] | None = None,
+    kind: str = "arrays",
+) -> Source:
+    """A source of in-memory uint8 images (items, H, W, 3): item ``i`` is ``ids[i]`` (default
+    ``item-i``), with its label and caption, hashed like every other item."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise DataError(f"images must be uint8 (items, H, W, 3), got {images.dtype} {images.shape}")
+    n = len(images)
+    ids = ids or [f"item-{i}" for i in range(n)]
+    labels = labels or [""] * n
+    captions = captions or [None] * n
+    items = [
+        Item(id=ids[i], label=labels[i], caption=captions[i],
+             sha256=hashlib.sha256(images[i].tobytes()).hexdigest(),
+             loader=lambda image=images[i]: image)
+        for i in range(n)
+    ]  # fmt: skip
+    return Source(kind, description, items)
+
+
+_SHAPES_ID = re.compile(r"shapes-(\d+)-(\w+)-(\d+)")
+
+
+def manifest_images(manifest: list[dict], kind: str, size: int) -> np.ndarray:
+    """uint8 (items, size, size, 3) images of a run's manifest (``run.json``'s ``items``), at
+    the run's image size: shapes-world items (``kind`` "shapes") are drawn again from their ids,
+    image-folder and THINGS items read from their paths; both are checked against the
+    manifest's sha256 (:class:`DataError` when an image moved or changed)."""
+    from diffprobe.data import shapes as world
+
+    images = []
+    for item in manifest:
+        if kind == "shapes":
+            match = _SHAPES_ID.fullmatch(item["id"])
+            if not match:
+                raise DataError(f"shapes item id {item['id']!r} is not shapes-SEED-SPLIT-INDEX")
+            seed, split, index = int(match.group(1)), match.group(2), int(match.group(3))
+            image = world.sample(1, seed=seed, split=split, start=index).images[0]
+            if item.get("sha256") and hashlib.sha256(image.tobytes()).hexdigest() != item["sha256"]:
+                raise DataError(
+                    f"regenerated shapes item {item['id']} differs from the one extracted "
+                    "(sha256); the shapes world changed since the run: re-extract it"
+                )
+            images.append(image)
+            continue
+        path = item.get("path")
+        if not path or not Path(path).is_file():
+            raise DataError(
+                f"image of item {item['id']} is not at {path!r}; the run's images must stay where "
+                "they were extracted from"
+            )
+        data = Path(path).read_bytes()
+        if item.get("sha256") and hashlib.sha256(data).hexdigest() != item["sha256"]:
+            raise DataError(f"{path} changed since the run was extracted (sha256); re-extract it")
+        images.append(_resize(_center_square(_read_image(Path(path), data)), size))
+    return resize_images(np.stack(images), size)

@@ -260,6 +260,27 @@ def _find_triplet_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def noise_ceiling(choices: np.ndarray) -> float:
+    """Leave-one-out agreement of repeated choices (repeated, repeats), labels of the odd one out.
+
+    Each response is predicted by the most frequent label among the other responses to the same
+    triplet, ties split evenly; returns the mean score over all responses.
+    """
+    choices = np.asarray(choices)
+    if choices.ndim != 2 or choices.shape[1] < 2:
+        raise DataError(
+            f"repeated choices must be (triplets, repeats >= 2), got shape {choices.shape}"
+        )
+    scores = []
+    for row in choices:
+        labels, counts = np.unique(row, return_counts=True)
+        for label, count in zip(labels, counts, strict=True):
+            others = counts - (labels == label)
+            modes = others == others.max()
+            scores.append(count * float(modes[labels == label][0]) / modes.sum())
+    return float(np.sum(scores) / choices.size)
+
+
 def _read_ceiling(path: Path) -> float:
     """The ``ceiling`` number of a ``noise_ceiling.json``."""
     try:
@@ -286,8 +307,6 @@ def load_things(root: str | Path, check_images: bool = True) -> Things:
     """Read and validate a THINGS root: concepts, the train / test triplets found under
     ``triplets/`` and the noise ceiling. With ``check_images`` every concept must have at least
     one image (files are listed, not decoded)."""
-    from diffprobe.data.things_export import noise_ceiling
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"THINGS root {root} is not a folder")
@@ -325,23 +344,3 @@ def load_things(root: str | Path, check_images: bool = True) -> Things:
     if ceiling is not None and not 1 / 3 < ceiling <= 1:
         raise DataError(f"noise ceiling {ceiling} from {source} is outside (1/3, 1]")
     return Things(root, concepts, triplets, ceiling, source)
-
-
-SHAPES_FACTOR_NAMES = ("hue_cos", "hue_sin", "curved", "convex", "pointed", "fill")
-
-
-def shapes_factor_embedding(concepts: list[dict]) -> np.ndarray:
-    """The true factors of the shapes-world concepts (a THINGS export): (concepts, 6) =
-    cos and sin of the hue, and the four shape features of ``things_export.SHAPE_FEATURES``
-    (the quantities the export's ground-truth similarity is built from); column names in
-    ``SHAPES_FACTOR_NAMES``."""
-    from diffprobe.data.things_export import SHAPE_FEATURES
-
-    if not concepts or not {"hue_degrees", "shape"} <= set(concepts[0]):
-        raise DataError(
-            "the true factors need the shapes-world columns hue_degrees and shape in "
-            "things_concepts.tsv (written by diffprobe.data.things_export)"
-        )
-    hue = np.radians([float(row["hue_degrees"]) for row in concepts])
-    shape = np.array([SHAPE_FEATURES[row["shape"]] for row in concepts], dtype=np.float64)
-    return np.column_stack([np.cos(hue), np.sin(hue), shape])

@@ -29,7 +29,6 @@ P(pair) ∝ exp(similarity(pair) / TEMPERATURE); the odd one out is the item not
 from __future__ import annotations
 
 import colorsys
-import json
 from itertools import combinations
 from pathlib import Path
 
@@ -37,12 +36,16 @@ import numpy as np
 from PIL import Image
 
 from diffprobe.data import shapes
+from diffprobe.data.sources import DataError
+from diffprobe.data.things import noise_ceiling
+from diffprobe.io import atomic_path, claim_output, write_json, write_text
 
 __all__ = [
     "COLOUR_SIGMA",
     "COLOUR_WEIGHT",
     "SHAPE_FEATURES",
     "SHAPE_FEATURE_NAMES",
+    "SHAPES_FACTOR_NAMES",
     "SHAPE_SIGMA",
     "SHAPE_WEIGHT",
     "TEMPERATURE",
@@ -52,9 +55,9 @@ __all__ = [
     "concept_similarity",
     "expected_noise_ceiling",
     "export_things",
-    "noise_ceiling",
     "odd_one_out",
     "shape_similarity",
+    "shapes_factor_embedding",
     "simulate_choices",
 ]
 
@@ -190,25 +193,6 @@ def _pair_first(triplets: np.ndarray, odd: np.ndarray, rng: np.random.Generator)
 # ---------------------------------------------------------------------------------- ceilings
 
 
-def noise_ceiling(choices: np.ndarray) -> float:
-    """Leave-one-out agreement of repeated choices (repeated, repeats), labels of the odd one out.
-
-    Each response is predicted by the most frequent label among the other responses to the same
-    triplet, ties split evenly; returns the mean score over all responses.
-    """
-    choices = np.asarray(choices)
-    if choices.ndim != 2 or choices.shape[1] < 2:
-        raise ValueError(f"choices must be (triplets, repeats >= 2), got shape {choices.shape}")
-    scores = []
-    for row in choices:
-        labels, counts = np.unique(row, return_counts=True)
-        for label, count in zip(labels, counts, strict=True):
-            others = counts - (labels == label)
-            modes = others == others.max()
-            scores.append(count * float(modes[labels == label][0]) / modes.sum())
-    return float(np.sum(scores) / choices.size)
-
-
 def _expected_loo(probabilities: np.ndarray, repeats: int) -> float:
     """Expected ``noise_ceiling`` of one triplet with ``repeats`` responses."""
     others = repeats - 1
@@ -264,6 +248,9 @@ def _draw(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.take_along_axis(chosen, rng.permuted(np.tile([0, 1, 2], (n, 1)), axis=1), axis=1)
 
 
+EXPORT_KIND = "things-export"
+
+
 def export_things(
     root: str | Path,
     images_per_concept: int = 12,
@@ -278,19 +265,18 @@ def export_things(
 
     Image ``j`` of concept ``k`` is item ``k * images_per_concept + j`` of the ``"all"`` split
     stream of ``seed`` with its shape and colour fixed, so sizes, positions, backgrounds and
-    rotations vary. Returns ``root``.
+    rotations vary. ``root`` is claimed as a diffprobe output folder (new, empty or an earlier
+    export). Returns ``root``.
     """
-    root = Path(root)
+    root = claim_output(root, EXPORT_KIND)
     table = concept_table()
-    (root / "triplets").mkdir(parents=True, exist_ok=True)
 
     columns = list(table[0])
     lines = ["\t".join(columns)] + ["\t".join(str(row[c]) for c in columns) for row in table]
-    (root / "things_concepts.tsv").write_text("\n".join(lines) + "\n")
+    write_text(root / "things_concepts.tsv", "\n".join(lines) + "\n")
 
     for index, row in enumerate(table):
         folder = root / "images" / row["uniqueID"]
-        folder.mkdir(parents=True, exist_ok=True)
         drawn = shapes.sample(
             images_per_concept,
             seed=seed,
@@ -300,7 +286,8 @@ def export_things(
             colour=row["colour_index"],
         )
         for number, image in enumerate(drawn.images, start=1):
-            Image.fromarray(image).save(folder / f"{row['uniqueID']}_{number:02d}.png")
+            with atomic_path(folder / f"{row['uniqueID']}_{number:02d}.png") as temporary:
+                Image.fromarray(image).save(temporary, format="PNG")
 
     train_pool, test_pool = _split_triplets(seed)
     for name, pool, n, stream in [
@@ -310,7 +297,7 @@ def export_things(
         rng = np.random.default_rng([seed, stream])
         triplets = _draw(pool, n, rng)
         odd = simulate_choices(triplets, rng, temperature)
-        np.save(root / "triplets" / f"{name}.npy", _pair_first(triplets, odd, rng))
+        _save_array(root / "triplets" / f"{name}.npy", _pair_first(triplets, odd, rng))
 
     rng = np.random.default_rng([seed, 3])
     count = min(n_repeat_triplets, len(test_pool))
@@ -319,8 +306,8 @@ def export_things(
         [simulate_choices(repeated, rng, temperature) for _ in range(repeats)], axis=1
     )
     choices = np.take_along_axis(repeated, columns_chosen, axis=1).astype(np.int64)
-    np.save(root / "triplets" / "repeated_triplets.npy", repeated)
-    np.save(root / "triplets" / "repeated.npy", choices)
+    _save_array(root / "triplets" / "repeated_triplets.npy", repeated)
+    _save_array(root / "triplets" / "repeated.npy", choices)
 
     ceiling = {
         "ceiling": noise_ceiling(choices),
@@ -333,7 +320,7 @@ def export_things(
         "temperature": temperature,
         "definition": CEILING_DEFINITION,
     }
-    (root / "triplets" / "noise_ceiling.json").write_text(json.dumps(ceiling, indent=2) + "\n")
+    write_json(root / "triplets" / "noise_ceiling.json", ceiling)
 
     truth = {
         "concepts": [row["uniqueID"] for row in table],
@@ -360,5 +347,28 @@ def export_things(
         "split": f"90 / 10 split of all unordered triplets of distinct concepts; seed {seed}",
         "similarity_matrix": concept_similarity().round(6).tolist(),
     }
-    (root / "ground_truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    write_json(root / "ground_truth.json", truth)
     return root
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as temporary:
+        np.save(temporary, array, allow_pickle=False)
+
+
+SHAPES_FACTOR_NAMES = ("hue_cos", "hue_sin", "curved", "convex", "pointed", "fill")
+
+
+def shapes_factor_embedding(concepts: list[dict]) -> np.ndarray:
+    """The true factors of the shapes-world concepts (a THINGS export): (concepts, 6) =
+    cos and sin of the hue, and the four shape features of ``things_export.SHAPE_FEATURES``
+    (the quantities the export's ground-truth similarity is built from); column names in
+    ``SHAPES_FACTOR_NAMES``."""
+    if not concepts or not {"hue_degrees", "shape"} <= set(concepts[0]):
+        raise DataError(
+            "the true factors need the shapes-world columns hue_degrees and shape in "
+            "things_concepts.tsv (written by diffprobe.data.things_export)"
+        )
+    hue = np.radians([float(row["hue_degrees"]) for row in concepts])
+    shape = np.array([SHAPE_FEATURES[row["shape"]] for row in concepts], dtype=np.float64)
+    return np.column_stack([np.cos(hue), np.sin(hue), shape])

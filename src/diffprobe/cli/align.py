@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
+from diffprobe.cli.common import Quiet, names, setup
+
 ThingsRoot = Annotated[
     Path, typer.Option("--things", help="THINGS root (things_concepts.tsv, images/, triplets/)")
 ]
@@ -23,34 +24,6 @@ Conditions = Annotated[
 Reduce = Annotated[
     str, typer.Option("--reduce", help="for runs with pooling none: mean | max | flatten | pca-K")
 ]
-
-
-def _concept_features(opened, data, sites, noise, condition, reduce, triplets, quiet):
-    """Concept-averaged features of the selected arrays, the concepts they cover, and the
-    chosen triplets restricted to those concepts (shared by ``probe`` and ``regress``)."""
-    from diffprobe.analysis.alignment import load_concept_features, restrict_triplets
-
-    features, covered = load_concept_features(
-        opened,
-        data,
-        sites=_names(sites),
-        noises=_names(noise),
-        conditions=_names(condition),
-        reduction=reduce,
-        progress=not quiet,
-    )
-    return features, covered, restrict_triplets(data.get_triplets(triplets), covered)
-
-
-def _names(entries: list[str] | None) -> list[str] | None:
-    """Repeated and comma / space separated values as one list."""
-    if not entries:
-        return None
-    return [v for entry in entries for v in entry.replace(",", " ").split() if v]
-
-
-def _slug(*parts: str) -> str:
-    return "__".join(p.replace("/", "_").replace(":", "~") for p in parts)
 
 
 def register(app: typer.Typer) -> None:
@@ -98,28 +71,29 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Odd-one-out accuracy, normalised score and RSA per site × noise level × condition of
         RUN on THINGS triplets: alignment.csv, accuracy heatmap, accuracy against noise, CKA."""
-        from diffprobe.analysis.alignment import align_run, summary_table, write_outputs
-        from diffprobe.cli import _setup
         from diffprobe.data.things import load_things
         from diffprobe.extract.store import open_run
+        from diffprobe.io import check_output
+        from diffprobe.stages.align import ALIGN_KIND, align_run, summary_table, write_outputs
 
-        _setup(quiet)
+        setup(quiet)
         opened = [open_run(r) for r in runs]
+        target = out or opened[0].root / "alignment"
+        check_output(target, ALIGN_KIND)
         data = load_things(things)
         result = align_run(
             opened,
             data,
             triplets=triplets,
-            metrics=_names(metric) or ["cosine"],
+            metrics=names(metric) or ["cosine"],
             pca=pca,
-            reductions=_names([reduce]) if reduce else None,
-            sites=_names(sites),
-            noises=_names(noise),
-            conditions=_names(condition),
+            reductions=names([reduce]) if reduce else None,
+            sites=names(sites),
+            noises=names(noise),
+            conditions=names(condition),
             ceiling=ceiling,
             progress=not quiet,
         )
-        target = out or opened[0].root / "alignment"
         paths = write_outputs(result, target, cka=cka)
         if as_json:
             typer.echo(json.dumps(result.rows, indent=1, default=float))
@@ -172,71 +146,25 @@ def register(app: typer.Typer) -> None:
         """Linear probing (triplet cross-entropy, K-fold over objects) per site × noise level ×
         condition: probe.csv (per fold), probe_summary.csv (mean ± std) and transforms
         (.npz: weights, bias, mean, std) per fold and fitted on all concepts."""
-        import sys
-
-        import numpy as np
-        from tqdm.auto import tqdm
-
-        from diffprobe.analysis.alignment import write_csv
-        from diffprobe.analysis.probing import fit_probe_all
-        from diffprobe.analysis.probing import probe as run_probe
-        from diffprobe.cli import _setup
         from diffprobe.data.things import load_things
         from diffprobe.extract.store import open_run
+        from diffprobe.stages.probing import probe_run
 
-        _setup(quiet)
+        setup(quiet)
         opened = open_run(run)
         data = load_things(things)
-        features, covered, used = _concept_features(
-            opened, data, sites, noise, condition, reduce, triplets, quiet
-        )
         target = out or opened.root / "probe"
-        options = dict(
-            lam=lam,
-            regulariser=regulariser,
-            pca=pca,
-            lr=lr,
-            max_epochs=max_epochs,
-            patience=patience,
+        result = probe_run(
+            opened, data, target, triplets=triplets, sites=names(sites), noises=names(noise),
+            conditions=names(condition), reduction=reduce, folds=folds,
+            val_fraction=val_fraction, seed=seed, progress=not quiet, echo=typer.echo, lam=lam,
+            regulariser=regulariser, pca=pca, lr=lr, max_epochs=max_epochs, patience=patience,
             batch_size=batch_size,
-        )
-        rows, summary = [], []
-        for (site, noise_key, cond), values in tqdm(
-            features.items(), desc="probe", unit="array", disable=quiet, file=sys.stderr
-        ):
-            result = run_probe(
-                values, used, folds=folds, val_fraction=val_fraction, seed=seed, **options
-            )
-            folder = target / "transforms" / _slug(site, noise_key, cond)
-            for fold, transform in enumerate(result.transforms):
-                transform.save(folder / f"fold{fold}.npz")
-            final, _ = fit_probe_all(values, used, val_fraction=val_fraction, seed=seed, **options)
-            final.save(folder / "transform.npz")
-            base = {"site": site, "noise": noise_key, "condition": cond, "reduction": reduce}
-            rows += [{**base, **row} for row in result.rows]
-            summary.append(
-                {
-                    **base,
-                    "zero_shot_mean": result.zero_shot_mean,
-                    "zero_shot_std": result.zero_shot_std,
-                    "probed_mean": result.probed_mean,
-                    "probed_std": result.probed_std,
-                    "folds": folds,
-                    "lambda": lam,
-                    "regulariser": regulariser,
-                    "transform": str(folder / "transform.npz"),
-                }
-            )
-            typer.echo(
-                f"{site} {noise_key} {cond}: zero-shot {result.zero_shot_mean:.3f} ± "
-                f"{result.zero_shot_std:.3f} -> probed {result.probed_mean:.3f} ± "
-                f"{result.probed_std:.3f}"
-            )
-        write_csv(rows, target / "probe.csv")
-        write_csv(summary, target / "probe_summary.csv")
+        )  # fmt: skip
         typer.echo(
             f"wrote {target / 'probe.csv'}, {target / 'probe_summary.csv'} and "
-            f"{target / 'transforms'} ({int(np.sum(covered))} concepts, {len(used)} triplets)",
+            f"{target / 'transforms'} ({result['concepts']} concepts, {result['triplets']} "
+            "triplets)",
             err=True,
         )
 
@@ -278,63 +206,19 @@ def register(app: typer.Typer) -> None:
         """Ridge regression from features to a target embedding (K-fold over objects) per site ×
         noise level × condition: R² and the odd-one-out accuracy of the prediction
         (regression.csv per fold, regression_summary.csv)."""
-        import numpy as np
-
-        from diffprobe.analysis.alignment import write_csv
-        from diffprobe.analysis.probing import regress as run_regress
-        from diffprobe.cli import _setup
-        from diffprobe.data.things import (
-            SHAPES_FACTOR_NAMES,
-            load_things,
-            read_embedding,
-            shapes_factor_embedding,
-        )
+        from diffprobe.data.things import load_things
         from diffprobe.extract.store import open_run
+        from diffprobe.stages.probing import regress_run
 
-        _setup(quiet)
+        setup(quiet)
         opened = open_run(run)
         data = load_things(things)
-        names = None
-        if target_embedding == "shapes-factors":
-            embedding, names = shapes_factor_embedding(data.concepts), SHAPES_FACTOR_NAMES
-        else:
-            embedding = read_embedding(target_embedding, data.n_concepts)
-        features, covered, used = _concept_features(
-            opened, data, sites, noise, condition, reduce, triplets, quiet
-        )
         target = out or opened.root / "regress"
-        rows, summary = [], []
-        for (site, noise_key, cond), values in features.items():
-            result = run_regress(
-                values,
-                embedding[covered],
-                folds=folds,
-                triplets=used,
-                metric=metric,
-                target_names=names,
-                seed=seed,
-            )
-            base = {"site": site, "noise": noise_key, "condition": cond, "reduction": reduce}
-            rows += [{**base, **row} for row in result.rows]
-            target_ooo = float(np.nanmean([r["target_ooo"] for r in result.rows]))
-            summary.append(
-                {
-                    **base,
-                    "r2_mean": result.r2_mean,
-                    "r2_std": result.r2_std,
-                    "ooo_mean": result.ooo_mean,
-                    "target_ooo_mean": target_ooo,
-                    "folds": folds,
-                    "metric": metric,
-                    **{f"r2_{k}_mean": v for k, v in result.r2_by_target.items()},
-                }
-            )
-            typer.echo(
-                f"{site} {noise_key} {cond}: R² {result.r2_mean:.3f} ± {result.r2_std:.3f}, "
-                f"OOO of the prediction {result.ooo_mean:.3f} (target itself {target_ooo:.3f})"
-            )
-        write_csv(rows, target / "regression.csv")
-        write_csv(summary, target / "regression_summary.csv")
+        regress_run(
+            opened, data, target, target_embedding, triplets=triplets, sites=names(sites),
+            noises=names(noise), conditions=names(condition), reduction=reduce, folds=folds,
+            metric=metric, seed=seed, progress=not quiet, echo=typer.echo,
+        )  # fmt: skip
         typer.echo(
             f"wrote {target / 'regression.csv'} and {target / 'regression_summary.csv'}", err=True
         )

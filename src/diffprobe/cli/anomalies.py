@@ -9,12 +9,16 @@ from typing import Annotated
 
 import typer
 
+from diffprobe.cli.common import Quiet, setup
+
 
 def _numbers(text: str, what: str, kind=float) -> list:
+    from diffprobe.analysis.anomalies import AnomalyError
+
     try:
         return [kind(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+        raise AnomalyError(f"{what} {text!r}: expected comma-separated numbers") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -75,59 +79,35 @@ def register(app: typer.Typer) -> None:
         show: Annotated[int, typer.Option(help="images per overlay plot")] = 4,
         seed: Annotated[int, typer.Option(help="probe train/test split seed")] = 0,
         as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
-        quiet: Annotated[
-            bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")
-        ] = False,
+        quiet: Quiet = False,
     ) -> None:
         """Position probes, corner ratios, high-norm token groups and similarity maps of RUN:
         tables (CSV with the definitions as # comments), summary.json and plots in --out."""
-        from diffprobe.analysis.anomalies import REFERENCES, analyse_run, summary_lines
-        from diffprobe.cli import _setup
         from diffprobe.extract.store import open_run
+        from diffprobe.io import check_output
+        from diffprobe.stages.anomalies import ANOMALIES_KIND, AnomalyConfig, analyse_run
 
-        _setup(quiet)
-        if reference not in REFERENCES:
-            raise typer.BadParameter(
-                f"--reference must be one of {', '.join(REFERENCES)}, got {reference!r}"
-            )
-        position = _numbers(query, "--query")
-        if len(position) != 2 or not all(0.0 <= v <= 1.0 for v in position):
-            raise typer.BadParameter(
-                f"--query takes two fractions in [0, 1] (row,col), got {query!r}"
-            )
+        setup(quiet)
+        config = AnomalyConfig(
+            binnings=_numbers(binnings, "--binnings", int), test_fraction=test_fraction,
+            threshold=threshold, group=group, reference=reference, corner=corner,
+            corner_size=corner_size, tolerance=tolerance, query=_numbers(query, "--query"),
+            query_item=query_item, show=show, seed=seed,
+        )  # fmt: skip
         site_list = [s for entry in sites for s in entry.split()] if sites else None
         opened = open_run(run)
         target = out or opened.root / "anomalies"
+        check_output(target, ANOMALIES_KIND)
         summary = analyse_run(
-            opened,
-            target,
-            sites=site_list,
-            noises=noise or None,
-            conditions=condition or None,
-            grid=grid,
-            binnings=_numbers(binnings, "--binnings", int),
-            test_fraction=test_fraction,
-            threshold=threshold,
-            group=group,
-            reference=reference,
-            corner=corner,
-            corner_size=corner_size,
-            model=model,
-            device=device,
-            dtype=dtype,
-            batch_size=batch_size,
-            labels=labels,
-            tolerance=tolerance,
-            query=(position[0], position[1]),
-            query_item=query_item,
-            plots=plots,
-            show=show,
-            seed=seed,
-            progress=not quiet,
-        )
+            opened, target, config, sites=site_list, noises=noise or None,
+            conditions=condition or None, grid=grid, model=model, device=device, dtype=dtype,
+            batch_size=batch_size, labels=labels, plots=plots, progress=not quiet,
+        )  # fmt: skip
         if as_json:
             typer.echo(json.dumps(summary, indent=1, default=float))
             return
+        from diffprobe.stages.anomalies import summary_lines
+
         for line in summary_lines(summary):
             typer.echo(line)
         for row in summary["label_comparison"]:

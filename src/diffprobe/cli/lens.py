@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from diffprobe.cli.common import setup
+
 
 def _seeds(text: str) -> list[int]:
     from diffprobe.lens import LensError
@@ -108,9 +110,7 @@ def lens_command(
 ) -> None:
     """Generate an image from every layer of a text encoder (Toker et al.'s Diffusion Lens):
     one PNG per (layer, seed), grid.png with layer labels and lens.json in OUT (printed)."""
-    from diffprobe.cli import _setup
-
-    _setup(quiet)
+    setup(quiet)
     import diffprobe
     from diffprobe.lens import NORMS, PADDING, POOLED, LensError, lens
     from diffprobe.loading import parse_device, parse_dtype

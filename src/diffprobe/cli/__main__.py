@@ -1,0 +1,5 @@
+"""``python -m diffprobe.cli ...`` is the ``diffprobe`` command."""
+
+from diffprobe.cli import main
+
+main()

@@ -1,1 +1,0 @@
-"""CLI commands of the analysis layers; each module has ``register(app)``."""
