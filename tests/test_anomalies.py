@@ -487,7 +487,9 @@ def test_demo_on_dummy_folder(pipeline_folder, tmp_path, capsys):
     ):
         assert (tmp_path / "demo" / name).is_file(), name
     with pytest.raises(A.AnomalyError, match="not in"):
-        D.anomalies_demo(str(pipeline_folder), tmp_path / "demo2", items=2, sites=["unet.up_blocks.2"])
+        D.anomalies_demo(
+            str(pipeline_folder), tmp_path / "demo2", items=2, sites=["unet.up_blocks.2"]
+        )
 
 
 def test_doc_examples_run():

@@ -29,3 +29,35 @@ def test_readme_quick_start_is_the_two_make_commands():
     commands = [line.split("#")[0].strip() for line in re.findall(r"```sh\n(.*?)```", quick,
                 flags=re.DOTALL)[0].splitlines() if line.strip()]  # fmt: skip
     assert commands == ["make demo", "make test"]
+
+
+def _readme_commands() -> list[list[str]]:
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    found = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith((".venv/bin/diffprobe ", "diffprobe ")):
+                found.append(shlex.split(line)[1:])
+    return found
+
+
+def test_readme_lists_every_command_and_each_parses():
+    """Every `diffprobe COMMAND` line of the README names a real command whose options exist
+    and convert (click parses it without running it), and every command is in the README."""
+    import typer
+
+    from diffprobe.cli import app, join_variadic
+
+    group = typer.main.get_command(app)
+    written = _readme_commands()
+    assert {argv[0] for argv in written if not argv[0].startswith("-")} == set(group.commands)
+    for argv in written:
+        if argv[0].startswith("-"):
+            assert argv == ["--version"]
+            continue
+        command = group.commands[argv[0]]
+        context = command.make_context(argv[0], join_variadic(argv[1:]))
+        assert context.params, argv

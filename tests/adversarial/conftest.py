@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from diffprobe.data.sources import open_source
+
+# the dummy SD pipeline's sites the data fixtures extract
+SITES = ["unet.down_blocks.1", "unet.mid_block"]
+
 
 @dataclass
 class Outcome:
@@ -100,3 +105,42 @@ def refused(sandbox, cli):
         return outcome
 
     return check
+
+
+# ------------------------------------------------------------------ THINGS roots and runs
+
+
+@pytest.fixture(scope="package")
+def things_root(tmp_path_factory) -> Path:
+    from diffprobe.data.things_export import export_things
+
+    return export_things(
+        tmp_path_factory.mktemp("things"),
+        images_per_concept=2,
+        n_train=600,
+        n_test=600,
+        n_repeat_triplets=20,
+        repeats=6,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="package")
+def run_dir(things_root, tmp_path_factory, sd_model) -> Path:
+    """A pooled run over the THINGS export: 96 items, 2 sites, 2 noise levels."""
+    from diffprobe.extract import ExtractionPlan, extract
+
+    plan = ExtractionPlan(sites=SITES, noise_levels=[0.1, 0.5], image_size=32, chunk_items=32)
+    out = tmp_path_factory.mktemp("run") / "run"
+    return extract(sd_model, open_source(things_root), plan, out, batch_size=48, progress=False)
+
+
+@pytest.fixture(scope="package")
+def spatial_run_dir(tmp_path_factory, sd_model) -> Path:
+    """An unpooled run of 6 shapes-world items (what ``diffprobe anomalies`` reads)."""
+    from diffprobe.extract import ExtractionPlan, extract
+
+    plan = ExtractionPlan(sites=SITES, noise_levels=[0.2], pooling="none", image_size=32,
+                          chunk_items=8)  # fmt: skip
+    out = tmp_path_factory.mktemp("spatial") / "run"
+    return extract(sd_model, open_source("shapes:6"), plan, out, progress=False)

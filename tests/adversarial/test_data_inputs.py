@@ -17,7 +17,7 @@ from PIL import Image
 from diffprobe.data.sources import open_source
 
 TINY = ["--model", "tiny", "--sites", "unet.mid_block", "--noise", "0.1", "-q"]
-SITES = ["unet.down_blocks.1", "unet.mid_block"]
+SITES = ["unet.down_blocks.1", "unet.mid_block"]  # as the fixtures of conftest.py extract
 
 
 def rgb(seed: int = 0, size: tuple[int, int] = (24, 24)) -> Image.Image:
@@ -279,35 +279,10 @@ def test_bad_captions_file(refused, sandbox, name, data, said):
 # ------------------------------------------------------------------ THINGS roots
 
 
-@pytest.fixture(scope="module")
-def things_root(tmp_path_factory) -> Path:
-    from diffprobe.data.things_export import export_things
-
-    return export_things(
-        tmp_path_factory.mktemp("things"),
-        images_per_concept=2,
-        n_train=600,
-        n_test=600,
-        n_repeat_triplets=20,
-        repeats=6,
-        seed=0,
-    )
-
-
 def copy_root(root: Path, where: Path) -> Path:
     copy = where / "things-copy"
     shutil.copytree(root, copy)
     return copy
-
-
-@pytest.fixture(scope="module")
-def run_dir(things_root, tmp_path_factory, sd_model) -> Path:
-    """A pooled run over the THINGS export: 96 items, 2 sites, 2 noise levels."""
-    from diffprobe.extract import ExtractionPlan, extract
-
-    plan = ExtractionPlan(sites=SITES, noise_levels=[0.1, 0.5], image_size=32, chunk_items=32)
-    out = tmp_path_factory.mktemp("run") / "run"
-    return extract(sd_model, open_source(things_root), plan, out, batch_size=48, progress=False)
 
 
 def _save(relative: str, array) -> callable:

@@ -126,5 +126,3 @@ def main(argv: list[str] | None = None) -> None:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
-
-

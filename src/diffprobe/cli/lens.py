@@ -39,25 +39,6 @@ def _check_layers(text: str) -> None:
         )
 
 
-def _check_out(out: Path) -> None:
-    """``--out`` must be a folder, or a path where one can be made (checked before the model
-    loads, so a bad path costs no generation)."""
-    from diffprobe.io import OutputError
-
-    folder = out.expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(
-            f"--out {out} is a file, not a folder; the lens writes a folder of images there: "
-            "choose a new folder path"
-        )
-    parent = next((p for p in folder.absolute().parents if p.exists()), None)
-    if not folder.exists() and parent is not None and not parent.is_dir():
-        raise OutputError(
-            f"--out {out}: {parent} is a file, so no folder can be made under it; choose "
-            "another path"
-        )
-
-
 def _check_numbers(steps: int, batch_size: int, size: int | None, guidance: float | None):
     from diffprobe.lens import LensError
 
@@ -112,7 +93,8 @@ def lens_command(
     one PNG per (layer, seed), grid.png with layer labels and lens.json in OUT (printed)."""
     setup(quiet)
     import diffprobe
-    from diffprobe.lens import NORMS, PADDING, POOLED, LensError, lens
+    from diffprobe.io import check_output
+    from diffprobe.lens import LENS_KIND, NORMS, PADDING, POOLED, LensError, lens
     from diffprobe.loading import parse_device, parse_dtype
 
     for name, value, choices in (("--pad", pad, PADDING), ("--norm", norm, NORMS),
@@ -124,7 +106,7 @@ def lens_command(
     _check_numbers(steps, batch_size, size, guidance)
     parse_dtype(dtype)
     parse_device(device)
-    _check_out(out)
+    check_output(out, LENS_KIND)
     loaded = diffprobe.load(model, dtype=dtype, device=device)
     result = lens(
         loaded, prompt, layers=layers, seeds=seed_list, steps=steps, guidance_scale=guidance,

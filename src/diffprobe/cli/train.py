@@ -21,7 +21,12 @@ def train_tiny_command(
 ) -> None:
     """Train diffprobe's `tiny` Stable Diffusion on the shapes world (fixed seed, resumable)."""
     setup(quiet)
-    from diffprobe.train.tiny import train_tiny
+    from diffprobe.io import check_output
+    from diffprobe.loading import parse_device
+    from diffprobe.train.tiny import TRAIN_KIND, train_tiny
+
+    parse_device(device)
+    check_output(out, TRAIN_KIND)
 
     train_tiny(out, seed=seed, device=device, resume=resume, progress=not quiet)
 
