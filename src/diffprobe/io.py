@@ -317,6 +317,6 @@ def claim_output(
 
 
 def _version() -> str:
-    from diffprobe import __version__
+    from importlib.metadata import version
 
-    return __version__
+    return version("diffprobe")
