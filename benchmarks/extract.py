@@ -72,9 +72,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+from diffprobe.io import write_json
+
+
+def _quiet_libraries() -> None:
+    """Offline, and the libraries' warnings off, for a benchmark run (set in ``main``, not at
+    import: a test that imports this file must not change them for the rest of the session)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 # KEEP_UNTIL_END: run folders (and the file-creation probe) stay until every method has been
 # timed. On ext4 without a journal (our VMs' disk) the kernel skips inodes freed in the last
@@ -1159,13 +1165,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1235,6 +1234,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
     args = parse(argv)
     if args.worker == "seed":
         _worker_seed(args)
@@ -1255,7 +1255,7 @@ def main(argv: list[str] | None = None) -> None:
         ["benchmarks/extract.py", *(sys.argv[1:] if argv is None else argv)]
     )
     result["wall_s"] = time.perf_counter() - began
-    write_json_atomic(args.out, result)
+    write_json(args.out, result)
     print(table(result))
     print(f"wrote {args.out} ({result['wall_s']:.0f} s in all)", file=sys.stderr)
 
