@@ -1,0 +1,2 @@
+"""Sparse autoencoders: a TopK SAE, its training, the SAELens / sparsify / openai layouts,
+evaluation and steering helpers (docs/sae.md)."""
