@@ -61,7 +61,9 @@ class SAEFormatError(SAEError):
 # ------------------------------------------------------------------------------------ saving
 
 
-def save_sae(sae: TopKSAE, folder: str | Path, *, overwrite: bool = False, claim: bool = True) -> Path:
+def save_sae(
+    sae: TopKSAE, folder: str | Path, *, overwrite: bool = False, claim: bool = True
+) -> Path:
     """Write ``sae`` to ``folder`` in the SAELens layout: ``cfg.json`` (architecture
     ``topk``, d_in, d_sae, k, normalize_activations, apply_b_dec_to_input, metadata) and
     ``sae_weights.safetensors`` (W_enc ``(d_in, d_sae)``, W_dec ``(d_sae, d_in)``, b_enc,
@@ -236,7 +238,9 @@ def _integer(cfg: dict, key: str, where: Path) -> int:
     return value
 
 
-def _tensor(tensors: dict, name: str, shape: tuple[int, ...], where: Path, note: str = "") -> Tensor:
+def _tensor(
+    tensors: dict, name: str, shape: tuple[int, ...], where: Path, note: str = ""
+) -> Tensor:
     if name not in tensors:
         raise SAEFormatError(
             f"{where} lacks tensor '{name}' (it has {', '.join(sorted(tensors)) or 'none'}); "
@@ -258,8 +262,7 @@ def _build(d_in: int, d_sae: int, k: int, where: Path, **kwargs: Any) -> TopKSAE
         raise SAEFormatError(f"{where}: d_in {d_in} and d_sae {d_sae} must be at least 1")
     if not 1 <= k <= d_sae:
         raise SAEFormatError(
-            f"{where}: k {k} must be between 1 and d_sae {d_sae} (the latents); the config is "
-            "wrong"
+            f"{where}: k {k} must be between 1 and d_sae {d_sae} (the latents); the config is wrong"
         )
     return TopKSAE(d_in, d_sae, k, **kwargs)
 

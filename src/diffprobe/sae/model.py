@@ -116,7 +116,9 @@ class TopKSAE(nn.Module):
         # the encoder with unit-norm rows, zero biases (training sets b_dec to the data mean)
         generator = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(d_in)
-        encoder = (torch.rand(d_sae, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        encoder = (
+            torch.rand(d_sae, d_in, generator=generator, dtype=torch.float64) * 2 - 1
+        ) * bound
         self.encoder = nn.Parameter(encoder.to(dtype=dtype, device=device))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(self.encoder.detach().clone())
@@ -155,9 +157,7 @@ class TopKSAE(nn.Module):
             f"it was trained on '{trained}'; " if trained and trained != site else ""
         ) + "use an SAE trained on that site, or train one (diffprobe sae train)"
         name = f" {self.source['path']}" if self.source.get("path") else ""
-        raise SAEError(
-            f"SAE{name} reads d_in {self.d_in} channels, but {where} {expected}; {hint}"
-        )
+        raise SAEError(f"SAE{name} reads d_in {self.d_in} channels, but {where} {expected}; {hint}")
 
     # --------------------------------------------------------------------------- normalising
 

@@ -278,7 +278,7 @@ class SAETrainer:
 
     def state_tensors(self) -> dict[str, Tensor]:
         tensors = {f"sae.{n}": p.detach() for n, p in self.sae.named_parameters()}
-        names = dict(zip(map(id, self.sae.parameters()), dict(self.sae.named_parameters())))
+        names = {id(p): n for n, p in self.sae.named_parameters()}
         for param, state in self.optimizer.state.items():
             for key, value in state.items():
                 tensors[f"adam.{names[id(param)]}.{key}"] = torch.as_tensor(value)
@@ -394,8 +394,12 @@ def train_sae(
         raise SAEError(f"k {config.k} is larger than d_sae {d_sae}; k must be at most d_sae")
     meta = {**source.metadata, **(metadata or {})}
     identity = fingerprint(
-        {"config": {**asdict(config), "checkpoint_every": None, "log_every": None},
-         "source": source.describe(), "d_in": d_in, "steps": steps}  # fmt: skip
+        {
+            "config": {**asdict(config), "checkpoint_every": None, "log_every": None},
+            "source": source.describe(),
+            "d_in": d_in,
+            "steps": steps,
+        }  # fmt: skip
     )
     sae = TopKSAE(d_in, d_sae, config.k, normalization=config.normalization, metadata=meta,
                   seed=config.seed, device=device)  # fmt: skip
