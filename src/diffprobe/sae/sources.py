@@ -177,7 +177,7 @@ class MapSource(ActivationSource):
                 "(tokens, channels) or (channels,)"
             )
         per_item = int(np.prod(shape)) // channels_of((0, *shape))
-        total = sum(len(a) for a in arrays) * per_item
+        total = sum(int(a.shape[0]) for a in arrays) * per_item
         super().__init__(d_in=channels_of((0, *shape)), n_tokens=total)
         self.arrays, self.name = arrays, name
         self.groups = list(groups) if groups else []
@@ -188,7 +188,7 @@ class MapSource(ActivationSource):
         pieces = [
             (g, start)
             for g, array in enumerate(self.arrays)
-            for start in range(0, len(array), self.read_items)
+            for start in range(0, int(array.shape[0]), self.read_items)
         ]
         if shuffle:
             order = torch.randperm(len(pieces), generator=_seeded(seed, epoch)).tolist()
@@ -235,7 +235,9 @@ class IterableSource(ActivationSource):
                 "returns a fresh iterator to train more than one epoch or to resume"
             )
         self._used = True
-        return iter(self.data)
+        if not hasattr(self, "_iterator_started"):
+            self._iterator_started = iter(self.data)
+        return self._iterator_started
 
     def blocks(self, epoch: int, seed: int, shuffle: bool = True) -> Iterator[Block]:
         for element in self._iterator():
@@ -265,10 +267,20 @@ class IterableSource(ActivationSource):
             yield tokens, tags
 
     def peek_d_in(self) -> int:
-        """Read the first element of a re-creatable iterator to learn d_in."""
+        """Read the first element to learn d_in (a one-pass iterator keeps it for later)."""
         if self.d_in == 0 and callable(self.data):
             for _ in self.blocks(0, 0):
                 break
+        elif self.d_in == 0:
+            import itertools
+
+            started = iter(self.data)
+            first = next(started, None)
+            if first is None:
+                raise SAEError(f"{self.name} yielded nothing; it holds no activations")
+            self._iterator_started = itertools.chain([first], started)
+            element = first[0] if isinstance(first, tuple) else first
+            self.d_in = int(to_tokens(_as_tensor(element, self.name))[0].shape[1])
         return self.d_in
 
     def describe(self) -> dict:
