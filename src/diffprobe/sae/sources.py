@@ -356,8 +356,12 @@ def run_source(
             "noise": list(keys),
         },
     )
+    where = model.get("source")
+    # SAELens's model_name is a hub id; a local pipeline folder is named by its alias
+    local = where is None or Path(str(where)).exists()
     source.metadata = {
-        "model_name": model.get("source") or model.get("name"),
+        "model_name": model.get("name") if local else where,
+        "model_source": where,
         "site": site,
         "hook_name": site,
         "branch": branch,

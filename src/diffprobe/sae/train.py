@@ -128,8 +128,10 @@ class _SparseEncode(torch.autograd.Function):
             rows = torch.arange(n, device=hidden.device).repeat_interleave(k)
         values = torch.relu(values.to(inputs.dtype))
         if dead_mask is not None:
-            dead = hidden.masked_fill(~dead_mask, -math.inf)
-            aux_values, aux_cols = dead.topk(k_aux, dim=-1, sorted=False)
+            # only the dead latents' columns: usually few, so much less than a masked copy
+            dead = dead_mask.nonzero().squeeze(1)
+            aux_values, where = hidden.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+            aux_cols = dead[where]
             aux_values = torch.relu(aux_values.to(inputs.dtype))
         else:
             aux_values = inputs.new_zeros(n, 0)
