@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             return theirs(x, dead, aux_alpha)
 
         methods = {"diffprobe": run_ours, "sparsify": run_theirs}
-        for name, method in methods.items():
+        for method in methods.values():
             for i in range(args.warmup):
                 method(data[i % len(data)])
         synchronize(device)

@@ -85,7 +85,9 @@ def test_python_examples_run_and_print_what_they_say(tmp_path, monkeypatch):
         with contextlib.redirect_stdout(captured):
             exec(compile(block, str(DOC), "exec"), namespace)
         for text in _expected_prints(block):
-            assert text in captured.getvalue(), f"the page says {text!r}; got {captured.getvalue()!r}"
+            assert text in captured.getvalue(), (
+                f"the page says {text!r}; got {captured.getvalue()!r}"
+            )
     assert asked == [("bcywinski/SAeUron", "unet.up_blocks.1.attentions.1/*")]
 
 

@@ -127,6 +127,8 @@ def test_steering_adds_the_unit_decoder_row_at_every_token():
     assert torch.equal(direction, sae.W_dec[7].detach())
     maps = torch.randn(2, 6, 3, 3)
     steered = sae_steer(sae, 7, strength=2.5)(maps)
-    torch.testing.assert_close(steered - maps, (2.5 * direction)[None, :, None, None].expand_as(maps))
+    torch.testing.assert_close(
+        steered - maps, (2.5 * direction)[None, :, None, None].expand_as(maps)
+    )
     with pytest.raises(SAEError, match="feature -1 does not exist"):
         decoder_direction(sae, -1)

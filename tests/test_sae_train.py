@@ -95,7 +95,9 @@ def _planted(d_in: int, n: int, seed: int = 0):
     chosen = torch.rand(n, 512, generator=g).argsort(dim=1)[:, :8]
     coefficients = torch.rand(n, 8, generator=g) + 1
     x = torch.zeros(n, d_in).index_add_(
-        0, torch.arange(n).repeat_interleave(8), coefficients.reshape(-1, 1) * atoms[chosen.reshape(-1)]
+        0,
+        torch.arange(n).repeat_interleave(8),
+        coefficients.reshape(-1, 1) * atoms[chosen.reshape(-1)],
     )
     return atoms, x + 0.01 * torch.randn(n, d_in, generator=g)
 
