@@ -280,3 +280,30 @@ def test_training_on_a_spatial_run_records_where_the_activations_came_from(sd_mo
             pooled, batch_size=4, progress=False)  # fmt: skip
     with pytest.raises(SAEError, match="--pooling mean: one vector per item"):
         run_source(pooled, site)
+
+
+def test_a_zarr_array_of_maps_trains_on_every_spatial_token():
+    import zarr
+
+    maps = np.random.default_rng(1).standard_normal((6, 12, 4, 4)).astype(np.float32)
+    array = zarr.create_array(zarr.storage.MemoryStore(), shape=maps.shape, chunks=(2, 12, 4, 4),
+                              dtype="float32")  # fmt: skip
+    array[:] = maps
+    sae = train_sae(array, **{**SMALL, "batch_size": 32, "buffer_tokens": 48})
+    assert sae.d_in == 12
+    from diffprobe.sae import as_source
+
+    source = as_source(array)
+    assert source.n_tokens == 6 * 16
+    tokens = torch.cat([b for b, _ in source.blocks(0, 0, shuffle=False)])
+    expected = torch.from_numpy(maps).permute(0, 2, 3, 1).reshape(-1, 12)
+    assert torch.equal(tokens, expected)  # channels-last tokens, item by item
+    array[3] = np.nan  # an unfinished item
+    with pytest.raises(SAEError, match=r"items 2-3 hold NaN"):
+        train_sae(array, **{**SMALL, "batch_size": 32})
+
+
+def test_an_iterator_that_runs_out_early_is_an_error(tmp_path):
+    batches = [torch.randn(32, 12) for _ in range(3)]
+    with pytest.raises(SAEError, match="ran out after 3 of 4 steps"):
+        train_sae(iter(batches), tmp_path / "out", **{**SMALL, "batch_size": 32, "tokens": 128})

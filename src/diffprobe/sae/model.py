@@ -198,13 +198,14 @@ class TopKSAE(nn.Module):
     def encode_sparse(self, activations: Tensor) -> SparseCodes:
         """Per-token TopK codes of ``(..., d_in)`` activations: ``(..., k)`` values and
         indices."""
-        return self._topk(self.hidden(self.normalize(activations)[0]))
+        return self.select_topk(self.hidden(self.normalize(activations)[0]))
 
     def encode(self, activations: Tensor) -> Tensor:
         """Dense codes ``(..., d_sae)``: the per-token TopK values, zeros elsewhere."""
         return self.densify(self.encode_sparse(activations))
 
-    def _topk(self, hidden: Tensor) -> SparseCodes:
+    def select_topk(self, hidden: Tensor) -> SparseCodes:
+        """Per-token TopK codes of encoder outputs ``(..., d_sae)`` (see :meth:`hidden`)."""
         # TopK of the raw encoder outputs, then the ReLU on the k values: the same codes as
         # TopK(ReLU(h)) without a pass over the whole (tokens, d_sae) matrix
         values, indices = hidden.topk(self.k, dim=-1, sorted=False)
@@ -246,7 +247,7 @@ class TopKSAE(nn.Module):
         """Encode and decode ``(..., d_in)`` activations: the reconstruction (in the input's
         space) and the per-token TopK codes."""
         normalized, norm = self.normalize(activations)
-        codes = self._topk(self.hidden(normalized))
+        codes = self.select_topk(self.hidden(normalized))
         values, indices = codes
         flat = F.embedding_bag(
             indices.reshape(-1, self.k),

@@ -224,6 +224,7 @@ class IterableSource(ActivationSource):
         super().__init__(d_in=0, n_tokens=None, resumable=callable(data))
         self.data, self.name = data, name
         self._used = False
+        self._started: Iterator | None = None  # a one-pass iterator, its first batch read
         self._labels: dict[str, int] = {}
 
     def _iterator(self) -> Iterator:
@@ -235,9 +236,7 @@ class IterableSource(ActivationSource):
                 "returns a fresh iterator to train more than one epoch or to resume"
             )
         self._used = True
-        if not hasattr(self, "_iterator_started"):
-            self._iterator_started = iter(self.data)
-        return self._iterator_started
+        return self._started if self._started is not None else iter(self.data)
 
     def blocks(self, epoch: int, seed: int, shuffle: bool = True) -> Iterator[Block]:
         for element in self._iterator():
@@ -278,7 +277,7 @@ class IterableSource(ActivationSource):
             first = next(started, None)
             if first is None:
                 raise SAEError(f"{self.name} yielded nothing; it holds no activations")
-            self._iterator_started = itertools.chain([first], started)
+            self._started = itertools.chain([first], started)
             element = first[0] if isinstance(first, tuple) else first
             self.d_in = int(to_tokens(_as_tensor(element, self.name))[0].shape[1])
         return self.d_in

@@ -52,9 +52,9 @@ def edit_codes(
     if edit is None:
         if keep_error:
             return tokens.clone()
-        recon = sae.denormalize(sae.decode_sparse(sae._topk(hidden)), norm)
+        recon = sae.denormalize(sae.decode_sparse(sae.select_topk(hidden)), norm)
         return recon.to(device=tokens.device, dtype=tokens.dtype)
-    codes = sae.densify(sae._topk(hidden))
+    codes = sae.densify(sae.select_topk(hidden))
     edited = edit(codes.clone())
     if tuple(edited.shape) != tuple(codes.shape):
         raise SAEError(

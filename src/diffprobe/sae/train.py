@@ -432,15 +432,13 @@ def train_sae(
         next(stream, None)
     last = min(steps, until_step) if until_step is not None else steps
     seconds = _loop(trainer, stream, steps, last, folder, identity, history, seconds, progress)
-    if folder is not None and trainer.step_count < steps:
-        return sae
     if trainer.step_count < steps:
-        if until_step is None:
-            raise SAEError(
-                f"the activations ran out after {trainer.step_count} of {steps} steps; give "
-                "fewer tokens (--tokens) or more data"
-            )
-        return sae
+        if until_step is not None and trainer.step_count >= until_step:
+            return sae  # stopped as asked, with a checkpoint when there is a folder
+        raise SAEError(
+            f"the activations ran out after {trainer.step_count} of {steps} steps; give fewer "
+            "tokens (--tokens) or more data"
+        )
     final = {
         "step": trainer.step_count,
         "tokens": trainer.step_count * config.batch_size,
