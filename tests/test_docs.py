@@ -58,6 +58,8 @@ def test_readme_lists_every_command_and_each_parses():
         if argv[0].startswith("-"):
             assert argv == ["--version"]
             continue
-        command = group.commands[argv[0]]
-        context = command.make_context(argv[0], join_variadic(argv[1:]))
+        command, rest = group.commands[argv[0]], argv[1:]
+        if hasattr(command, "commands"):  # a group of commands: diffprobe sae train ...
+            command, rest = command.commands[rest[0]], rest[1:]
+        context = command.make_context(argv[0], join_variadic(rest))
         assert context.params, argv

@@ -10,13 +10,8 @@ import pytest
 
 
 def sae_cli():
-    """diffprobe's CLI with the ``sae`` group registered (cli.py registers it once merged)."""
     from diffprobe import cli
 
-    if not any(group.name == "sae" for group in cli.app.registered_groups):
-        from diffprobe.sae.cli import register
-
-        register(cli.app)
     return cli
 
 

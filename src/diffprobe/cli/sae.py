@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+from diffprobe.cli.common import AsJson, Quiet, setup
+
 Run = Annotated[
     Path | None, typer.Option(help="run folder written by `diffprobe extract --pooling none`")
 ]
@@ -119,10 +119,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a TopK SAE on a run's spatial activations (every token of every noise level)
         or on a .npy file; writes OUT in the SAELens layout. The same command resumes."""
-        from diffprobe.cli import _setup
+
         from diffprobe.sae.train import TrainConfig, train_sae
 
-        _setup(quiet)
+        setup(quiet)
         config = TrainConfig(expansion=expansion, d_sae=d_sae, k=k, batch_topk=batch_topk,
                              aux_alpha=aux_alpha, dead_tokens=dead_tokens, lr=lr,
                              batch_size=batch_size, epochs=epochs, tokens=tokens,
@@ -156,13 +156,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """FVU, L0 and dead fraction of the SAE at PATH on a run's activations (per noise
         level) or a .npy file."""
-        from diffprobe.cli import _setup
+
         from diffprobe.sae.evaluate import evaluate_sae
         from diffprobe.sae.formats import load_sae
         from diffprobe.sae.model import check_size
         from diffprobe.sae.train import resolve_device
 
-        _setup(quiet)
+        setup(quiet)
         if tokens is not None:
             check_size("--tokens", tokens)
         check_size("--batch-size", batch_size)
