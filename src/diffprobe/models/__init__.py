@@ -3,7 +3,9 @@
 from importlib import import_module
 
 from diffprobe.models.base import Conditioning, Model, TextEncoding, item_noise, item_seed
-from diffprobe.models.registry import ADAPTERS, adapter_for_pipeline
+from diffprobe.models.geometry import SizeRule
+from diffprobe.models.registry import ADAPTERS, adapter, adapter_for_pipeline, families
+from diffprobe.models.towers import Tower
 
 # one module per family; a family whose module is missing is simply not registered
 for _name in ("sd", "sdxl", "sd3", "flux", "deepfloyd_if", "ddpm"):
@@ -17,8 +19,12 @@ __all__ = [
     "ADAPTERS",
     "Conditioning",
     "Model",
+    "SizeRule",
     "TextEncoding",
+    "Tower",
+    "adapter",
     "adapter_for_pipeline",
+    "families",
     "item_noise",
     "item_seed",
 ]
