@@ -171,7 +171,7 @@ _MODELS: dict[str, ModelSpec] = {}
 
 def register_model(spec: ModelSpec) -> ModelSpec:
     if spec.alias is None:
-        raise ValueError("a registered model needs an alias")
+        raise DiffprobeError(f"a registered model needs an alias; {spec.source} has none")
     _MODELS[spec.alias] = spec
     return spec
 

@@ -382,7 +382,7 @@ class Model:
     def prepare_images(self, images: Any, size: int | None = None) -> torch.Tensor:
         """uint8 (items, H, W, 3) arrays, PIL images or float tensors in [-1, 1] ->
         float tensor (items, 3, size, size) in [-1, 1] on the model's device."""
-        size = size or self.resolution
+        size = self.resolution if size is None else size
         self.check_size(size)
         if isinstance(images, torch.Tensor):
             pixels = images.float()

@@ -29,13 +29,14 @@ IF, 256 for SD3 and FLUX.1-schnell, 512 for a guidance-distilled FLUX). The VAE 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -199,7 +200,15 @@ def component_config(alias: str | Path, component: str) -> dict:
         path = CONFIG_ROOT / source / f"{component}.json"
     else:
         path = Path(source) / component / "config.json"
-    config = json.loads(_read_config(str(path), path.stat().st_mtime_ns))
+    try:
+        config = json.loads(_read_config(str(path), path.stat().st_mtime_ns))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(
+            f"{path} cannot be read as a JSON config ({type(err).__name__}: {err}); give a "
+            "folder written by save_pretrained"
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds no config object (a JSON dict of settings)")
     if "_class_name" not in config:
         architectures = config.get("architectures") or []
         class_name = (
@@ -325,15 +334,28 @@ def _name(source: str) -> str:
     return repr(source)
 
 
+@contextlib.contextmanager
+def _complete(source: str) -> Iterator[None]:
+    """A config without a setting its family reads is a :class:`ConfigError` naming both."""
+    try:
+        yield
+    except KeyError as err:
+        raise ConfigError(
+            f"a component config of {_name(source)} has no {err.args[0]!r}, which its "
+            "family's configs have; is the folder written by save_pretrained?"
+        ) from None
+
+
 def size_rule(alias_or_folder: str | Path) -> SizeRule:
     """The image sizes a model takes: its family's rule on its configs (the rule
     ``Model.check_size`` asks for the loaded pipeline)."""
     source = _resolve(alias_or_folder)
     configs = _configs(source)
     denoiser = _denoiser(source)
-    if denoiser is None:
-        return Model.size_rule_for(configs)
-    return _adapter(source, configs[denoiser], strict=False).size_rule_for(configs)
+    with _complete(source):
+        if denoiser is None:
+            return Model.size_rule_for(configs)
+        return _adapter(source, configs[denoiser], strict=False).size_rule_for(configs)
 
 
 def latent_geometry(alias_or_folder: str | Path, size: int) -> dict[str, Any]:
@@ -359,10 +381,11 @@ def latent_geometry(alias_or_folder: str | Path, size: int) -> dict[str, Any]:
     if denoiser is not None:
         config = configs[denoiser]
         denoiser_class = config["_class_name"]
-        adapter = _adapter(source, config, strict=False)
-        input_shape, tokens = adapter.denoiser_input(config, latent_size)
-        if latent_channels is None:
-            latent_channels = int(config["in_channels"])
+        with _complete(source):
+            adapter = _adapter(source, config, strict=False)
+            input_shape, tokens = adapter.denoiser_input(config, latent_size)
+            if latent_channels is None:
+                latent_channels = int(config["in_channels"])
     return {
         "image_size": size,
         "vae_scale_factor": factor,
@@ -389,7 +412,8 @@ def native_size(alias_or_folder: str | Path) -> int:
         if "vae" in configs:
             return int(configs["vae"].get("sample_size") or 512)
         raise ConfigError(f"{source!r} has no denoiser or VAE, so no image size applies")
-    return _adapter(source, configs[denoiser], strict=False).native_size_for(configs)
+    with _complete(source):
+        return _adapter(source, configs[denoiser], strict=False).native_size_for(configs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +431,8 @@ def _t5_tokens(source: str) -> int:
 def _denoiser_inputs(source: str, denoiser: str, size: int) -> dict[str, Any]:
     config = component_config(source, denoiser)
     geometry = latent_geometry(source, size)
-    return _adapter(source, config, strict=True).meta_denoiser_inputs(config, geometry)
+    with _complete(source):
+        return _adapter(source, config, strict=True).meta_denoiser_inputs(config, geometry)
 
 
 def _text_inputs(source: str, component: str) -> dict[str, Any]:

@@ -31,14 +31,16 @@ class DummyCase:
     - ``build(seed)``: the pipeline;
     - ``call_denoiser``: one denoiser call by hand (items, C, h, w) from the family's inputs;
     - ``sites``: sites to capture and edit (``:input`` and ``:element`` forms welcome);
-      ``hooked``: denoiser sites -> the index of their default element in a tuple output, for a
-      hand-written forward hook (ignored for tensor outputs); ``stop_sites`` for an early stop
+      ``hooked``: sites (``site`` or ``site:element``) -> the index of that element in the
+      module's tuple output, for a hand-written forward hook (ignored for tensor outputs); ``stop_sites`` for an early stop
       and ``later_site``, a module that must then not run;
     - ``plain_kwargs``: what a plain pipeline call needs to match ``generate``'s defaults;
     - ``cfg_kwargs``: a generation with classifier-free guidance (None: the family has none),
       laid out as ``cfg_calls``: ``"batch"`` ([uncond, cond] halves of one call per step) or
       ``"calls"`` (a conditional call, then an unconditional one); ``no_cfg_kwargs``: one
       without;
+    - ``resolution``, ``size_multiple``: the native image size (px) and the multiple every
+      size must be;
     - ``default_guidance_scale``: the documented default of ``generate``;
     - ``unconditional``: the pipeline takes no prompt (DDPM).
     """
@@ -51,6 +53,8 @@ class DummyCase:
     hooked: Mapping[str, int]
     stop_sites: tuple[str, ...]
     later_site: str
+    resolution: int
+    size_multiple: int
     default_guidance_scale: float | None
     plain_kwargs: Mapping[str, Any] = field(default_factory=dict)
     cfg_kwargs: Mapping[str, Any] | None = field(default_factory=lambda: {"guidance_scale": 5.0})

@@ -75,6 +75,8 @@ _DDPM = dict(
     },
     stop_sites=("unet.down_blocks.0.resnets.1", "unet.mid_block"),
     later_site="unet.conv_out",
+    resolution=32,
+    size_multiple=2,
     default_guidance_scale=None,
     cfg_kwargs=None,
     no_cfg_kwargs={},

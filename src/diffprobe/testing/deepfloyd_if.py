@@ -110,6 +110,8 @@ IF_CASE = DummyCase(
     },
     stop_sites=("unet.down_blocks.1.attentions.0", "unet.mid_block"),
     later_site="unet.conv_out",
+    resolution=32,
+    size_multiple=2,
     default_guidance_scale=7.0,
     # bs4/ftfy may be absent, and diffprobe encodes the uncleaned text everywhere
     plain_kwargs={"clean_caption": False},

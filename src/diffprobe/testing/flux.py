@@ -137,6 +137,7 @@ _FLUX_SITES = (
 # both block kinds return (text tokens, image tokens); the attention image tokens first
 _FLUX_HOOKED = {
     "transformer.transformer_blocks.1": 1,
+    "transformer.transformer_blocks.1:encoder_hidden_states": 0,
     "transformer.single_transformer_blocks.0": 1,
     "transformer.transformer_blocks.0.attn": 0,
 }
@@ -154,6 +155,8 @@ FLUX_CASE = DummyCase(
     hooked=_FLUX_HOOKED,
     stop_sites=_FLUX_STOP,
     later_site="transformer.single_transformer_blocks.0",
+    resolution=32,
+    size_multiple=4,
     default_guidance_scale=3.5,
     # schnell's adapter uses 256 T5 tokens; the pipeline's default is 512
     plain_kwargs={"max_sequence_length": 256},
@@ -170,6 +173,8 @@ FLUX_DEV_CASE = DummyCase(
     hooked=_FLUX_HOOKED,
     stop_sites=_FLUX_STOP,
     later_site="transformer.single_transformer_blocks.0",
+    resolution=32,
+    size_multiple=4,
     default_guidance_scale=3.5,
     cfg_kwargs={"guidance_scale": 3.0, **_TRUE_CFG},
     cfg_calls="calls",

@@ -120,6 +120,8 @@ SD_CASE = DummyCase(
     },
     stop_sites=("unet.down_blocks.1.attentions.0", "unet.mid_block"),
     later_site="unet.conv_out",
+    resolution=64,
+    size_multiple=8,
     default_guidance_scale=7.5,
 )
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from diffprobe import registry
+from diffprobe.errors import DiffprobeError
 from diffprobe.testing.cases import DummyCase, register_dummies
 from diffprobe.testing.clip import dummy_clip_text_config, dummy_clip_tokenizer
 from diffprobe.testing.t5 import dummy_t5_encoder, dummy_t5_tokenizer
@@ -59,7 +60,7 @@ def dummy_sd3_components(seed: int = 0, variant: str = "3") -> dict:
     from transformers import CLIPTextModelWithProjection
 
     if variant not in ("3", "3.5"):
-        raise ValueError(f"variant must be '3' or '3.5', not {variant!r}")
+        raise DiffprobeError(f"variant must be '3' or '3.5', not {variant!r}")
     extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if variant == "3.5" else {}
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -132,7 +133,11 @@ _SD3_SITES = (
     "text_encoder_3.encoder.block.1",
 )
 # JointTransformerBlock returns (text tokens, image tokens); the attention image tokens first
-_SD3_HOOKED = {"transformer.transformer_blocks.1": 1, "transformer.transformer_blocks.0.attn": 0}
+_SD3_HOOKED = {
+    "transformer.transformer_blocks.1": 1,
+    "transformer.transformer_blocks.1:encoder_hidden_states": 0,
+    "transformer.transformer_blocks.0.attn": 0,
+}
 _SD3_STOP = (
     "transformer.transformer_blocks.0",
     "transformer.transformer_blocks.0:encoder_hidden_states",
@@ -147,6 +152,8 @@ SD3_CASE = DummyCase(
     hooked=_SD3_HOOKED,
     stop_sites=_SD3_STOP,
     later_site="transformer.transformer_blocks.1",
+    resolution=32,
+    size_multiple=4,
     default_guidance_scale=7.0,
 )
 SD35_CASE = DummyCase(
@@ -158,6 +165,8 @@ SD35_CASE = DummyCase(
     hooked={**_SD3_HOOKED, "transformer.transformer_blocks.0.attn2": 0},
     stop_sites=_SD3_STOP,
     later_site="transformer.transformer_blocks.1",
+    resolution=32,
+    size_multiple=4,
     default_guidance_scale=7.0,
 )
 
