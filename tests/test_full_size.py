@@ -304,3 +304,44 @@ def test_local_diffusers_folder(tmp_path):
     assert meta.site_shapes(str(tmp_path), 128)["unet.mid_block"].shape == (64, 32, 32)
     with pytest.raises(ValueError, match="image size 66 px"):
         meta.site_shapes(tmp_path, 66)
+
+
+@functools.cache
+def full_size_model(alias: str):
+    """``alias``'s pipeline assembled by its family's adapter from meta-device components."""
+    from diffprobe.testing.full_size import random_pipeline
+
+    return diffprobe.from_pipeline(random_pipeline(alias, device="meta"), registry.resolve(alias))
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_every_alias_assembles_into_its_familys_adapter(alias):
+    spec = registry.resolve(alias)
+    model = full_size_model(alias)
+    adapter = registry.adapter(spec.family)
+    assert type(model) is adapter and model.device.type == "meta"
+    # the same size rule on the loaded pipeline as on the shipped configs
+    assert model.size_rule() == meta.size_rule(alias)
+    model.check_size(spec.resolution)
+    assert model.resolution == spec.resolution
+    expected = {n for n in meta.components(alias) if n not in adapter.optional_text_encoders}
+    assert set(model.module_components) == expected
+    shapes = meta.site_shapes(alias)  # cached: the same call as the native-size test's
+    assert {s for s in shapes if s.split(".")[0] in expected} <= set(model.site_names())
+    towers = adapter.text_towers(model.pipe)
+    assert set(towers) == {n for n in expected if n.startswith("text_encoder")}
+    if towers:
+        assert adapter.default_tower(towers) in towers
+
+
+def test_optional_t5_is_left_out_unless_asked():
+    from diffprobe.testing.full_size import random_pipeline
+
+    pipe = random_pipeline("sd3", device="meta", t5=True)
+    assert pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
+    model = diffprobe.from_pipeline(pipe, registry.resolve("sd3"))
+    assert registry.adapter("sd3").default_tower(model.text_towers(pipe)) == "text_encoder_3"
+    assert full_size_model("sd3").pipe.text_encoder_3 is None
+    # without T5 the lens reads CLIP-G
+    towers = full_size_model("sd3").text_towers(full_size_model("sd3").pipe)
+    assert registry.adapter("sd3").default_tower(towers) == "text_encoder_2"

@@ -47,7 +47,7 @@ from torch import nn
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks.engine import BRANCHES, StopForward
 from diffprobe.hooks.sites import all_site_names, module_components, resolve_site
-from diffprobe.models.geometry import SizeRule, unet_rule, vae_factor
+from diffprobe.models.geometry import ConfigError, SizeRule, unet_rule, vae_factor
 from diffprobe.models.towers import Tower
 from diffprobe.registry import ModelSpec
 
@@ -282,9 +282,9 @@ class Model:
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
         if sample_size is None:
-            raise DiffprobeError(
-                f"the {cls.denoiser_name} config of this {cls.family} model has no sample_size, "
-                "so it has no default image size; pass --size"
+            raise ConfigError(
+                f"the {cls.denoiser_name} config has no sample_size, so there is no default "
+                "image size; pass --size"
             )
         return int(sample_size) * vae_factor(configs.get("vae"))
 

@@ -372,7 +372,10 @@ def latent_geometry(alias_or_folder: str | Path, size: int) -> dict[str, Any]:
     configs = _configs(source)
     factor = vae_factor(configs.get("vae"))
     denoiser = _denoiser(source)
-    native = native_size(source) if denoiser is not None or "vae" in configs else None
+    try:  # only for the error message: a folder may give no default size
+        native = native_size(source) if denoiser is not None or "vae" in configs else None
+    except ConfigError:
+        native = None
     rule = size_rule(source)
     rule.check(size, _name(source), native=native)
     latent_size = size // factor
@@ -413,7 +416,10 @@ def native_size(alias_or_folder: str | Path) -> int:
             return int(configs["vae"].get("sample_size") or 512)
         raise ConfigError(f"{source!r} has no denoiser or VAE, so no image size applies")
     with _complete(source):
-        return _adapter(source, configs[denoiser], strict=False).native_size_for(configs)
+        try:
+            return _adapter(source, configs[denoiser], strict=False).native_size_for(configs)
+        except ConfigError as err:
+            raise ConfigError(f"{_name(source)}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
