@@ -1,4 +1,21 @@
-"""Model adapters, one file per diffusers family. Importing this package registers them."""
+"""Model adapters, one file per diffusers family. Importing this package registers them.
+
+Adding a family is one adapter file and its dummy components:
+
+1. ``diffprobe/models/<family>.py``: a :class:`Model` subclass decorated with
+   ``@register_adapter`` that sets ``family``, ``pipeline_classes``, ``denoiser_name``,
+   ``denoiser_classes``, ``default_guidance_scale``, ``tuple_elements``, ``default_encoder``,
+   implements ``encode_images``, ``_encode_prompt``, ``encode_text``, ``denoiser_kwargs``, and
+   overrides the classmethods whose base versions do not fit (``size_rule_for``,
+   ``meta_denoiser_inputs``, ``t5_tokens``, ``text_towers``, ...); add its name to the list
+   below.
+2. ``diffprobe/testing/<family>.py``: its tiny seeded pipeline and
+   ``register_dummies(family, DummyCase(...), scheduler=...)``; add it to
+   ``diffprobe/testing/__init__.py``.
+
+``tests/test_conformance.py`` then runs the whole contract on it (its toy family shows both
+steps in one file).
+"""
 
 from importlib import import_module
 

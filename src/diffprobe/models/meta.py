@@ -58,21 +58,6 @@ from diffprobe.models.geometry import (
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
-__all__ = [
-    "BATCH",
-    "CONFIG_ROOT",
-    "ConfigError",
-    "SiteShape",
-    "available_configs",
-    "build_component",
-    "component_config",
-    "components",
-    "latent_geometry",
-    "native_size",
-    "parameter_count",
-    "site_shapes",
-    "size_rule",
-]
 
 DENOISERS = ("unet", "transformer")
 # Components that get sites, in the order they are reported; others in a folder (scheduler,
