@@ -1,5 +1,6 @@
 """Full-size architectures built on the meta device from the shipped configs: parameter counts,
-site names and shapes. No weights, no network."""
+site names and shapes, and every alias's pipeline assembled by its family's adapter (size rule,
+sites, text towers). No weights, no network."""
 
 from __future__ import annotations
 
@@ -9,21 +10,12 @@ import json
 import pytest
 import torch
 
+import diffprobe
+from diffprobe import registry
 from diffprobe.models import meta
 
-ALIASES = [
-    "sd1.5",
-    "sd2.1",
-    "sd2.1-base",
-    "sd-turbo",
-    "sdxl",
-    "sdxl-turbo",
-    "sd3",
-    "sd3.5",
-    "flux-schnell",
-    "if-i",
-    "ddpm-celebahq",
-]
+# every registered alias but the embedded ones ships its configs
+ALIASES = [spec.alias for spec in registry.list_models() if not spec.local]
 
 EXPECTED_COMPONENTS = {
     "sd1.5": ["unet", "vae", "text_encoder"],
@@ -101,9 +93,12 @@ def built(alias: str, component: str) -> tuple[str, frozenset[str], int]:
 
 def test_every_alias_has_configs_and_a_native_size():
     assert meta.available_configs() == sorted(ALIASES)
-    assert set(meta.NATIVE_SIZE) == set(ALIASES)
+    assert set(EXPECTED_COMPONENTS) == set(ALIASES)
     for alias in ALIASES:
         assert meta.components(alias) == EXPECTED_COMPONENTS[alias]
+        # the registry's resolution, and one the family's size rule takes
+        assert meta.native_size(alias) == registry.resolve(alias).resolution
+        assert meta.latent_geometry(alias, meta.native_size(alias))["image_size"] > 0
 
 
 @pytest.mark.parametrize("alias, component", sorted(PARAMETER_COUNTS))
@@ -190,7 +185,7 @@ def test_text_encoder_layers():
 @pytest.mark.parametrize("alias", ALIASES)
 def test_every_alias_gives_site_shapes_at_native_size(alias):
     shapes = meta.site_shapes(alias)
-    size = meta.NATIVE_SIZE[alias]
+    size = meta.native_size(alias)
     geometry = meta.latent_geometry(alias, size)
     prefixes = {site.split(".")[0] for site in shapes}
     assert prefixes == set(meta.components(alias))
@@ -263,6 +258,8 @@ def test_local_diffusers_folder(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
+    from diffprobe.testing import dummy_sd_pipeline
+
     UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
@@ -295,7 +292,10 @@ def test_local_diffusers_folder(tmp_path):
 
     assert meta.components(tmp_path) == ["unet", "vae", "text_encoder"]
     geometry = meta.latent_geometry(tmp_path, 64)
-    assert (geometry["vae_scale_factor"], geometry["multiple"]) == (2, 4)
+    # factor 2 × 2 down-samplings is 4, and StableDiffusionPipeline.check_inputs takes
+    # multiples of 8: the one size rule, the one Model.check_size asks
+    assert (geometry["vae_scale_factor"], geometry["multiple"]) == (2, 8)
+    assert meta.size_rule(tmp_path) == diffprobe.from_pipeline(dummy_sd_pipeline()).size_rule()
     shapes = meta.site_shapes(tmp_path)  # native size: sample_size 32 × VAE factor 2
     assert shapes["unet.mid_block"].shape == (64, 16, 16)
     assert shapes["unet.down_blocks.1"].elements["res_samples"] == ((64, 16, 16), (64, 16, 16))
@@ -304,3 +304,44 @@ def test_local_diffusers_folder(tmp_path):
     assert meta.site_shapes(str(tmp_path), 128)["unet.mid_block"].shape == (64, 32, 32)
     with pytest.raises(ValueError, match="image size 66 px"):
         meta.site_shapes(tmp_path, 66)
+
+
+@functools.cache
+def full_size_model(alias: str):
+    """``alias``'s pipeline assembled by its family's adapter from meta-device components."""
+    from diffprobe.testing.full_size import random_pipeline
+
+    return diffprobe.from_pipeline(random_pipeline(alias, device="meta"), registry.resolve(alias))
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_every_alias_assembles_into_its_familys_adapter(alias):
+    spec = registry.resolve(alias)
+    model = full_size_model(alias)
+    adapter = registry.adapter(spec.family)
+    assert type(model) is adapter and model.device.type == "meta"
+    # the same size rule on the loaded pipeline as on the shipped configs
+    assert model.size_rule() == meta.size_rule(alias)
+    model.check_size(spec.resolution)
+    assert model.resolution == spec.resolution
+    expected = {n for n in meta.components(alias) if n not in adapter.optional_text_encoders}
+    assert set(model.module_components) == expected
+    shapes = meta.site_shapes(alias)  # cached: the same call as the native-size test's
+    assert {s for s in shapes if s.split(".")[0] in expected} <= set(model.site_names())
+    towers = adapter.text_towers(model.pipe)
+    assert set(towers) == {n for n in expected if n.startswith("text_encoder")}
+    if towers:
+        assert adapter.default_tower(towers) in towers
+
+
+def test_optional_t5_is_left_out_unless_asked():
+    from diffprobe.testing.full_size import random_pipeline
+
+    pipe = random_pipeline("sd3", device="meta", t5=True)
+    assert pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
+    model = diffprobe.from_pipeline(pipe, registry.resolve("sd3"))
+    assert registry.adapter("sd3").default_tower(model.text_towers(pipe)) == "text_encoder_3"
+    assert full_size_model("sd3").pipe.text_encoder_3 is None
+    # without T5 the lens reads CLIP-G
+    towers = full_size_model("sd3").text_towers(full_size_model("sd3").pipe)
+    assert registry.adapter("sd3").default_tower(towers) == "text_encoder_2"

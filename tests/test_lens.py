@@ -33,23 +33,10 @@ STEPS = 2
 
 @cache
 def family_model(family: str):
-    from diffprobe.testing import dummy_sd_pipeline
-    from diffprobe.testing.ddpm import dummy_ddpm_pipeline
-    from diffprobe.testing.deepfloyd_if import dummy_if_pipeline
-    from diffprobe.testing.flux import dummy_flux_pipeline
-    from diffprobe.testing.sd3 import dummy_sd3_pipeline
-    from diffprobe.testing.sdxl import dummy_sdxl_pipeline
+    from diffprobe.testing import dummy_cases
 
-    builders = {
-        "sd": dummy_sd_pipeline,
-        "sdxl": dummy_sdxl_pipeline,
-        "sd3": dummy_sd3_pipeline,
-        "sd3.5": lambda: dummy_sd3_pipeline(variant="3.5"),
-        "flux": dummy_flux_pipeline,
-        "if": dummy_if_pipeline,
-        "ddpm": dummy_ddpm_pipeline,
-    }
-    return diffprobe.from_pipeline(builders[family](), name=f"dummy-{family}")
+    builders = {case.name: case.build for case in dummy_cases()}  # every registered family
+    return diffprobe.from_pipeline(builders[family](0), name=f"dummy-{family}")
 
 
 def as_uint8(images: np.ndarray) -> np.ndarray:

@@ -46,7 +46,6 @@ Semantics (``docs/lens.md`` has the table per family; ``lens.json`` repeats them
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -57,9 +56,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffprobe import registry
 from diffprobe.errors import DiffprobeError, did_you_mean
 from diffprobe.io import atomic_path, claim_output, write_csv, write_json
 from diffprobe.models.base import Model
+from diffprobe.models.towers import Tower
 
 log = logging.getLogger(__name__)
 
@@ -94,143 +95,36 @@ class LensError(DiffprobeError, ValueError):
 # ------------------------------------------------------------------------------- the encoders
 
 
-@dataclass(frozen=True)
-class Tower:
-    """How one text encoder feeds its pipeline.
-
-    ``pipeline_layer``: the ``hidden_states`` index the pipeline reads for its token embeddings
-    (``None``: the encoder feeds only a pooled vector, FLUX's CLIP); ``pipeline_norm``: whether
-    what the pipeline reads is after the final norm (CLIP ``last_hidden_state``, T5's last
-    hidden state) or not (CLIP ``hidden_states[-2]``). ``tokens`` and
-    ``features`` locate the encoder's part of ``prompt_embeds`` (items, tokens, features);
-    ``pooled`` its part of the pooled embeds (items, features), ``None`` if it has none.
-    """
-
-    encoder: str
-    kind: str  # "clip" or "t5"
-    num_layers: int
-    pipeline_layer: int | None
-    pipeline_norm: bool
-    tokens: slice | None
-    features: slice | None
-    pooled: slice | None
-
-    def layers(self, norm: str = "pipeline") -> list[int]:
-        """The lens layers: 0 .. the last one (the pipeline's own with ``norm="pipeline"``)."""
-        if self.kind == "t5" or self.pipeline_layer is None or norm == "final":
-            return list(range(self.num_layers + 1))
-        return list(range(self.pipeline_layer + 1))
-
-    def applies_norm(self, layer: int, norm: str) -> bool:
-        """Whether the lens readout of ``layer`` applies the encoder's final norm."""
-        if self.kind == "t5":
-            return layer < self.num_layers  # T5's last hidden state is already normalised
-        return norm == "final" or self.pipeline_norm or self.pipeline_layer is None
-
-    def readout_text(self, norm: str) -> str:
-        if self.kind == "t5":
-            return (
-                "final_layer_norm(hidden_states[ℓ]) for ℓ < L; hidden_states[L] (T5's last "
-                "hidden state is already normalised)"
-            )
-        if self.pipeline_layer is None:
-            return "no token embeddings: the pipeline reads only the pooled vector"
-        if self.applies_norm(0, norm):
-            return "final_layer_norm(hidden_states[ℓ])"
-        return (
-            f"hidden_states[ℓ] without the final layer norm, as the pipeline reads "
-            f"hidden_states[{self.pipeline_layer - self.num_layers - 1}]"
-        )
-
-
-_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2",
-               "text_encoder_3": "tokenizer_3"}  # fmt: skip
-_DEFAULT_ENCODER = {"sd": "text_encoder", "sdxl": "text_encoder_2", "sd3": "text_encoder_3",
-                    "flux": "text_encoder_2", "if": "text_encoder"}  # fmt: skip
-
-
 def _clip_core(encoder: torch.nn.Module) -> torch.nn.Module:
     """The module with ``embeddings``, ``encoder.layers`` and ``final_layer_norm``."""
     return encoder.text_model if hasattr(encoder, "text_model") else encoder
 
 
-def _clip_width(encoder: torch.nn.Module) -> int:
-    return int(encoder.config.hidden_size)
-
-
-def _clip_pooled_width(encoder: torch.nn.Module) -> int:
-    projection = getattr(encoder, "text_projection", None)
-    return int(projection.out_features) if projection is not None else _clip_width(encoder)
-
-
-def _clip_layers(encoder: torch.nn.Module) -> int:
-    return int(encoder.config.num_hidden_layers)
+def _adapter(model: Model) -> type[Model]:
+    # a Model knows its adapter; anything else with .family and .pipe (a pipeline of meta-device
+    # encoders, say) is read by its family's registered adapter
+    return type(model) if isinstance(model, Model) else registry.adapter(model.family)
 
 
 def towers(model: Model) -> dict[str, Tower]:
-    """The text encoders of ``model`` that can be lensed, in the pipeline's order.
+    """The text encoders of ``model`` that can be lensed, in the pipeline's order (the
+    adapter's :meth:`~diffprobe.models.Model.text_towers`).
 
     Raises :class:`LensError` for models without a text encoder (DDPM)."""
-    pipe, family = model.pipe, model.family
-    found: dict[str, Tower] = {}
-    if family == "sd":
-        encoder = pipe.text_encoder
-        layers = _clip_layers(encoder)
-        found["text_encoder"] = Tower("text_encoder", "clip", layers, layers, True,
-                                      slice(None), slice(None), None)  # fmt: skip
-    elif family == "sdxl":
-        start = 0
-        for name in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(pipe, name, None)
-            if encoder is None:
-                continue
-            layers, width = _clip_layers(encoder), _clip_width(encoder)
-            pooled = slice(None) if name == "text_encoder_2" else None
-            found[name] = Tower(name, "clip", layers, layers - 1, False, slice(None),
-                                slice(start, start + width), pooled)  # fmt: skip
-            start += width
-    elif family == "sd3":
-        tokens = int(pipe.tokenizer_max_length)
-        start = pooled_start = 0
-        for name in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(pipe, name)
-            layers, width, pooled = (
-                _clip_layers(encoder),
-                _clip_width(encoder),
-                _clip_pooled_width(encoder),
-            )
-            found[name] = Tower(name, "clip", layers, layers - 1, False, slice(0, tokens),
-                                slice(start, start + width),
-                                slice(pooled_start, pooled_start + pooled))  # fmt: skip
-            start, pooled_start = start + width, pooled_start + pooled
-        if pipe.text_encoder_3 is not None:
-            layers = int(pipe.text_encoder_3.config.num_layers)
-            found["text_encoder_3"] = Tower("text_encoder_3", "t5", layers, layers, True,
-                                            slice(tokens, None), slice(None), None)  # fmt: skip
-    elif family == "flux":
-        found["text_encoder"] = Tower("text_encoder", "clip", _clip_layers(pipe.text_encoder),
-                                      None, True, None, None, slice(None))  # fmt: skip
-        layers = int(pipe.text_encoder_2.config.num_layers)
-        found["text_encoder_2"] = Tower("text_encoder_2", "t5", layers, layers, True,
-                                        slice(None), slice(None), None)  # fmt: skip
-    elif family == "if":
-        layers = int(pipe.text_encoder.config.num_layers)
-        found["text_encoder"] = Tower("text_encoder", "t5", layers, layers, True,
-                                      slice(None), slice(None), None)  # fmt: skip
-    else:
+    found = _adapter(model).text_towers(model.pipe)
+    if not found:
         what = model.name or type(model.pipe).__name__
+        lensable = [a.family for a in registry.adapters() if a.default_encoder]
         raise LensError(
-            f"{what} ({family} family) has no text encoder, so there is nothing to lens: the "
-            "Diffusion Lens needs a text-conditioned model (sd, sdxl, sd3, flux or if)"
+            f"{what} ({model.family} family) has no text encoder, so there is nothing to lens: "
+            f"the Diffusion Lens needs a text-conditioned model ({', '.join(lensable)})"
         )
     return found
 
 
 def _tower(model: Model, encoder: str | None) -> Tower:
     available = towers(model)
-    name = encoder or _DEFAULT_ENCODER.get(model.family)
-    if name == "text_encoder_3" and name not in available:  # SD3 loaded without T5
-        name = "text_encoder_2"
+    name = encoder or _adapter(model).default_tower(available)
     if name not in available:
         close = did_you_mean(str(name), list(available))
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -298,19 +192,6 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 # ------------------------------------------------------------------------------- embeddings
 
 
-def _full_conditioning(model: Model, prompts: list[str], cfg: bool):
-    """The pipeline's own embeddings, with the unconditional branch its generation uses."""
-    if model.family == "sdxl":
-        return model.encode_prompt(prompts, cfg=cfg)
-    return model.encode_prompt(prompts, negative="" if cfg else None)
-
-
-def _sequence_and_pooled(family: str, branch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-    if family == "sdxl":
-        return branch["encoder_hidden_states"], branch["added_cond_kwargs"]["text_embeds"]
-    return branch["encoder_hidden_states"], branch.get("pooled_projections")
-
-
 def _padding_mask(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """(items, tokens) bool: True at every position after the first end-of-text token."""
     is_eos = input_ids == eos_token_id
@@ -326,10 +207,6 @@ def _clip_eos_positions(encoder: torch.nn.Module, input_ids: torch.Tensor) -> to
     if eos == 2:
         return ids.argmax(-1)
     return (ids == eos).int().argmax(-1)
-
-
-def _default_guidance(model: Model) -> float:
-    return float(inspect.signature(model.generate).parameters["guidance_scale"].default)
 
 
 class LensEmbeddings:
@@ -372,21 +249,20 @@ class LensEmbeddings:
             )
         self.padding, self.norm, self.pooled = padding, norm, pooled
         self.guidance_scale = (
-            _default_guidance(model) if guidance_scale is None else float(guidance_scale)
+            float(model.default_guidance_scale) if guidance_scale is None else float(guidance_scale)
         )
         self.cfg = model.generation_uses_cfg(self.guidance_scale)
 
-        full = _full_conditioning(model, self.prompts, self.cfg)
-        self.sequence, self.pooled_embeds = _sequence_and_pooled(model.family, full.cond)
+        # the pipeline's own embeddings, with the unconditional branch its generation uses
+        full = model.encode_prompt(self.prompts, cfg=self.cfg)
+        self.sequence, self.pooled_embeds = model.prompt_embeds(full.cond)
         self.uncond_sequence = self.uncond_pooled = None
         if full.uncond is not None:
-            self.uncond_sequence, self.uncond_pooled = _sequence_and_pooled(
-                model.family, full.uncond
-            )
+            self.uncond_sequence, self.uncond_pooled = model.prompt_embeds(full.uncond)
         text = model.encode_text(self.prompts)
         self.hidden_states = text.hidden_states[self.tower.encoder]
         self.input_ids = text.input_ids[self.tower.encoder]
-        tokenizer = getattr(model.pipe, _TOKENIZERS[self.tower.encoder])
+        tokenizer = getattr(model.pipe, self.tower.tokenizer)
         self.padding_mask = _padding_mask(self.input_ids, tokenizer.eos_token_id)
         self.encoder_module = getattr(model.pipe, self.tower.encoder)
 

@@ -12,7 +12,7 @@ import torch
 
 from diffprobe.errors import ModelLoadError
 from diffprobe.models import Model, adapter_for_pipeline
-from diffprobe.registry import ModelSpec, resolve
+from diffprobe.registry import ModelSpec, adapter, families, resolve
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,8 @@ def load(
     parse_device(device)  # a missing device fails before the weights are read
     spec = resolve(name)
     kwargs = {_dtype_keyword(): torch_dtype, **pipeline_kwargs}
-    if spec.family in ("sd",) and spec.alias not in (None, "tiny"):
-        kwargs.setdefault("safety_checker", None)
-        kwargs.setdefault("requires_safety_checker", False)
+    if spec.family in families():  # a registered alias: its family's loading options
+        kwargs = {**adapter(spec.family).load_kwargs(spec), **kwargs}
     with _quiet_loading():
         pipe = _from_pretrained(spec, name, kwargs)
     if device is not None:

@@ -1,17 +1,28 @@
-"""The model registry: aliases for the published models, and how to resolve a name to a source.
+"""The registries: the families diffprobe wraps, and the aliases of the published models.
 
-Each alias records its family (which adapter wraps it), its hub id, native resolution and
-prediction type. ``list_models()`` gives them all; ``resolve()`` turns an alias, a hub id or a
-local diffusers folder into a :class:`ModelSpec`.
+**Families.** A family is one adapter class (a :class:`diffprobe.models.Model` subclass, one file
+per family in ``diffprobe/models/``), registered with :func:`register_adapter`. The adapter is
+the one place that knows its family; everything else asks it: :func:`adapter` (by family name),
+:func:`adapter_for_pipeline` (by diffusers pipeline class), :func:`adapter_for_denoiser` (by a
+denoiser config, for the meta device), :func:`tuple_elements` (names of block outputs).
+``families()`` lists them in registration order.
+
+**Aliases.** Each alias records its family, its hub id, native resolution and prediction type.
+``list_models()`` gives them all; ``resolve()`` turns an alias, a hub id or a local diffusers
+folder into a :class:`ModelSpec`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
-from diffprobe.errors import UnknownModelError, did_you_mean
+from diffprobe.errors import DiffprobeError, UnknownModelError, did_you_mean
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -33,12 +44,134 @@ class ModelSpec:
         return asdict(self)
 
 
+class FamilyError(DiffprobeError, ValueError):
+    """An unknown family, or an adapter that clashes with a registered one."""
+
+
+# ---------------------------------------------------------------------------------- families
+
+_ADAPTERS: dict[str, type] = {}  # family -> adapter class, in registration order
+_BY_PIPELINE: dict[str, type] = {}  # diffusers pipeline class name -> adapter class
+ADAPTERS: Mapping[str, type] = MappingProxyType(_ADAPTERS)  # read-only view, family -> class
+
+
+def register_adapter(cls: type) -> type:
+    """Register an adapter class (usable as a class decorator).
+
+    Refuses a second adapter for the same family, a pipeline class another family wraps, and a
+    block class whose tuple elements another family names differently."""
+    if not cls.family:
+        raise FamilyError(f"{cls.__name__} names no family (set the class attribute family)")
+    if cls.family in _ADAPTERS and _ADAPTERS[cls.family] is not cls:
+        raise FamilyError(
+            f"family {cls.family!r} is already registered by {_ADAPTERS[cls.family].__name__}; "
+            "pick another family name"
+        )
+    for name in cls.pipeline_classes:
+        other = _BY_PIPELINE.get(name)
+        if other is not None and other is not cls:
+            raise FamilyError(
+                f"{cls.__name__} wraps {name}, which {other.__name__} ({other.family}) wraps "
+                "already; wrap a subclass of the pipeline instead"
+            )
+    for block, names in cls.tuple_elements.items():
+        known = tuple_elements(block)
+        if known is not None and tuple(known) != tuple(names):
+            raise FamilyError(
+                f"{cls.__name__} names the elements of {block} {tuple(names)}, another family "
+                f"{tuple(known)}; one block class has one set of names"
+            )
+    _ADAPTERS[cls.family] = cls
+    for name in cls.pipeline_classes:
+        _BY_PIPELINE[name] = cls
+    return cls
+
+
+def unregister_adapter(cls: type) -> None:
+    """Remove an adapter registered with :func:`register_adapter` (tests of toy families)."""
+    if _ADAPTERS.get(cls.family) is cls:
+        del _ADAPTERS[cls.family]
+    for name in [n for n, c in _BY_PIPELINE.items() if c is cls]:
+        del _BY_PIPELINE[name]
+
+
+@contextlib.contextmanager
+def registered_adapter(cls: type) -> Iterator[type]:
+    """Register ``cls`` for the duration of the block, then remove it again."""
+    register_adapter(cls)
+    try:
+        yield cls
+    finally:
+        unregister_adapter(cls)
+
+
+def families() -> list[str]:
+    """The registered families, in registration order (``sd``, ``sdxl``, ...)."""
+    return list(_ADAPTERS)
+
+
+def adapters() -> list[type]:
+    """The registered adapter classes, in registration order."""
+    return list(_ADAPTERS.values())
+
+
+def adapter(family: str) -> type:
+    """The adapter class of ``family``; :class:`FamilyError` naming the known ones otherwise."""
+    try:
+        return _ADAPTERS[family]
+    except KeyError:
+        close = did_you_mean(str(family), list(_ADAPTERS))
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FamilyError(
+            f"unknown family {family!r}.{hint} Registered families: {', '.join(_ADAPTERS)}"
+        ) from None
+
+
+def adapter_for_pipeline(pipe: object) -> type:
+    """The adapter of a diffusers pipeline (instance or class), by its class or a base class."""
+    klass = pipe if isinstance(pipe, type) else type(pipe)
+    for base in klass.__mro__:
+        if base.__name__ in _BY_PIPELINE:
+            return _BY_PIPELINE[base.__name__]
+    raise DiffprobeError(
+        f"diffprobe has no adapter for {klass.__name__}; supported pipelines: "
+        f"{', '.join(sorted(_BY_PIPELINE))}"
+    )
+
+
+def adapter_for_pipeline_name(name: str) -> type | None:
+    """The adapter wrapping the pipeline class called ``name`` (``model_index.json``'s
+    ``_class_name``), or None."""
+    return _BY_PIPELINE.get(name)
+
+
+def adapter_for_denoiser(config: Mapping[str, Any], family: str | None = None) -> type | None:
+    """The adapter that builds meta-device inputs for a denoiser ``config`` (a dict with
+    ``_class_name``): ``family``'s when it claims the config, else the first registered adapter
+    that does (:meth:`Model.claims_denoiser`), else None."""
+    if family in _ADAPTERS and _ADAPTERS[family].claims_denoiser(config):
+        return _ADAPTERS[family]
+    return next((cls for cls in _ADAPTERS.values() if cls.claims_denoiser(config)), None)
+
+
+def tuple_elements(class_name: str) -> tuple[str, ...] | None:
+    """Names of the tuple elements a block class returns, as its family's adapter declares
+    them (:attr:`Model.tuple_elements`); None for classes no adapter names."""
+    for cls in _ADAPTERS.values():
+        names = cls.tuple_elements.get(class_name)
+        if names is not None:
+            return tuple(names)
+    return None
+
+
+# ----------------------------------------------------------------------------------- aliases
+
 _MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
     if spec.alias is None:
-        raise ValueError("a registered model needs an alias")
+        raise DiffprobeError(f"a registered model needs an alias; {spec.source} has none")
     _MODELS[spec.alias] = spec
     return spec
 

@@ -1,15 +1,25 @@
 """The adapter interface: one small surface over every diffusers family.
 
 A :class:`Model` wraps a native diffusers pipeline (``model.pipe``) without changing it. Each
-family (one file per family in this package) implements five things:
+family (one file per family in this package, registered with
+:func:`diffprobe.registry.register_adapter`) implements five operations:
 
 - ``encode_images(images)``: pixels -> denoiser inputs (VAE latents, or pixels for IF/DDPM);
-- ``encode_prompt(prompts)``: prompts -> :class:`Conditioning`, through the pipeline's own
-  ``encode_prompt``; ``encode_text(prompts)`` gives every text-encoder layer;
+- ``encode_prompt(prompts, negative=None, cfg=False)``: prompts -> :class:`Conditioning`,
+  through the pipeline's own ``encode_prompt`` (branch semantics in :meth:`Model.encode_prompt`,
+  the same for every family); ``encode_text(prompts)`` gives every text-encoder layer;
 - ``add_noise(x0, noise_level=... | timestep=..., seed=..., items=...)``: the documented
   forward process with per-item seeded noise;
 - ``denoise(x_t, timestep, cond, guidance_scale=...)``: one denoiser call, with CFG if asked;
 - ``generate(prompts, ...)``: the native pipeline's ``__call__``.
+
+The adapter is also the one place that knows its family's facts; everything else asks it:
+``default_guidance_scale``; the native size (``resolution``) and the size rule
+(:meth:`Model.size_rule_for`, asked by ``check_size`` and by :mod:`diffprobe.models.meta`
+alike); ``tuple_elements`` of its block classes (asked by :mod:`diffprobe.hooks.elements`);
+meta-device denoiser inputs (:meth:`Model.meta_denoiser_inputs`) and T5 lengths
+(:meth:`Model.t5_tokens`); its text towers (:meth:`Model.text_towers`, for the lens and
+attribution); how to assemble its pipeline from components (:meth:`Model.assemble`).
 
 Noise (see docs/noise.md): item ``i`` of a call with ``seed`` draws its noise from
 ``torch.Generator("cpu").manual_seed(item_seed(seed, i))`` with
@@ -25,129 +35,56 @@ shard count or order.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from diffprobe.errors import DiffprobeError, ImageSizeError
+from diffprobe.errors import DiffprobeError
 from diffprobe.hooks.engine import BRANCHES, StopForward
 from diffprobe.hooks.sites import all_site_names, module_components, resolve_site
+from diffprobe.models.conditioning import (  # noqa: F401 - the names base always gave
+    Conditioning,
+    TextEncoding,
+    _concat,
+    _select,
+    negative_prompts,
+)
+from diffprobe.models.geometry import ConfigError, SizeRule, unet_rule, vae_factor
+from diffprobe.models.noise import SeedError, item_noise, item_seed  # noqa: F401
+from diffprobe.models.towers import Tower
 from diffprobe.registry import ModelSpec
 
 
-class SeedError(DiffprobeError, ValueError):
-    """A negative seed or item index."""
-
-
-def item_seed(seed: int, item: int) -> int:
-    """The generator seed of item ``item`` under run seed ``seed`` (documented, stable).
-
-    A 32-bit hash of ``(seed, item)`` by numpy's ``SeedSequence``: torch's CPU generator uses
-    only the low 32 bits of its seed, so ``seed * 2**32 + item`` would ignore ``seed``.
-    """
-    if seed < 0 or item < 0:
-        raise SeedError(f"seed {seed} (--seed) and item index {item} must be integers >= 0")
-    return int(np.random.SeedSequence([seed, item]).generate_state(1)[0])
-
-
-def item_noise(
-    shape: Sequence[int], seed: int, items: Sequence[int], device=None, dtype=None
-) -> torch.Tensor:
-    """Noise of shape (len(items), *shape), item i from its own generator (see module doc)."""
-    out = torch.empty((len(items), *shape), dtype=torch.float32)
-    for row, item in enumerate(items):
-        generator = torch.Generator("cpu").manual_seed(item_seed(seed, int(item)))
-        out[row] = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-    return out.to(device=device, dtype=dtype)
-
-
-@dataclass
-class Conditioning:
-    """Denoiser keyword arguments for the conditional branch and, for CFG, the unconditional.
-
-    ``cond`` and ``uncond`` map denoiser keyword names (``encoder_hidden_states``,
-    ``pooled_projections``, ``added_cond_kwargs`` ...) to tensors with items on axis 0.
-    """
-
-    cond: dict[str, Any]
-    uncond: dict[str, Any] | None = None
-    prompts: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def select(self, index: slice | Sequence[int] | torch.Tensor) -> Conditioning:
-        """The conditioning of a subset of items."""
-        return Conditioning(
-            _select(self.cond, index),
-            None if self.uncond is None else _select(self.uncond, index),
-            [self.prompts[i] for i in _as_indices(index, len(self.prompts))],
-        )
-
-
-def negative_prompts(
-    prompts: Sequence[str], negative: Sequence[str] | str | None
-) -> list[str] | None:
-    """One negative prompt per prompt (a single string is repeated), or None for no CFG."""
-    if negative is None:
-        return None
-    if isinstance(negative, str):
-        return [negative] * len(prompts)
-    negative = list(negative)
-    if len(negative) != len(prompts):
-        raise DiffprobeError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-    return negative
-
-
-def _as_indices(index: slice | Sequence[int] | torch.Tensor, length: int) -> list[int]:
-    if isinstance(index, slice):
-        return list(range(length))[index]
-    return [int(i) for i in index]
-
-
-def _select(tree: Any, index: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _select(v, index) for k, v in tree.items()}
-    if isinstance(tree, torch.Tensor) and tree.dim() > 0:
-        return tree[index] if isinstance(index, slice) else tree[torch.as_tensor(index)]
-    return tree
-
-
-def _concat(a: Any, b: Any) -> Any:
-    if isinstance(a, dict):
-        return {k: _concat(a[k], b[k]) for k in a}
-    if isinstance(a, torch.Tensor) and a.dim() > 0:
-        return torch.cat([a, b])
-    return a
-
-
-@dataclass
-class TextEncoding:
-    """Every layer of every text encoder for a batch of prompts.
-
-    ``hidden_states[encoder]`` is a tuple (embeddings output, layer 1, ..., layer L), each
-    (items, tokens, width), as returned with ``output_hidden_states=True``.
-    """
-
-    hidden_states: dict[str, tuple[torch.Tensor, ...]]
-    input_ids: dict[str, torch.Tensor]
-    attention_mask: dict[str, torch.Tensor | None]
-
-
 class Model:
-    """A diffusers pipeline behind diffprobe's adapter interface. Subclass per family."""
+    """A diffusers pipeline behind diffprobe's adapter interface. Subclass per family.
+
+    A family sets the class attributes below and implements ``encode_images``,
+    ``_encode_prompt``, ``encode_text``, ``denoiser_kwargs`` and the classmethods whose base
+    versions raise or do not fit it; :mod:`diffprobe.testing` registers its dummy components
+    and ``tests/test_conformance.py`` checks the whole contract on them.
+    """
 
     family: ClassVar[str] = ""
-    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()  # diffusers pipelines it wraps, main first
     denoiser_name: ClassVar[str] = "unet"
-    # keyword under which the pipeline passes the timestep to the denoiser
+    # denoiser classes whose meta-device inputs this family builds (see claims_denoiser)
+    denoiser_classes: ClassVar[tuple[str, ...]] = ()
+    # rectified flow (sigma = p, velocity prediction) instead of a DDPM-type schedule
     flow_matching: ClassVar[bool] = False
+    # guidance_scale of generate() when none is given (the lens uses it too); None: no guidance
+    default_guidance_scale: ClassVar[float | None] = 7.5
+    # block class -> names of its tuple elements, in order (see diffprobe.hooks.elements)
+    tuple_elements: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    # the lens's encoder when none is named (see default_tower)
+    default_encoder: ClassVar[str | None] = None
+    # text encoders the pipeline runs without (SD3's T5: it feeds zeros in their place)
+    optional_text_encoders: ClassVar[tuple[str, ...]] = ()
+    # pipeline constructor options of assemble() (e.g. no safety checker)
+    assemble_options: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, pipe: Any, spec: ModelSpec | None = None, name: str | None = None):
         self.pipe = pipe
@@ -202,51 +139,158 @@ class Model:
 
     @property
     def resolution(self) -> int:
+        """The native image size in px: the registered alias's, else the pipeline's default."""
         if self.spec is not None and self.spec.resolution:
             return self.spec.resolution
         return self.default_resolution()
 
     def default_resolution(self) -> int:
-        raise NotImplementedError
+        """The pipeline's default image size in px (its denoiser's sample size × VAE factor)."""
+        return self.native_size_for(self.component_configs())
+
+    def component_configs(self) -> dict[str, dict[str, Any]]:
+        """The configs the size rule is read from: the denoiser's and the VAE's (if any)."""
+        configs = {self.denoiser_name: dict(self.denoiser.config)}
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None:
+            configs["vae"] = dict(vae.config)
+        return configs
+
+    @classmethod
+    def size_rule_for(cls, configs: Mapping[str, Mapping[str, Any]]) -> SizeRule:
+        """The image sizes a model of this family with these component configs takes
+        (``configs``: component name -> config dict, the denoiser's and the VAE's if any).
+
+        The base rule: a UNet's (VAE factor × 2**(down blocks - 1), see
+        :func:`diffprobe.models.geometry.unet_rule`), else the VAE factor."""
+        factor = vae_factor(configs.get("vae"))
+        denoiser = configs.get(cls.denoiser_name) or {}
+        if denoiser.get("down_block_types"):
+            return unet_rule(factor, denoiser)
+        return SizeRule(factor, (f"VAE factor {factor}",) if factor > 1 else ())
+
+    def size_rule(self) -> SizeRule:
+        """This model's size rule (:meth:`size_rule_for` on its own configs)."""
+        return self.size_rule_for(self.component_configs())
 
     def size_multiple(self) -> int:
-        """Image sizes must be multiples of this."""
-        raise NotImplementedError
-
-    def unet_multiple(self) -> int:
-        """For a UNet denoiser, the size every down-sampling halves evenly: VAE factor ×
-        2**(down blocks - 1), the rule ``diffprobe sites`` documents shapes by
-        (``models.meta.latent_geometry``); 1 for other denoisers. (A UNet pads and interpolates
-        at other sizes, so its features there are not the documented shapes.)"""
-        blocks = getattr(getattr(self.denoiser, "config", None), "down_block_types", None)
-        if not blocks:
-            return 1
-        factor = int(self.pipe.vae_scale_factor) if getattr(self.pipe, "vae", None) else 1
-        return factor * 2 ** (len(blocks) - 1)
+        """Image sizes must be positive multiples of this (the size rule's multiple)."""
+        return self.size_rule().multiple
 
     def check_size(self, size: int) -> None:
-        """Raise :class:`ImageSizeError` unless ``size`` px can be taken (``--size``)."""
-        multiple = math.lcm(self.size_multiple(), self.unet_multiple())
-        name = self.name or self.family
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
-            raise ImageSizeError(
-                f"--size {size!r}: the image size must be a positive number of pixels, a "
-                f"multiple of {multiple} for {name} (native size {self.resolution})"
+        """Raise :class:`ImageSizeError` unless ``size`` px can be taken (``--size``); the same
+        rule and message as ``diffprobe sites``."""
+        self.size_rule().check(size, self.name or self.family, native=self.resolution)
+
+    @classmethod
+    def native_size_for(cls, configs: Mapping[str, Mapping[str, Any]]) -> int:
+        """Default image size (px) from component configs: the denoiser's ``sample_size``
+        (first entry when it is a pair) times the VAE factor."""
+        sample_size = (configs.get(cls.denoiser_name) or {}).get("sample_size")
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = sample_size[0]
+        if sample_size is None:
+            raise ConfigError(
+                f"the {cls.denoiser_name} config has no sample_size, so there is no default "
+                "image size; pass --size"
             )
-        if size % multiple:
-            lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
-            choices = f"{lower} or {upper}" if lower else f"{upper}"
-            raise ImageSizeError(
-                f"image size {size} px (--size {size}) cannot be taken by {name}: it must be a "
-                f"positive multiple of {multiple} (native size {self.resolution}); try {choices}"
+        return int(sample_size) * vae_factor(configs.get("vae"))
+
+    # -- the meta device -----------------------------------------------------------------------
+
+    @classmethod
+    def claims_denoiser(cls, config: Mapping[str, Any]) -> bool:
+        """Whether :meth:`meta_denoiser_inputs` builds inputs for this denoiser config."""
+        return config.get("_class_name") in cls.denoiser_classes
+
+    @classmethod
+    def denoiser_input(
+        cls, config: Mapping[str, Any], latent_size: int
+    ) -> tuple[tuple[int, ...], int | None]:
+        """(The denoiser's per-item input shape, its number of image tokens or None) for
+        latents of ``latent_size`` px: (channels, height, width) and no tokens for UNets."""
+        return (int(config["in_channels"]), latent_size, latent_size), None
+
+    @classmethod
+    def meta_denoiser_inputs(
+        cls, config: Mapping[str, Any], geometry: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Keyword arguments of one denoiser forward on meta tensors (batch
+        :data:`~diffprobe.models.geometry.BATCH`), for a denoiser ``config`` and the
+        ``geometry`` of :func:`diffprobe.models.meta.latent_geometry` (``input_shape``,
+        ``tokens``, ...); ``return_dict`` is added by the caller."""
+        raise NotImplementedError(f"{cls.__name__} builds no meta-device inputs")
+
+    @classmethod
+    def t5_tokens(cls, denoiser_config: Mapping[str, Any] | None) -> int | None:
+        """How many T5 tokens the family's pipeline encodes prompts to (its T5 encoders' input
+        length), for a denoiser config; None for families without T5."""
+        return None
+
+    # -- text towers ------------------------------------------------------------------------
+
+    @classmethod
+    def text_towers(cls, pipe: Any) -> dict[str, Tower]:
+        """How each text encoder of ``pipe`` feeds it, in the pipeline's order (empty for
+        unconditional families). Only the encoders are read, so meta-device ones work."""
+        return {}
+
+    @classmethod
+    def default_tower(cls, towers: Mapping[str, Tower]) -> str | None:
+        """The encoder the lens reads when none is named (:attr:`default_encoder`)."""
+        return cls.default_encoder
+
+    # -- pipelines ---------------------------------------------------------------------------
+
+    @classmethod
+    def pipeline_class(cls, name: str | None = None) -> type:
+        """The diffusers pipeline class ``name`` (default: the family's main one)."""
+        # diffusers is imported here, not at module import: it takes seconds and the registry,
+        # the meta device and the CLI's offline commands do not need it
+        import diffusers
+
+        return getattr(diffusers, name or cls.pipeline_classes[0])
+
+    @classmethod
+    def assemble(cls, components: Mapping[str, Any], pipeline: str | None = None) -> Any:
+        """The native pipeline (class ``pipeline``, default the family's main one) from its
+        ``components``; optional components left out are None, constructor options come from
+        :attr:`assemble_options`."""
+        klass = cls.pipeline_class(pipeline)
+        parameters = dict(list(inspect.signature(klass.__init__).parameters.items())[1:])
+        unknown = sorted(set(components) - set(parameters))
+        if unknown:
+            raise DiffprobeError(
+                f"{klass.__name__} takes no component {unknown[0]!r}; it takes "
+                f"{', '.join(parameters)}"
             )
+        optional = set(getattr(klass, "_optional_components", ()))
+        arguments: dict[str, Any] = {}
+        for name, parameter in parameters.items():
+            if name in components:
+                arguments[name] = components[name]
+            elif name in cls.assemble_options:
+                arguments[name] = cls.assemble_options[name]
+            elif name in optional:
+                arguments[name] = None
+            elif parameter.default is inspect.Parameter.empty:
+                raise DiffprobeError(
+                    f"{klass.__name__} needs the component {name!r}; pass it to assemble "
+                    "(None where the pipeline runs without it)"
+                )
+        return klass(**arguments)
+
+    @classmethod
+    def load_kwargs(cls, spec: ModelSpec) -> dict[str, Any]:
+        """Extra ``from_pretrained`` keywords for a registered model of this family."""
+        return {}
 
     # -- the five operations ---------------------------------------------------------------------
 
     def prepare_images(self, images: Any, size: int | None = None) -> torch.Tensor:
         """uint8 (items, H, W, 3) arrays, PIL images or float tensors in [-1, 1] ->
         float tensor (items, 3, size, size) in [-1, 1] on the model's device."""
-        size = size or self.resolution
+        size = self.resolution if size is None else size
         self.check_size(size)
         if isinstance(images, torch.Tensor):
             pixels = images.float()
@@ -269,14 +313,47 @@ class Model:
         return pixels.to(device=self.device, dtype=self.dtype)
 
     def encode_images(self, images: Any, size: int | None = None) -> torch.Tensor:
+        """Pixels -> denoiser inputs (items, channels, height, width)."""
         raise NotImplementedError
 
     def encode_prompt(
-        self, prompts: Sequence[str], negative: Sequence[str] | str | None = None
+        self,
+        prompts: str | Sequence[str],
+        negative: Sequence[str] | str | None = None,
+        cfg: bool = False,
     ) -> Conditioning:
+        """Prompts -> :class:`Conditioning`, through the pipeline's own ``encode_prompt``.
+
+        The branches, the same for every family:
+
+        - ``negative=None, cfg=False``: the conditional branch only (``uncond`` is None);
+        - ``negative`` given (one string for every prompt, or one per prompt): the
+          unconditional branch is the encoding of those texts, as the pipeline encodes its
+          ``negative_prompt``;
+        - ``cfg=True`` without ``negative``: the unconditional branch the family's own
+          generation uses when no negative prompt is given: the encoding of "" (SD, SD3, FLUX,
+          IF), zeros for SDXL when ``force_zeros_for_empty_prompt`` is set (SDXL base).
+
+        Unconditional families (DDPM) refuse ``negative`` and ``cfg=True``.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = negative_prompts(prompts, negative)
+        return self._encode_prompt(prompts, negatives, uncond=cfg or negatives is not None)
+
+    def _encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, uncond: bool
+    ) -> Conditioning:
+        """The family's encoding: ``uncond`` asks for the unconditional branch, from
+        ``negative`` (one per prompt) or, when it is None, the family's own default."""
         raise NotImplementedError
 
+    def prompt_embeds(self, branch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
+        """One branch of a :class:`Conditioning` as the pipeline's ``__call__`` takes it:
+        (``prompt_embeds`` (items, tokens, width), ``pooled_prompt_embeds`` or None)."""
+        return branch["encoder_hidden_states"], branch.get("pooled_projections")
+
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
+        """Every layer of every text encoder (see :class:`TextEncoding`)."""
         raise NotImplementedError
 
     @property
@@ -377,6 +454,7 @@ class Model:
         return output[0] if isinstance(output, tuple) else output.sample
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether the pipeline's generation at ``guidance_scale`` runs CFG-doubled batches."""
         return guidance_scale > 1.0
 
     def generate(
@@ -384,14 +462,17 @@ class Model:
         prompts: str | Sequence[str],
         *,
         steps: int = 25,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         seed: int = 0,
         size: int | None = None,
         output_type: str = "np",
         **pipeline_kwargs: Any,
     ) -> Any:
         """The native pipeline's generation, seeded by ``seed``; returns (items, H, W, 3) floats
-        in [0, 1] for ``output_type="np"``."""
+        in [0, 1] for ``output_type="np"``. ``guidance_scale`` defaults to the family's
+        :attr:`default_guidance_scale`."""
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         size = size or self.resolution
         self.check_size(size)

@@ -16,7 +16,7 @@ DDIM shares.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ import torch
 from diffprobe.errors import DiffprobeError
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.registry import register_adapter
+from diffprobe.models.unet import UNET_TUPLE_ELEMENTS, unet_inputs
 
 
 @register_adapter
@@ -31,6 +32,9 @@ class DDPMModel(Model):
     family = "ddpm"
     pipeline_classes = ("DDPMPipeline", "DDIMPipeline")
     denoiser_name = "unet"
+    denoiser_classes = ("UNet2DModel",)
+    default_guidance_scale = None  # unconditional: no guidance at all
+    tuple_elements = UNET_TUPLE_ELEMENTS
 
     def default_resolution(self) -> int:
         sample_size = self.pipe.unet.config.sample_size
@@ -44,9 +48,12 @@ class DDPMModel(Model):
             )
         return int(height)
 
-    def size_multiple(self) -> int:
-        # UNet2DModel upsamples by fixed factors: every level must see an even size
-        return 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+    @classmethod
+    def meta_denoiser_inputs(
+        cls, config: Mapping[str, Any], geometry: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Pixels (3, size, size), a timestep, class labels when the config has them."""
+        return unet_inputs(config, geometry)
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
         return False
@@ -55,15 +62,15 @@ class DDPMModel(Model):
         """Pixels -> denoiser inputs (items, 3, size, size): the pixels themselves in [-1, 1]."""
         return self.prepare_images(images, size)
 
-    def encode_prompt(
-        self, prompts: Sequence[str], negative: Sequence[str] | str | None = None
+    def _encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, uncond: bool
     ) -> Conditioning:
         """An empty conditioning for ``len(prompts)`` items (the model is unconditional)."""
-        if negative is not None:
+        if uncond:
             raise DiffprobeError(
                 f"{self.name or self.family} is unconditional: it has no negative prompt and no CFG"
             )
-        return Conditioning({}, None, list(prompts))
+        return Conditioning({}, None, prompts)
 
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
         """Nothing to encode: an unconditional model has no text encoder."""

@@ -22,13 +22,15 @@ training schedule; ``add_noise`` is the scheduler's own forward process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.registry import register_adapter
+from diffprobe.models.towers import Tower, last_layer_tower
+from diffprobe.models.unet import UNET_TUPLE_ELEMENTS, text_unet_inputs
 
 # IFPipeline.encode_prompt pads and truncates to 77 T5 tokens (IF was trained with that length)
 IF_MAX_TOKENS = 77
@@ -39,12 +41,32 @@ class IFModel(Model):
     family = "if"
     pipeline_classes = ("IFPipeline",)
     denoiser_name = "unet"
+    denoiser_classes = ("UNet2DConditionModel",)
+    default_guidance_scale = 7.0
+    tuple_elements = UNET_TUPLE_ELEMENTS
+    default_encoder = "text_encoder"
+    assemble_options = {"requires_safety_checker": False}
 
-    def default_resolution(self) -> int:
-        return int(self.pipe.unet.config.sample_size)
+    @classmethod
+    def claims_denoiser(cls, config: Mapping[str, Any]) -> bool:
+        # IF's UNet projects T5 states (encoder_hid_dim) and adds them ("text")
+        return super().claims_denoiser(config) and config.get("addition_embed_type") == "text"
 
-    def size_multiple(self) -> int:
-        return 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+    @classmethod
+    def meta_denoiser_inputs(
+        cls, config: Mapping[str, Any], geometry: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Pixels (3, size, size), a timestep, 77 T5 states ``encoder_hid_dim`` wide."""
+        return text_unet_inputs(config, geometry)
+
+    @classmethod
+    def t5_tokens(cls, denoiser_config: Mapping[str, Any] | None) -> int:
+        return IF_MAX_TOKENS
+
+    @classmethod
+    def text_towers(cls, pipe: Any) -> dict[str, Tower]:
+        """One T5 encoder whose last hidden state is ``prompt_embeds``."""
+        return {"text_encoder": last_layer_tower("text_encoder", pipe.text_encoder, "t5")}
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
         # same rule as IFPipeline.__call__ (do_classifier_free_guidance = guidance_scale > 1.0)
@@ -58,27 +80,23 @@ class IFModel(Model):
         # the pipeline's own text normalisation, so encode_text sees what encode_prompt sees
         return self.pipe._text_preprocessing(list(prompts), clean_caption=False)
 
-    def encode_prompt(
-        self, prompts: Sequence[str], negative: Sequence[str] | str | None = None
+    def _encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, uncond: bool
     ) -> Conditioning:
-        """The pipeline's own ``encode_prompt``: T5 last hidden state (items, 77, width);
-        ``negative`` (e.g. "") adds the unconditional branch."""
-        prompts = list(prompts)
-        if isinstance(negative, str):
-            # IFPipeline.encode_prompt refuses a string negative next to a list of prompts
-            negative = [negative] * len(prompts)
+        """The pipeline's own ``encode_prompt``: T5 last hidden state (items, 77, width); the
+        pipeline's unconditional default is the encoding of ""."""
         with torch.no_grad():
-            cond, uncond = self.pipe.encode_prompt(
+            cond, unconditional = self.pipe.encode_prompt(
                 prompts,
-                do_classifier_free_guidance=negative is not None,
+                do_classifier_free_guidance=uncond,
                 num_images_per_prompt=1,
                 device=self.device,
-                negative_prompt=None if negative is None else list(negative),
+                negative_prompt=negative,
                 clean_caption=False,
             )
         return Conditioning(
             {"encoder_hidden_states": cond},
-            None if negative is None else {"encoder_hidden_states": uncond},
+            {"encoder_hidden_states": unconditional} if uncond else None,
             prompts,
         )
 
@@ -91,7 +109,7 @@ class IFModel(Model):
         tokens = tokenizer(
             self._preprocess(prompts),
             padding="max_length",
-            max_length=IF_MAX_TOKENS,
+            max_length=self.t5_tokens(None),
             truncation=True,
             add_special_tokens=True,
             return_tensors="pt",
@@ -126,7 +144,7 @@ class IFModel(Model):
         prompts: str | Sequence[str],
         *,
         steps: int = 25,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         seed: int = 0,
         size: int | None = None,
         output_type: str = "np",

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,8 +51,13 @@ import torch
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks.engine import StopForward
 from diffprobe.models.base import Conditioning, Model, TextEncoding
+from diffprobe.models.geometry import BATCH, SizeRule, meta_empty, vae_factor
 from diffprobe.models.registry import register_adapter
 from diffprobe.models.sd3 import branches_per_call, encoder_layers
+from diffprobe.models.towers import Tower, clip_layers, t5_layers
+
+# FluxPipeline's default_sample_size (latent px) when the transformer config has no sample_size
+FLUX_SAMPLE_SIZE = 128
 
 
 @register_adapter
@@ -60,24 +65,87 @@ class FluxModel(Model):
     family = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser_name = "transformer"
+    denoiser_classes = ("FluxTransformer2DModel",)
     flow_matching = True
+    # the pipeline's guidance_scale: embedded guidance, not CFG (see the module doc)
+    default_guidance_scale = 3.5
+    tuple_elements = {
+        "FluxTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+        "FluxSingleTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    }
+    default_encoder = "text_encoder_2"
 
     def __init__(self, pipe: Any, spec: Any = None, name: str | None = None):
         super().__init__(pipe, spec, name)
-        # T5 tokens for encode_prompt, encode_text and generate: schnell was trained with 256
-        # (its model card's setting), dev with the pipeline's default 512; the site shapes of
-        # diffprobe.models.meta assume the same
-        guided = bool(pipe.transformer.config.guidance_embeds)
-        self.max_sequence_length = 512 if guided else 256
+        # T5 tokens for encode_prompt, encode_text and generate (see t5_tokens)
+        self.max_sequence_length = self.t5_tokens(pipe.transformer.config)
         # embedded guidance of denoise for guidance-distilled models (the pipeline's default)
         self.embedded_guidance = 3.5
 
     def default_resolution(self) -> int:
         return int(self.pipe.default_sample_size) * int(self.pipe.vae_scale_factor)
 
-    def size_multiple(self) -> int:
-        # latents are packed into 2 x 2 patches
-        return int(self.pipe.vae_scale_factor) * 2
+    @classmethod
+    def native_size_for(cls, configs: Mapping[str, Mapping[str, Any]]) -> int:
+        sample_size = configs["transformer"].get("sample_size") or FLUX_SAMPLE_SIZE
+        return int(sample_size) * vae_factor(configs.get("vae"))
+
+    @classmethod
+    def size_rule_for(cls, configs: Mapping[str, Mapping[str, Any]]) -> SizeRule:
+        """Latents are packed into 2 × 2 patches (of the patch size, 1 for FLUX.1)."""
+        factor, config = vae_factor(configs.get("vae")), configs["transformer"]
+        patch = int(config.get("patch_size", 1))
+        packing = "2×2 latent packing" + (f" and patch size {patch}" if patch > 1 else "")
+        return SizeRule(factor * 2 * patch, (f"VAE factor {factor}", packing))
+
+    @classmethod
+    def denoiser_input(
+        cls, config: Mapping[str, Any], latent_size: int
+    ) -> tuple[tuple[int, ...], int | None]:
+        """Packed latents: (tokens, channels), one token per 2 × 2 latent patch."""
+        tokens = (latent_size // 2) ** 2
+        return (tokens, int(config["in_channels"])), tokens
+
+    @classmethod
+    def t5_tokens(cls, denoiser_config: Mapping[str, Any] | None) -> int:
+        """Schnell was trained with 256 T5 tokens (its model card's setting), guidance-distilled
+        dev with the pipeline's default 512."""
+        guided = bool((denoiser_config or {}).get("guidance_embeds"))
+        return 512 if guided else 256
+
+    @classmethod
+    def meta_denoiser_inputs(
+        cls, config: Mapping[str, Any], geometry: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Packed ``hidden_states`` of (size/f/2)² tokens of 4 × latent channels, ``img_ids``,
+        ``txt_ids``, T5 tokens (:meth:`t5_tokens`), ``guidance`` only with
+        ``guidance_embeds``."""
+        text_tokens = cls.t5_tokens(config)
+        inputs = {
+            "hidden_states": meta_empty(BATCH, *geometry["input_shape"]),
+            "encoder_hidden_states": meta_empty(
+                BATCH, text_tokens, int(config["joint_attention_dim"])
+            ),
+            "pooled_projections": meta_empty(BATCH, int(config["pooled_projection_dim"])),
+            "timestep": meta_empty(BATCH),
+            "img_ids": meta_empty(geometry["tokens"], 3),
+            "txt_ids": meta_empty(text_tokens, 3),
+        }
+        if config.get("guidance_embeds"):
+            inputs["guidance"] = meta_empty(BATCH)
+        return inputs
+
+    @classmethod
+    def text_towers(cls, pipe: Any) -> dict[str, Tower]:
+        """CLIP feeds only its pooled vector; T5's last layer is the whole sequence."""
+        layers = t5_layers(pipe.text_encoder_2)
+        clip = Tower("text_encoder", "clip", clip_layers(pipe.text_encoder), pipeline_layer=None,
+                     pipeline_norm=True, tokens=None, features=None, pooled=slice(None),
+                     tokenizer="tokenizer")  # fmt: skip
+        t5 = Tower("text_encoder_2", "t5", layers, pipeline_layer=layers, pipeline_norm=True,
+                   tokens=slice(None), features=slice(None), pooled=None,
+                   tokenizer="tokenizer_2")  # fmt: skip
+        return {"text_encoder": clip, "text_encoder_2": t5}
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
         # ``guidance_scale`` is embedded guidance; true CFG never doubles the batch
@@ -99,23 +167,19 @@ class FluxModel(Model):
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
-    def encode_prompt(
-        self, prompts: Sequence[str], negative: Sequence[str] | str | None = None
+    def _encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, uncond: bool
     ) -> Conditioning:
         """The pipeline's own ``encode_prompt``: ``encoder_hidden_states`` (items, T5 tokens,
         T5 width) and ``pooled_projections`` (items, CLIP width). ``txt_ids`` are rebuilt by
-        ``denoiser_kwargs`` (zeros, one row per text token). ``negative`` adds the uncond branch
-        for true CFG, encoded the same way."""
-        prompts = list(prompts)
+        ``denoiser_kwargs`` (zeros, one row per text token). The unconditional branch (for
+        true CFG) is encoded the same way, from "" unless ``negative`` is given."""
         with torch.no_grad():
             cond = self._prompt_embeds(prompts)
-            uncond = None
-            if negative is not None:
-                negatives = (
-                    [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-                )
-                uncond = self._prompt_embeds(negatives)
-        return Conditioning(cond, uncond, prompts)
+            unconditional = None
+            if uncond:
+                unconditional = self._prompt_embeds(negative or [""] * len(prompts))
+        return Conditioning(cond, unconditional, prompts)
 
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
         """Every layer of CLIP (77 tokens, before the final layer norm; the pipeline uses only
@@ -225,7 +289,7 @@ class FluxModel(Model):
         prompts: str | Sequence[str],
         *,
         steps: int = 25,
-        guidance_scale: float = 3.5,
+        guidance_scale: float | None = None,
         seed: int = 0,
         size: int | None = None,
         output_type: str = "np",

@@ -16,34 +16,27 @@ weights are read and nothing is computed, so even FLUX (12 B parameters) takes a
     >>> shapes["unet.down_blocks.1"].elements["res_samples"]
     ((640, 32, 32), (640, 32, 32), (640, 16, 16))
 
-Dummy inputs (batch axis removed in what is reported):
-
-- ``UNet2DConditionModel``: ``sample`` (latent channels, size/f, size/f) where f is the VAE factor
-  (1 for pixel models), a timestep, ``encoder_hidden_states`` of 77 tokens
-  (``encoder_hid_dim`` wide when set, as for IF's T5 states, else ``cross_attention_dim``), SDXL's
-  ``added_cond_kwargs`` (``text_embeds`` and 6 ``time_ids``) when ``addition_embed_type`` is
-  ``"text_time"``.
-- ``UNet2DModel``: ``sample`` and a timestep.
-- ``SD3Transformer2DModel``: latent ``hidden_states``, 333 text tokens (77 CLIP + 256 T5, the
-  pipeline's default ``max_sequence_length``), ``pooled_projections``, a timestep.
-- ``FluxTransformer2DModel``: packed ``hidden_states`` of (size/f/2)² tokens of 4 × latent channels,
-  ``img_ids``, ``txt_ids``, 256 T5 tokens (FLUX.1-schnell's maximum; 512 when the model has guidance
-  embeddings, as FLUX.1-dev), ``guidance`` only when ``guidance_embeds`` is set.
-- CLIP text encoders: 77 tokens. T5 encoders: 77 tokens next to a UNet (IF), 256 next to a DiT
-  (SD3, FLUX.1-schnell), 512 next to a guidance-distilled FLUX.
-- VAE: ``vae.encode`` on an image (3, size, size) and ``vae.decode`` on a latent, so sites are
-  ``vae.encoder.*``, ``vae.quant_conv``, ``vae.post_quant_conv`` and ``vae.decoder.*``.
+Dummy inputs (batch axis removed in what is reported) come from the family's adapter: the
+adapter of the alias's family, of the folder's pipeline class (``model_index.json``), or the
+registered adapter that claims the denoiser config (:meth:`~diffprobe.models.Model.claims_denoiser`);
+each documents its inputs in ``meta_denoiser_inputs``. The size rule is the adapter's too
+(:meth:`~diffprobe.models.Model.size_rule_for`), the one ``Model.check_size`` asks. Text encoders
+get 77 tokens (CLIP) or the family's T5 length (:meth:`~diffprobe.models.Model.t5_tokens`: 77 for
+IF, 256 for SD3 and FLUX.1-schnell, 512 for a guidance-distilled FLUX). The VAE runs
+``vae.encode`` on an image (3, size, size) and ``vae.decode`` on a latent, so sites are
+``vae.encoder.*``, ``vae.quant_conv``, ``vae.post_quant_conv`` and ``vae.decoder.*``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -51,29 +44,19 @@ from typing import Any
 
 import torch
 
-from diffprobe.errors import DiffprobeError, ImageSizeError
-from diffprobe.hooks.elements import TUPLE_ELEMENTS, element_index
+from diffprobe import registry
+from diffprobe.hooks.elements import element_index, element_names
+from diffprobe.models.base import Model
+from diffprobe.models.geometry import (
+    BATCH,
+    CLIP_TOKENS,
+    ConfigError,
+    SizeRule,
+    meta_empty,
+    vae_factor,
+)
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-
-# Image size (px) each alias was trained at; the default of site_shapes and the CLI.
-NATIVE_SIZE: dict[str, int] = {
-    "sd1.5": 512,
-    "sd2.1": 768,
-    "sd2.1-base": 512,
-    "sd-turbo": 512,
-    "sdxl": 1024,
-    "sdxl-turbo": 512,
-    "sd3": 1024,
-    "sd3.5": 1024,
-    "flux-schnell": 1024,
-    "if-i": 64,
-    "ddpm-celebahq": 256,
-}
-
-
-class ConfigError(DiffprobeError, ValueError):
-    """A model, component or config diffprobe cannot build shapes from."""
 
 
 DENOISERS = ("unet", "transformer")
@@ -89,11 +72,8 @@ _COMPONENT_ORDER = (
 )
 _COMPONENT_NAME = re.compile(r"^(unet|transformer|vae|text_encoder(_\d+)?)$")
 
-BATCH = 2  # dummy batch; an axis 0 of this length is the batch axis and is removed
-CLIP_TOKENS = 77
-T5_TOKENS_UNET = 77  # DeepFloyd IF
-T5_TOKENS_DIT = 256  # SD3 pipeline default max_sequence_length; FLUX.1-schnell maximum
-T5_TOKENS_FLUX_GUIDED = 512  # FLUX.1-dev
+# T5 tokens of a text-encoder-only folder, whose family is unknown (the SD3 pipeline default)
+T5_TOKENS_DEFAULT = 256
 
 
 @dataclass(frozen=True)
@@ -205,7 +185,15 @@ def component_config(alias: str | Path, component: str) -> dict:
         path = CONFIG_ROOT / source / f"{component}.json"
     else:
         path = Path(source) / component / "config.json"
-    config = json.loads(_read_config(str(path), path.stat().st_mtime_ns))
+    try:
+        config = json.loads(_read_config(str(path), path.stat().st_mtime_ns))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(
+            f"{path} cannot be read as a JSON config ({type(err).__name__}: {err}); give a "
+            "folder written by save_pretrained"
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds no config object (a JSON dict of settings)")
     if "_class_name" not in config:
         architectures = config.get("architectures") or []
         class_name = (
@@ -275,12 +263,84 @@ def _denoiser(source: str) -> str | None:
     return next((name for name in DENOISERS if name in names), None)
 
 
-def _vae_factor(source: str) -> tuple[int, int | None]:
-    """(VAE scale factor, latent channels); (1, None) for pixel models."""
+def _latent_channels(source: str) -> int | None:
     if "vae" not in components(source):
-        return 1, None
-    vae = component_config(source, "vae")
-    return 2 ** (len(vae["block_out_channels"]) - 1), int(vae["latent_channels"])
+        return None
+    return int(component_config(source, "vae")["latent_channels"])
+
+
+def _family(source: str) -> str | None:
+    """The family of an alias (its registry entry) or of a folder (its ``model_index.json``
+    pipeline class), or None when the folder does not say."""
+    if _is_alias(source):
+        return registry.resolve(source).family
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        pipeline = json.loads(index.read_text()).get("_class_name")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    adapter = registry.adapter_for_pipeline_name(str(pipeline))
+    return adapter.family if adapter is not None else None
+
+
+def _adapter(source: str, denoiser_config: Mapping[str, Any], strict: bool) -> type[Model]:
+    """The adapter that knows this denoiser: the one of the source's family when it claims the
+    config, else the registered one that does. With ``strict=False`` (geometry only) an
+    adapter of the same denoiser class will do, and the base rule when none is."""
+    found = registry.adapter_for_denoiser(denoiser_config, _family(source))
+    if found is not None:
+        return found
+    class_name = denoiser_config["_class_name"]
+    if strict:
+        raise ConfigError(
+            f"cannot make dummy inputs for the {class_name} of {_name(source)}: no registered "
+            f"family builds this config (families: {', '.join(registry.families())})"
+        )
+    same_class = [a for a in registry.adapters() if class_name in a.denoiser_classes]
+    return same_class[0] if same_class else Model
+
+
+def _configs(source: str) -> dict[str, dict]:
+    """The configs a size rule reads: the denoiser's and the VAE's (if any)."""
+    names = components(source)
+    return {name: component_config(source, name) for name in (*DENOISERS, "vae") if name in names}
+
+
+def _name(source: str) -> str:
+    """How errors name the model: its alias (also a registered local one, such as ``tiny``),
+    else the folder."""
+    if _is_alias(source):
+        return source
+    for spec in registry.list_models():
+        if spec.local and str(Path(spec.source).resolve()) == source:
+            return str(spec.alias)
+    return repr(source)
+
+
+@contextlib.contextmanager
+def _complete(source: str) -> Iterator[None]:
+    """A config without a setting its family reads is a :class:`ConfigError` naming both."""
+    try:
+        yield
+    except KeyError as err:
+        raise ConfigError(
+            f"a component config of {_name(source)} has no {err.args[0]!r}, which its "
+            "family's configs have; is the folder written by save_pretrained?"
+        ) from None
+
+
+def size_rule(alias_or_folder: str | Path) -> SizeRule:
+    """The image sizes a model takes: its family's rule on its configs (the rule
+    ``Model.check_size`` asks for the loaded pipeline)."""
+    source = _resolve(alias_or_folder)
+    configs = _configs(source)
+    denoiser = _denoiser(source)
+    with _complete(source):
+        if denoiser is None:
+            return Model.size_rule_for(configs)
+        return _adapter(source, configs[denoiser], strict=False).size_rule_for(configs)
 
 
 def latent_geometry(alias_or_folder: str | Path, size: int) -> dict[str, Any]:
@@ -291,65 +351,35 @@ def latent_geometry(alias_or_folder: str | Path, size: int) -> dict[str, Any]:
     and ``denoiser_class``, ``input_shape`` (the denoiser's per-item input: (channels, height,
     width) for UNets and SD3, (tokens, channels) for FLUX's packed latents) and ``tokens`` (image
     tokens for DiTs, else ``None``). Raises :class:`ImageSizeError` (a ``ValueError``) when the
-    size cannot be taken.
+    size cannot be taken: the family's size rule, the one ``Model.check_size`` asks.
     """
     source = _resolve(alias_or_folder)
-    name = source if _is_alias(source) else repr(source)
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ImageSizeError(
-            f"--size {size!r}: the image size must be a positive integer number of pixels"
-        )
-    factor, latent_channels = _vae_factor(source)
-    why = [f"VAE factor {factor}"] if latent_channels is not None else []
-    multiple = factor
+    configs = _configs(source)
+    factor = vae_factor(configs.get("vae"))
     denoiser = _denoiser(source)
-    denoiser_class, input_shape, tokens, max_size = None, None, None, None
-    if denoiser is not None:
-        config = component_config(source, denoiser)
-        denoiser_class = config["_class_name"]
-        in_channels = int(config["in_channels"])
-        if denoiser == "unet":
-            downsamples = len(config["down_block_types"]) - 1
-            multiple = factor * 2**downsamples
-            why.append(f"2**{downsamples} down-samplings of the UNet")
-        elif denoiser_class == "FluxTransformer2DModel":
-            patch = int(config.get("patch_size", 1))
-            multiple = factor * 2 * patch
-            why.append("2×2 latent packing" + (f" and patch size {patch}" if patch > 1 else ""))
-        else:
-            patch = int(config.get("patch_size", 1))
-            multiple = factor * patch
-            why.append(f"patch size {patch}")
-            if config.get("pos_embed_max_size"):
-                max_size = int(config["pos_embed_max_size"]) * patch * factor
-        if latent_channels is None:
-            latent_channels = in_channels
-    if size % multiple:
-        lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
-        choices = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ImageSizeError(
-            f"image size {size} px cannot be taken by {name}: it must be a multiple of "
-            f"{multiple} px ({' × '.join(why)}); try {choices}"
-        )
-    if max_size is not None and size > max_size:
-        raise ImageSizeError(
-            f"image size {size} px cannot be taken by {name}: its position embedding covers at "
-            f"most {max_size} px (pos_embed_max_size {config['pos_embed_max_size']})"
-        )
+    try:  # only for the error message: a folder may give no default size
+        native = native_size(source) if denoiser is not None or "vae" in configs else None
+    except ConfigError:
+        native = None
+    rule = size_rule(source)
+    rule.check(size, _name(source), native=native)
     latent_size = size // factor
-    if denoiser_class == "FluxTransformer2DModel":
-        tokens = (latent_size // 2) ** 2
-        input_shape = (tokens, int(component_config(source, denoiser)["in_channels"]))
-    elif denoiser is not None:
-        input_shape = (in_channels, latent_size, latent_size)
-        if denoiser == "transformer":
-            tokens = (latent_size // patch) ** 2
+    latent_channels = _latent_channels(source)
+    denoiser_class, input_shape, tokens = None, None, None
+    if denoiser is not None:
+        config = configs[denoiser]
+        denoiser_class = config["_class_name"]
+        with _complete(source):
+            adapter = _adapter(source, config, strict=False)
+            input_shape, tokens = adapter.denoiser_input(config, latent_size)
+            if latent_channels is None:
+                latent_channels = int(config["in_channels"])
     return {
         "image_size": size,
         "vae_scale_factor": factor,
         "latent_channels": latent_channels,
         "latent_size": latent_size,
-        "multiple": multiple,
+        "multiple": rule.multiple,
         "denoiser": denoiser,
         "denoiser_class": denoiser_class,
         "input_shape": input_shape,
@@ -358,123 +388,42 @@ def latent_geometry(alias_or_folder: str | Path, size: int) -> dict[str, Any]:
 
 
 def native_size(alias_or_folder: str | Path) -> int:
-    """Default image size: :data:`NATIVE_SIZE` for aliases; for a folder, the denoiser's
-    ``sample_size`` times the VAE factor, or 1024 px for a FLUX folder (its config has none)."""
+    """Default image size: the registry's resolution for aliases; for a folder, what its
+    family's adapter reads from the configs (the denoiser's ``sample_size`` times the VAE
+    factor; 1024 px for a FLUX folder, whose config has none)."""
     source = _resolve(alias_or_folder)
-    if source in NATIVE_SIZE:
-        return NATIVE_SIZE[source]
+    if _is_alias(source):
+        return registry.resolve(source).resolution
     denoiser = _denoiser(source)
+    configs = _configs(source)
     if denoiser is None:
-        if "vae" in components(source):
-            return int(component_config(source, "vae").get("sample_size") or 512)
+        if "vae" in configs:
+            return int(configs["vae"].get("sample_size") or 512)
         raise ConfigError(f"{source!r} has no denoiser or VAE, so no image size applies")
-    sample_size = component_config(source, denoiser).get("sample_size")
-    if isinstance(sample_size, (list, tuple)):
-        sample_size = sample_size[0]
-    if sample_size is None:
-        return 1024
-    return int(sample_size) * _vae_factor(source)[0]
+    with _complete(source):
+        try:
+            return _adapter(source, configs[denoiser], strict=False).native_size_for(configs)
+        except ConfigError as err:
+            raise ConfigError(f"{_name(source)}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # dummy inputs
 
 
-def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.empty(*shape, device="meta", dtype=dtype)
-
-
 def _t5_tokens(source: str) -> int:
     denoiser = _denoiser(source)
     if denoiser is None:
-        return T5_TOKENS_DIT
+        return T5_TOKENS_DEFAULT
     config = component_config(source, denoiser)
-    if denoiser == "unet":
-        return T5_TOKENS_UNET
-    if config["_class_name"] == "FluxTransformer2DModel" and config.get("guidance_embeds"):
-        return T5_TOKENS_FLUX_GUIDED
-    return T5_TOKENS_DIT
-
-
-def _unet_condition_inputs(config: dict, geometry: dict) -> dict[str, Any]:
-    inputs: dict[str, Any] = {
-        "sample": _empty(BATCH, *geometry["input_shape"]),
-        "timestep": _empty(BATCH),
-    }
-    width = config.get("encoder_hid_dim") or config["cross_attention_dim"]
-    if isinstance(width, (list, tuple)):
-        width = width[0]
-    inputs["encoder_hidden_states"] = _empty(BATCH, CLIP_TOKENS, int(width))
-    addition = config.get("addition_embed_type")
-    if addition == "text_time":
-        time_ids = 6  # original size, crop top-left, target size
-        text_embeds = (
-            config["projection_class_embeddings_input_dim"]
-            - time_ids * config["addition_time_embed_dim"]
-        )
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": _empty(BATCH, text_embeds),
-            "time_ids": _empty(BATCH, time_ids),
-        }
-    elif addition not in (None, "text"):
-        raise ConfigError(
-            f"cannot make dummy inputs for a UNet with addition_embed_type {addition!r}; "
-            "supported: None, 'text' (IF), 'text_time' (SDXL)"
-        )
-    inputs.update(_class_label_inputs(config))
-    if config.get("time_cond_proj_dim"):
-        inputs["timestep_cond"] = _empty(BATCH, int(config["time_cond_proj_dim"]))
-    return inputs
-
-
-def _class_label_inputs(config: dict) -> dict[str, Any]:
-    kind = config.get("class_embed_type")
-    if kind == "projection":
-        return {"class_labels": _empty(BATCH, int(config["projection_class_embeddings_input_dim"]))}
-    if kind == "timestep":
-        return {"class_labels": _empty(BATCH)}
-    if kind is None and config.get("num_class_embeds"):
-        return {"class_labels": _empty(BATCH, dtype=torch.long)}
-    if kind not in (None, "identity"):
-        raise ConfigError(f"cannot make dummy inputs for class_embed_type {kind!r}")
-    return {}
+    return _adapter(source, config, strict=False).t5_tokens(config) or T5_TOKENS_DEFAULT
 
 
 def _denoiser_inputs(source: str, denoiser: str, size: int) -> dict[str, Any]:
     config = component_config(source, denoiser)
     geometry = latent_geometry(source, size)
-    cls = config["_class_name"]
-    if cls == "UNet2DConditionModel":
-        return _unet_condition_inputs(config, geometry)
-    if cls == "UNet2DModel":
-        return {
-            "sample": _empty(BATCH, *geometry["input_shape"]),
-            "timestep": _empty(BATCH),
-            **_class_label_inputs(config),
-        }
-    if cls == "SD3Transformer2DModel":
-        return {
-            "hidden_states": _empty(BATCH, *geometry["input_shape"]),
-            "encoder_hidden_states": _empty(
-                BATCH, CLIP_TOKENS + T5_TOKENS_DIT, int(config["joint_attention_dim"])
-            ),
-            "pooled_projections": _empty(BATCH, int(config["pooled_projection_dim"])),
-            "timestep": _empty(BATCH),
-        }
-    if cls == "FluxTransformer2DModel":
-        text_tokens = _t5_tokens(source)
-        inputs = {
-            "hidden_states": _empty(BATCH, *geometry["input_shape"]),
-            "encoder_hidden_states": _empty(BATCH, text_tokens, int(config["joint_attention_dim"])),
-            "pooled_projections": _empty(BATCH, int(config["pooled_projection_dim"])),
-            "timestep": _empty(BATCH),
-            "img_ids": _empty(geometry["tokens"], 3),
-            "txt_ids": _empty(text_tokens, 3),
-        }
-        if config.get("guidance_embeds"):
-            inputs["guidance"] = _empty(BATCH)
-        return inputs
-    raise ConfigError(f"cannot make dummy inputs for denoiser class {cls!r}")
+    with _complete(source):
+        return _adapter(source, config, strict=True).meta_denoiser_inputs(config, geometry)
 
 
 def _text_inputs(source: str, component: str) -> dict[str, Any]:
@@ -484,7 +433,7 @@ def _text_inputs(source: str, component: str) -> dict[str, Any]:
         tokens = _t5_tokens(source)
     else:
         tokens = int(config.get("max_position_embeddings", CLIP_TOKENS))
-    return {"input_ids": _empty(BATCH, tokens, dtype=torch.long)}
+    return {"input_ids": meta_empty(BATCH, tokens, dtype=torch.long)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +469,7 @@ def _record(class_name: str, output: Any) -> tuple[tuple, dict[str, tuple]] | No
         described = [_describe(v) for v in output]
         if all(d is None for d in described):
             return None
-        names = TUPLE_ELEMENTS.get(class_name)
+        names = element_names(class_name)
         if names is None or len(names) != len(described):
             names = tuple(str(i) for i in range(len(described)))
         elements = {n: d for n, d in zip(names, described, strict=True) if d is not None}
@@ -569,8 +518,8 @@ def _component_sites(source: str, component: str, size: int | None) -> dict[str,
     if component == "vae":
         geometry = latent_geometry(source, size)
         config = component_config(source, "vae")
-        image = _empty(BATCH, int(config.get("in_channels", 3)), size, size)
-        latent = _empty(
+        image = meta_empty(BATCH, int(config.get("in_channels", 3)), size, size)
+        latent = meta_empty(
             BATCH, geometry["latent_channels"], geometry["latent_size"], geometry["latent_size"]
         )
 
@@ -615,7 +564,7 @@ def site_shapes(
 ) -> dict[str, SiteShape]:
     """Output shape of every named site, found by one forward pass per component on meta tensors.
 
-    ``size`` is the image size in px (default: the model's native size, :data:`NATIVE_SIZE`);
+    ``size`` is the image size in px (default: the model's native size, :func:`native_size`);
     ``components`` restricts the components run (default: all). Sites are the dotted diffusers /
     transformers module paths prefixed by component (``unet.mid_block``,
     ``transformer.transformer_blocks.8``, ``text_encoder.encoder.layers.5``,

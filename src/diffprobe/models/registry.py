@@ -1,25 +1,30 @@
-"""Which adapter class wraps which diffusers pipeline class."""
+"""Which adapter class wraps which family and pipeline class (kept in :mod:`diffprobe.registry`,
+which the hook engine can import without the adapters)."""
 
 from __future__ import annotations
 
-from diffprobe.errors import DiffprobeError
+from diffprobe.registry import (
+    ADAPTERS,
+    FamilyError,
+    adapter,
+    adapter_for_denoiser,
+    adapter_for_pipeline,
+    adapters,
+    families,
+    register_adapter,
+    registered_adapter,
+    unregister_adapter,
+)
 
-ADAPTERS: dict[str, type] = {}  # family -> Model subclass
-_BY_PIPELINE: dict[str, type] = {}  # pipeline class name -> Model subclass
-
-
-def register_adapter(cls: type) -> type:
-    ADAPTERS[cls.family] = cls
-    for name in cls.pipeline_classes:
-        _BY_PIPELINE[name] = cls
-    return cls
-
-
-def adapter_for_pipeline(pipe: object) -> type:
-    for klass in type(pipe).__mro__:
-        if klass.__name__ in _BY_PIPELINE:
-            return _BY_PIPELINE[klass.__name__]
-    raise DiffprobeError(
-        f"diffprobe has no adapter for {type(pipe).__name__}; supported pipelines: "
-        f"{', '.join(sorted(_BY_PIPELINE))}"
-    )
+__all__ = [
+    "ADAPTERS",
+    "FamilyError",
+    "adapter",
+    "adapter_for_denoiser",
+    "adapter_for_pipeline",
+    "adapters",
+    "families",
+    "register_adapter",
+    "registered_adapter",
+    "unregister_adapter",
+]

@@ -6,14 +6,19 @@ UNet2DConditionModel). Denoiser sites: ``unet.*``; text: ``text_encoder.*``; VAE
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from diffprobe.models.base import Conditioning, Model, TextEncoding, negative_prompts
+from diffprobe.models.base import Conditioning, Model, TextEncoding
+from diffprobe.models.geometry import SizeRule, unet_rule, vae_factor
 from diffprobe.models.registry import register_adapter
+from diffprobe.models.towers import Tower, last_layer_tower
+from diffprobe.models.unet import UNET_TUPLE_ELEMENTS, text_unet_inputs
+
+# StableDiffusionPipeline.check_inputs (and SDXL's) demand multiples of 8 whatever the VAE
+SD_PIPELINE_MULTIPLE = 8
 
 
 @register_adapter
@@ -21,13 +26,41 @@ class StableDiffusionModel(Model):
     family = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
     denoiser_name = "unet"
+    denoiser_classes = ("UNet2DConditionModel",)
+    default_guidance_scale = 7.5
+    tuple_elements = UNET_TUPLE_ELEMENTS
+    default_encoder = "text_encoder"
+    assemble_options = {"requires_safety_checker": False}
 
-    def default_resolution(self) -> int:
-        return int(self.pipe.unet.config.sample_size) * self.pipe.vae_scale_factor
+    @classmethod
+    def size_rule_for(cls, configs: Mapping[str, Mapping[str, Any]]) -> SizeRule:
+        return unet_rule(vae_factor(configs.get("vae")), configs["unet"], SD_PIPELINE_MULTIPLE)
 
-    def size_multiple(self) -> int:
-        # StableDiffusionPipeline.check_inputs demands multiples of 8 whatever the VAE
-        return math.lcm(8, int(self.pipe.vae_scale_factor))
+    @classmethod
+    def claims_denoiser(cls, config: Mapping[str, Any]) -> bool:
+        # SDXL ("text_time") and IF ("text") add conditioning to the same UNet class
+        return super().claims_denoiser(config) and config.get("addition_embed_type") is None
+
+    @classmethod
+    def meta_denoiser_inputs(
+        cls, config: Mapping[str, Any], geometry: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``sample`` (latent channels, size/f, size/f), a timestep, ``encoder_hidden_states``
+        of 77 CLIP tokens (``cross_attention_dim`` wide)."""
+        return text_unet_inputs(config, geometry)
+
+    @classmethod
+    def text_towers(cls, pipe: Any) -> dict[str, Tower]:
+        """One CLIP encoder whose final-normed last layer is ``prompt_embeds``."""
+        return {"text_encoder": last_layer_tower("text_encoder", pipe.text_encoder, "clip")}
+
+    @classmethod
+    def load_kwargs(cls, spec: Any) -> dict[str, Any]:
+        # the published SD checkpoints ship a safety checker that diffprobe never runs;
+        # diffprobe's own tiny has none to leave out
+        if spec.alias in (None, "tiny"):
+            return {}
+        return {"safety_checker": None, "requires_safety_checker": False}
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
         # same rule as StableDiffusionPipeline.do_classifier_free_guidance
@@ -43,23 +76,17 @@ class StableDiffusionModel(Model):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((mean - shift) * vae.config.scaling_factor).to(self.dtype)
 
-    def encode_prompt(
-        self, prompts: Sequence[str], negative: Sequence[str] | str | None = None
+    def _encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, uncond: bool
     ) -> Conditioning:
-        """The pipeline's own ``encode_prompt``; ``negative`` (e.g. "") adds the uncond branch."""
-        prompts = list(prompts)
-        negative = negative_prompts(prompts, negative)
+        """The pipeline's own ``encode_prompt`` (its unconditional default: the encoding of "")."""
         with torch.no_grad():
-            cond, uncond = self.pipe.encode_prompt(
-                prompts,
-                self.device,
-                1,
-                negative is not None,
-                negative_prompt=negative,
+            cond, unconditional = self.pipe.encode_prompt(
+                prompts, self.device, 1, uncond, negative_prompt=negative
             )
         return Conditioning(
             {"encoder_hidden_states": cond},
-            None if negative is None else {"encoder_hidden_states": uncond},
+            {"encoder_hidden_states": unconditional} if uncond else None,
             prompts,
         )
 

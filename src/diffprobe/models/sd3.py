@@ -37,14 +37,26 @@ conditional batch alone; ``generate`` labels it branch "none".
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffprobe.hooks.engine import BRANCHES
 from diffprobe.models.base import Conditioning, Model, TextEncoding
+from diffprobe.models.geometry import BATCH, CLIP_TOKENS, SizeRule, meta_empty, vae_factor
 from diffprobe.models.registry import register_adapter
+from diffprobe.models.towers import (
+    Tower,
+    clip_layers,
+    clip_pooled_width,
+    clip_width,
+    t5_layers,
+    tokenizer_of,
+)
+
+# the pipeline's default max_sequence_length: T5 tokens after the 77 CLIP tokens
+SD3_T5_TOKENS = 256
 
 
 @contextlib.contextmanager
@@ -95,18 +107,94 @@ class StableDiffusion3Model(Model):
     family = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     denoiser_name = "transformer"
+    denoiser_classes = ("SD3Transformer2DModel",)
     flow_matching = True
+    default_guidance_scale = 7.0
+    # MMDiT blocks return (encoder_hidden_states, hidden_states): text tokens, image tokens
+    tuple_elements = {"JointTransformerBlock": ("encoder_hidden_states", "hidden_states")}
+    default_encoder = "text_encoder_3"
+    optional_text_encoders = ("text_encoder_3",)
 
     def __init__(self, pipe: Any, spec: Any = None, name: str | None = None):
         super().__init__(pipe, spec, name)
         # T5 tokens, for encode_prompt, encode_text and generate alike (the pipeline's default)
-        self.max_sequence_length = 256
+        self.max_sequence_length = self.t5_tokens(pipe.transformer.config)
 
     def default_resolution(self) -> int:
         return int(self.pipe.default_sample_size) * int(self.pipe.vae_scale_factor)
 
-    def size_multiple(self) -> int:
-        return int(self.pipe.vae_scale_factor) * int(self.pipe.patch_size)
+    @classmethod
+    def size_rule_for(cls, configs: Mapping[str, Mapping[str, Any]]) -> SizeRule:
+        """Multiples of VAE factor × patch size, up to what the position embedding covers."""
+        factor, config = vae_factor(configs.get("vae")), configs["transformer"]
+        patch = int(config.get("patch_size", 1))
+        reasons = (f"VAE factor {factor}", f"patch size {patch}")
+        largest = config.get("pos_embed_max_size")
+        if not largest:
+            return SizeRule(factor * patch, reasons)
+        return SizeRule(
+            factor * patch,
+            reasons,
+            int(largest) * patch * factor,
+            f"its position embedding (pos_embed_max_size {largest}) covers",
+        )
+
+    @classmethod
+    def denoiser_input(
+        cls, config: Mapping[str, Any], latent_size: int
+    ) -> tuple[tuple[int, ...], int | None]:
+        """Latents (channels, height, width), cut into (latent_size / patch)² image tokens."""
+        patch = int(config.get("patch_size", 1))
+        return (int(config["in_channels"]), latent_size, latent_size), (latent_size // patch) ** 2
+
+    @classmethod
+    def t5_tokens(cls, denoiser_config: Mapping[str, Any] | None) -> int:
+        return SD3_T5_TOKENS
+
+    @classmethod
+    def meta_denoiser_inputs(
+        cls, config: Mapping[str, Any], geometry: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Latent ``hidden_states``, 333 text tokens (77 CLIP + 256 T5, the pipeline's default
+        ``max_sequence_length``), ``pooled_projections``, a timestep."""
+        text_tokens = CLIP_TOKENS + cls.t5_tokens(config)
+        return {
+            "hidden_states": meta_empty(BATCH, *geometry["input_shape"]),
+            "encoder_hidden_states": meta_empty(
+                BATCH, text_tokens, int(config["joint_attention_dim"])
+            ),
+            "pooled_projections": meta_empty(BATCH, int(config["pooled_projection_dim"])),
+            "timestep": meta_empty(BATCH),
+        }
+
+    @classmethod
+    def text_towers(cls, pipe: Any) -> dict[str, Tower]:
+        """CLIP-L and CLIP-G read at ``hidden_states[-2]`` side by side in the first 77 tokens
+        (zero-padded to T5's width), their pooled vectors side by side; T5's last layer in the
+        tokens after them."""
+        found: dict[str, Tower] = {}
+        tokens = int(pipe.tokenizer_max_length)
+        start = pooled_start = 0
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, name)
+            layers, width = clip_layers(encoder), clip_width(encoder)
+            pooled = clip_pooled_width(encoder)
+            found[name] = Tower(name, "clip", layers, layers - 1, False, slice(0, tokens),
+                                slice(start, start + width),
+                                slice(pooled_start, pooled_start + pooled),
+                                tokenizer_of(name))  # fmt: skip
+            start, pooled_start = start + width, pooled_start + pooled
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            layers = t5_layers(pipe.text_encoder_3)
+            found["text_encoder_3"] = Tower("text_encoder_3", "t5", layers, layers, True,
+                                            slice(tokens, None), slice(None), None,
+                                            "tokenizer_3")  # fmt: skip
+        return found
+
+    @classmethod
+    def default_tower(cls, towers: Mapping[str, Tower]) -> str | None:
+        # loaded without T5 (text_encoder_3=None), the lens reads CLIP-G
+        return "text_encoder_3" if "text_encoder_3" in towers else "text_encoder_2"
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
         # StableDiffusion3Pipeline.do_classifier_free_guidance
@@ -122,29 +210,28 @@ class StableDiffusion3Model(Model):
         shift = vae.config.shift_factor or 0.0
         return ((mean - shift) * vae.config.scaling_factor).to(self.dtype)
 
-    def encode_prompt(
-        self, prompts: Sequence[str], negative: Sequence[str] | str | None = None
+    def _encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, uncond: bool
     ) -> Conditioning:
         """The pipeline's own ``encode_prompt``: ``encoder_hidden_states`` (items, 77 + T5
         tokens, joint width: penultimate CLIP-L | CLIP-G layers zero-padded to T5 width, then
-        T5) and ``pooled_projections`` (items, CLIP-L + CLIP-G projection). ``negative``
-        (e.g. "") adds the uncond branch."""
-        prompts = list(prompts)
+        T5) and ``pooled_projections`` (items, CLIP-L + CLIP-G projection); the pipeline's
+        unconditional default is the encoding of ""."""
         with torch.no_grad():
-            cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            cond, unconditional, pooled, unconditional_pooled = self.pipe.encode_prompt(
                 prompts,
                 None,
                 None,
                 device=self.device,
-                do_classifier_free_guidance=negative is not None,
-                negative_prompt=None if negative is None else negative,
+                do_classifier_free_guidance=uncond,
+                negative_prompt=negative,
                 max_sequence_length=self.max_sequence_length,
             )
         return Conditioning(
             {"encoder_hidden_states": cond, "pooled_projections": pooled},
-            None
-            if negative is None
-            else {"encoder_hidden_states": uncond, "pooled_projections": uncond_pooled},
+            {"encoder_hidden_states": unconditional, "pooled_projections": unconditional_pooled}
+            if uncond
+            else None,
             prompts,
         )
 
@@ -191,7 +278,7 @@ class StableDiffusion3Model(Model):
         prompts: str | Sequence[str],
         *,
         steps: int = 25,
-        guidance_scale: float = 7.0,
+        guidance_scale: float | None = None,
         seed: int = 0,
         size: int | None = None,
         output_type: str = "np",
@@ -200,6 +287,8 @@ class StableDiffusion3Model(Model):
         """The pipeline's generation (see :meth:`Model.generate`); CFG batches are labelled
         "uncond"/"cond", a skip-layer-guidance pass "none"."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         pipeline_kwargs.setdefault("max_sequence_length", self.max_sequence_length)
         items = len(prompts) * int(pipeline_kwargs.get("num_images_per_prompt") or 1)
         cfg = self.generation_uses_cfg(guidance_scale)

@@ -19,8 +19,9 @@ Conditioning (:meth:`StableDiffusionXLModel.encode_prompt`, the pipeline's own `
 
 CFG: the unconditional branch of SDXL's generation without a negative prompt is *zeros*
 (``force_zeros_for_empty_prompt``, on for SDXL base), not the encoding of "". ``encode_prompt(
-prompts, cfg=True)`` gives exactly that branch; ``encode_prompt(prompts, negative="")`` gives the
-encoding of "" (what the pipeline does for an explicit empty negative prompt).
+prompts, cfg=True)`` gives exactly that branch (as for every family: the family's own
+unconditional branch); ``encode_prompt(prompts, negative="")`` gives the encoding of "" (what
+the pipeline does for an explicit empty negative prompt).
 
 Timesteps: the pipeline's schedulers (Euler for base, Euler ancestral for Turbo) scale the latent
 by ``1 / sqrt(sigma**2 + 1)`` before the UNet, which is exactly the DDPM ``x_t``; so ``add_noise``
@@ -30,15 +31,20 @@ by ``1 / sqrt(sigma**2 + 1)`` before the UNet, which is exactly the DDPM ``x_t``
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.models.base import Conditioning, Model, TextEncoding
+from diffprobe.models.geometry import BATCH, SizeRule, meta_empty, unet_rule, vae_factor
 from diffprobe.models.registry import register_adapter
+from diffprobe.models.sd import SD_PIPELINE_MULTIPLE
+from diffprobe.models.towers import Tower, clip_layers, clip_width, tokenizer_of
+from diffprobe.models.unet import UNET_TUPLE_ELEMENTS, text_unet_inputs
+
+TIME_IDS = 6  # SDXL's micro-conditioning: original size, crop top-left, target size
 
 
 @register_adapter
@@ -46,13 +52,58 @@ class StableDiffusionXLModel(Model):
     family = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     denoiser_name = "unet"
+    denoiser_classes = ("UNet2DConditionModel",)
+    default_guidance_scale = 7.5
+    tuple_elements = UNET_TUPLE_ELEMENTS
+    default_encoder = "text_encoder_2"
+    assemble_options = {"add_watermarker": False}
 
     def default_resolution(self) -> int:
         return int(self.pipe.default_sample_size) * int(self.pipe.vae_scale_factor)
 
-    def size_multiple(self) -> int:
+    @classmethod
+    def size_rule_for(cls, configs: Mapping[str, Mapping[str, Any]]) -> SizeRule:
         # the pipeline itself refuses sizes that are not multiples of 8
-        return math.lcm(8, int(self.pipe.vae_scale_factor))
+        return unet_rule(vae_factor(configs.get("vae")), configs["unet"], SD_PIPELINE_MULTIPLE)
+
+    @classmethod
+    def claims_denoiser(cls, config: Mapping[str, Any]) -> bool:
+        return super().claims_denoiser(config) and config.get("addition_embed_type") == "text_time"
+
+    @classmethod
+    def meta_denoiser_inputs(
+        cls, config: Mapping[str, Any], geometry: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The SD UNet inputs plus ``added_cond_kwargs``: ``text_embeds`` (the pooled width:
+        ``projection_class_embeddings_input_dim`` less the 6 time features) and 6 ``time_ids``."""
+        text_embeds = (
+            config["projection_class_embeddings_input_dim"]
+            - TIME_IDS * config["addition_time_embed_dim"]
+        )
+        return {
+            **text_unet_inputs(config, geometry),
+            "added_cond_kwargs": {
+                "text_embeds": meta_empty(BATCH, int(text_embeds)),
+                "time_ids": meta_empty(BATCH, TIME_IDS),
+            },
+        }
+
+    @classmethod
+    def text_towers(cls, pipe: Any) -> dict[str, Tower]:
+        """Both CLIP encoders read at ``hidden_states[-2]``, concatenated along features;
+        ``text_encoder_2`` alone gives the pooled vector."""
+        found: dict[str, Tower] = {}
+        start = 0
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, name, None)
+            if encoder is None:
+                continue
+            layers, width = clip_layers(encoder), clip_width(encoder)
+            pooled = slice(None) if name == "text_encoder_2" else None
+            found[name] = Tower(name, "clip", layers, layers - 1, False, slice(None),
+                                slice(start, start + width), pooled, tokenizer_of(name))  # fmt: skip
+            start += width
+        return found
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
         # same rule as StableDiffusionXLPipeline.do_classifier_free_guidance
@@ -88,39 +139,31 @@ class StableDiffusionXLModel(Model):
             latents = mean * config.scaling_factor
         return latents.to(self.dtype)
 
-    def encode_prompt(
-        self,
-        prompts: Sequence[str],
-        negative: Sequence[str] | str | None = None,
-        *,
-        cfg: bool = False,
+    def _encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, uncond: bool
     ) -> Conditioning:
-        """The pipeline's own ``encode_prompt`` -> :class:`Conditioning` (see the module doc).
-
-        ``negative`` (a string for every item, or one per item) adds the unconditional branch,
-        encoded from that text. ``cfg=True`` without ``negative`` adds the unconditional branch
-        the pipeline's generation uses when no negative prompt is given (zeros for SDXL base).
-        """
-        prompts = list(prompts)
-        if isinstance(negative, str):
-            negative = [negative] * len(prompts)
-        with_uncond = cfg or negative is not None
+        """The pipeline's own ``encode_prompt`` -> :class:`Conditioning` (see the module doc);
+        without ``negative`` the unconditional branch is the pipeline's default (zeros for
+        SDXL base)."""
         with torch.no_grad():
             embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
                 prompts,
                 device=self.device,
                 num_images_per_prompt=1,
-                do_classifier_free_guidance=with_uncond,
-                negative_prompt=None if negative is None else list(negative),
+                do_classifier_free_guidance=uncond,
+                negative_prompt=negative,
             )
         cond = {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled}}
-        uncond = None
-        if with_uncond:
-            uncond = {
+        unconditional = None
+        if uncond:
+            unconditional = {
                 "encoder_hidden_states": negative_embeds,
                 "added_cond_kwargs": {"text_embeds": negative_pooled},
             }
-        return Conditioning(cond, uncond, prompts)
+        return Conditioning(cond, unconditional, prompts)
+
+    def prompt_embeds(self, branch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
+        return branch["encoder_hidden_states"], branch["added_cond_kwargs"]["text_embeds"]
 
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
         """Every layer of both encoders (tokens padded to each tokenizer's maximum length).

@@ -1,63 +1,51 @@
 """Full-size pipelines with random weights, built from the configs shipped with diffprobe.
 
 Random weights have exactly the FLOPs and memory of the published models, so these measure
-speed honestly (never quality). Tokenizers are diffprobe's offline stand-ins (their ids are in
-range of the real vocabularies); schedulers use the published schedule settings.
+speed honestly (never quality). Every component is built from its shipped config
+(:func:`diffprobe.models.meta.build_component`), the family's adapter assembles its pipeline
+(:meth:`diffprobe.models.Model.assemble`), tokenizers are diffprobe's offline stand-ins (their
+ids are in range of the real vocabularies) and schedulers use the published settings each
+family's testing module registers.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from diffprobe import registry
 from diffprobe.models import meta
-from diffprobe.testing import SD_SCHEDULE
+from diffprobe.models.towers import tokenizer_of
+from diffprobe.testing.cases import dummies
+from diffprobe.testing.clip import dummy_clip_tokenizer
+from diffprobe.testing.t5 import dummy_t5_tokenizer
 
 
 def random_pipeline(
     alias: str, device: str = "cpu", dtype: torch.dtype = torch.float32, t5: bool = False
-):
-    """A pipeline of ``alias``'s architecture with random weights on ``device``.
+) -> Any:
+    """A pipeline of ``alias``'s architecture with random weights on ``device`` (``"meta"``
+    builds it without memory, to read its layout).
 
-    Families: sd (sd1.5, sd2.1, sd2.1-base, sd-turbo) and sd3 (sd3, sd3.5). For sd3 the T5-XXL
-    encoder (4.7 B parameters, irrelevant to denoiser speed) is left out unless ``t5=True``;
-    the pipeline then feeds zeros in its place, as diffusers does without it.
+    Text encoders the family's pipeline can run without (SD3's T5-XXL, 4.7 B parameters and
+    irrelevant to denoiser speed) are left out unless ``t5=True``; the pipeline then feeds
+    zeros in their place, as diffusers does without them.
     """
-    from diffprobe.testing import dummy_clip_tokenizer
-
-    def build(component: str):
-        return meta.build_component(alias, component, device=device, dtype=dtype)
-
-    names = meta.components(alias)
-    if "unet" in names:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=build("vae"),
-            text_encoder=build("text_encoder"),
-            tokenizer=dummy_clip_tokenizer(),
-            unet=build("unet"),
-            scheduler=DDIMScheduler(**SD_SCHEDULE),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    elif "transformer" in names and "text_encoder_3" in names:
-        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-        from diffprobe.testing.t5 import dummy_t5_tokenizer
-
-        pipe = StableDiffusion3Pipeline(
-            transformer=build("transformer"),
-            vae=build("vae"),
-            text_encoder=build("text_encoder"),
-            tokenizer=dummy_clip_tokenizer(),
-            text_encoder_2=build("text_encoder_2"),
-            tokenizer_2=dummy_clip_tokenizer(),
-            text_encoder_3=build("text_encoder_3") if t5 else None,
-            tokenizer_3=dummy_t5_tokenizer() if t5 else None,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        )
-    else:
-        raise ValueError(f"random_pipeline supports the sd and sd3 families, not '{alias}'")
+    family = registry.resolve(alias).family
+    adapter = registry.adapter(family)
+    components: dict[str, Any] = {}
+    for name in meta.components(alias):
+        if name in adapter.optional_text_encoders and not t5:
+            components[name] = components[tokenizer_of(name)] = None
+            continue
+        components[name] = meta.build_component(alias, name, device=device, dtype=dtype)
+        if name.startswith("text_encoder"):
+            is_t5 = "T5" in type(components[name]).__name__
+            components[tokenizer_of(name)] = (
+                dummy_t5_tokenizer() if is_t5 else dummy_clip_tokenizer()
+            )
+    components["scheduler"] = dummies(family).scheduler(alias)
+    pipe = adapter.assemble(components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -13,14 +13,21 @@ Components, mirroring SD3's layout at toy width:
 - ``scheduler``: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``, SD3's sampling shift.
 
 Default image size 16 x 2 = 32 px (latents 4 x 16 x 16, 64 image tokens).
-``variant="3.5"`` adds SD3.5's RMS q/k norm and a dual-attention first block.
+``variant="3.5"`` adds SD3.5's RMS q/k norm and a dual-attention first block. Registered for
+the ``sd3`` adapter as the dummy cases ``"sd3"`` and ``"sd3.5"``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-from diffprobe.testing import dummy_clip_text_config, dummy_clip_tokenizer
+from diffprobe import registry
+from diffprobe.errors import DiffprobeError
+from diffprobe.testing.cases import DummyCase, register_dummies
+from diffprobe.testing.clip import dummy_clip_text_config, dummy_clip_tokenizer
 from diffprobe.testing.t5 import dummy_t5_encoder, dummy_t5_tokenizer
 
 
@@ -53,7 +60,7 @@ def dummy_sd3_components(seed: int = 0, variant: str = "3") -> dict:
     from transformers import CLIPTextModelWithProjection
 
     if variant not in ("3", "3.5"):
-        raise ValueError(f"variant must be '3' or '3.5', not {variant!r}")
+        raise DiffprobeError(f"variant must be '3' or '3.5', not {variant!r}")
     extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if variant == "3.5" else {}
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -95,8 +102,72 @@ def dummy_sd3_components(seed: int = 0, variant: str = "3") -> dict:
 
 def dummy_sd3_pipeline(seed: int = 0, variant: str = "3"):
     """A random StableDiffusion3Pipeline (``variant`` "3" or "3.5"), progress bar off."""
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline(**dummy_sd3_components(seed, variant))
+    pipe = registry.adapter("sd3").assemble(dummy_sd3_components(seed, variant))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _call_transformer(pipe: Any, x_t: torch.Tensor, t: torch.Tensor, branch: Mapping[str, Any]):
+    return pipe.transformer(
+        hidden_states=x_t,
+        timestep=t,
+        encoder_hidden_states=branch["encoder_hidden_states"],
+        pooled_projections=branch["pooled_projections"],
+        return_dict=False,
+    )[0]
+
+
+def _full_size_scheduler(alias: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+_SD3_SITES = (
+    "transformer.transformer_blocks.0",
+    "transformer.transformer_blocks.1",
+    "transformer.transformer_blocks.1:encoder_hidden_states",
+    "transformer.transformer_blocks.0.attn",
+    "transformer.transformer_blocks.2:input",
+    "text_encoder.text_model.encoder.layers.3",
+    "text_encoder_3.encoder.block.1",
+)
+# JointTransformerBlock returns (text tokens, image tokens); the attention image tokens first
+_SD3_HOOKED = {
+    "transformer.transformer_blocks.1": 1,
+    "transformer.transformer_blocks.1:encoder_hidden_states": 0,
+    "transformer.transformer_blocks.0.attn": 0,
+}
+_SD3_STOP = (
+    "transformer.transformer_blocks.0",
+    "transformer.transformer_blocks.0:encoder_hidden_states",
+)
+
+SD3_CASE = DummyCase(
+    name="sd3",
+    family="sd3",
+    build=lambda seed: dummy_sd3_pipeline(seed),
+    call_denoiser=_call_transformer,
+    sites=_SD3_SITES,
+    hooked=_SD3_HOOKED,
+    stop_sites=_SD3_STOP,
+    later_site="transformer.transformer_blocks.1",
+    resolution=32,
+    size_multiple=4,
+    default_guidance_scale=7.0,
+)
+SD35_CASE = DummyCase(
+    name="sd3.5",
+    family="sd3",
+    build=lambda seed: dummy_sd3_pipeline(seed, variant="3.5"),
+    call_denoiser=_call_transformer,
+    sites=(*_SD3_SITES, "transformer.transformer_blocks.0.attn2"),
+    hooked={**_SD3_HOOKED, "transformer.transformer_blocks.0.attn2": 0},
+    stop_sites=_SD3_STOP,
+    later_site="transformer.transformer_blocks.1",
+    resolution=32,
+    size_multiple=4,
+    default_guidance_scale=7.0,
+)
+
+register_dummies("sd3", SD3_CASE, SD35_CASE, scheduler=_full_size_scheduler)
