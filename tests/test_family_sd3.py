@@ -70,7 +70,7 @@ def test_generate_with_captures_equals_pipeline(model, reference):
         assert [r.branch for r in records] == ["uncond", "cond"] * 2
         assert [r.call for r in records] == [0, 0, 1, 1]
         assert all(r.value.shape[0] == len(PROMPTS) for r in records)
-    assert cache.last("transformer.transformer_blocks.1:encoder_hidden_states").shape == (
+    assert cache.last("transformer.transformer_blocks.1:encoder_hidden_states", "cond").shape == (
         2,
         77 + 256,
         32,

@@ -154,6 +154,34 @@ def test_native_pipeline_that_cannot_tell_its_branches_is_refused():
     with diffprobe.capture(model, "transformer.transformer_blocks.0") as cache:
         model.generate("a red circle", steps=1, size=32, true_cfg_scale=2.5, negative_prompt="")
     assert cache.branches("transformer.transformer_blocks.0") == ("cond", "uncond")
+    # FLUX's transformer receives sigma itself: that is the call's noise level
+    records = cache.records("transformer.transformer_blocks.0")
+    assert all(0 < r.noise_level <= 1 and r.noise_level == r.timestep for r in records)
+
+
+def test_native_pipeline_extra_conditional_pass_is_its_own_branch():
+    # SD3's skip-layer guidance runs the conditional batch alone after the doubled one: an even
+    # batch that must not be split (the same labels as model.generate gives)
+    from diffprobe.testing.sd3 import dummy_sd3_pipeline
+
+    model = diffprobe.from_pipeline(dummy_sd3_pipeline(seed=0))
+    site = "transformer.transformer_blocks.0"
+    kwargs = dict(
+        prompt=["a red circle", "a blue square"],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        output_type="np",
+        skip_guidance_layers=[1],
+        skip_layer_guidance_start=0.0,
+        skip_layer_guidance_stop=1.0,
+    )
+    with diffprobe.capture(model, site) as native:
+        model.pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0))
+    expected = ["uncond", "cond", "uncond", "cond", "none"]
+    assert [r.branch for r in native.records(site)] == expected
+    assert all(r.value.shape[0] == 2 for r in native.records(site))
 
 
 def test_native_unconditional_pipeline_is_one_branch():
