@@ -280,8 +280,8 @@ def test_application_errors_name_the_site_and_the_shapes(sd_model, inputs):
     cases = [
         (
             Add(SITE, torch.randn(3, 7)),
-            r"Add at 'unet.mid_block': value of shape \(3, 7\) does not fit the site's value per CFG "
-            r"branch "
+            r"Add at 'unet.mid_block': value of shape \(3, 7\) does not fit the site's value "
+            r"per CFG branch "
             r"\(items, channels, height, width\) = \(3, 64, 16, 16\)",
         ),
         (Add(SITE, torch.randn(10)), r"a \(64,\) channel vector"),
@@ -312,3 +312,22 @@ def test_hooks_are_removed_after_errors(sd_model, inputs):
         with diffprobe.edit(sd_model.pipe, Ablate(SITE, window=NoiseWindow(0, 1))):
             pass
     assert count() == before
+
+
+def test_patch_outside_denoiser_calls_matches_forwards_in_order(sd_model):
+    site = "text_encoder.encoder.layers.2"
+    with diffprobe.capture(sd_model, site) as source:
+        sd_model.encode_prompt(["a green star"], negative="a blue square")
+    with (
+        diffprobe.edit(sd_model, Patch(site, source)),
+        diffprobe.capture(sd_model, site) as patched,
+    ):
+        sd_model.encode_prompt(["a red circle"], negative="")
+    # prompt then negative prompt: the n-th forward got the n-th record
+    assert len(patched.records(site)) == 2
+    for got, want in zip(patched.records(site), source.records(site), strict=True):
+        assert torch.equal(got.value, want.value)
+    with pytest.raises(EditError, match="forward 3 needs one more"):
+        with diffprobe.edit(sd_model, Patch(site, source)):
+            sd_model.encode_prompt(["a"], negative="")
+            sd_model.encode_prompt(["c"])

@@ -179,7 +179,8 @@ class Cache:
 
     def __repr__(self) -> str:
         parts = [
-            f"{site}: {len(found)} × {tuple(found[-1].value.shape)} ({', '.join(self.branches(site))})"
+            f"{site}: {len(found)} × {tuple(found[-1].value.shape)} "
+            f"({', '.join(self.branches(site))})"
             for site, found in self._records.items()
         ]
         return f"<Cache {'; '.join(parts) or 'empty'}>"

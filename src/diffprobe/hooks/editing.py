@@ -34,7 +34,8 @@ def _position_mask(spec: SiteEdit, like: torch.Tensor) -> torch.Tensor:
     expected = {4: f"({shape[2]}, {shape[3]}) (height, width)", 3: f"({shape[1]},) (tokens)"}
     raise EditError(
         f"{spec.kind} at '{spec.site}': mask of shape {tuple(mask.shape)} for the value "
-        f"{describe_shape(shape)}; expected {expected.get(like.dim(), 'a value with spatial or token axes')}"
+        f"{describe_shape(shape)}; expected "
+        f"{expected.get(like.dim(), 'a value with spatial or token axes')}"
     )
 
 
@@ -71,9 +72,9 @@ def apply_edit(
     if layout and value.shape[0] != state.batch:
         if spec.branch is not None:
             raise EditError(
-                f"{spec.kind} at '{spec.site}': the value {describe_shape(tuple(value.shape))} does not "
-                f"hold the denoiser batch of {state.batch} on its first axis, so its CFG branches "
-                "cannot be told apart; leave out branch="
+                f"{spec.kind} at '{spec.site}': the value {describe_shape(tuple(value.shape))} "
+                f"does not hold the denoiser batch of {state.batch} on its first axis, so its "
+                "CFG branches cannot be told apart; leave out branch="
             )
         layout = None
     branches = layout or ("none",)

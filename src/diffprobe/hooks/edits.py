@@ -263,8 +263,8 @@ class SiteEdit:
         vector = f"a ({channels},) channel vector or " if channels else ""
         raise EditError(
             f"{self.kind} at '{self.site}': {name} of shape {tuple(operand.shape)} does not fit "
-            f"the site's value per CFG branch {describe_shape(tuple(like.shape))}; give a number, {vector}a tensor that "
-            f"broadcasts to {tuple(like.shape)}"
+            f"the site's value per CFG branch {describe_shape(tuple(like.shape))}; give a "
+            f"number, {vector}a tensor that broadcasts to {tuple(like.shape)}"
         )
 
 
@@ -407,8 +407,8 @@ class Patch(SiteEdit):
         source = context.select(self._record(context).to(device=value.device, dtype=value.dtype))
         if source.shape != value.shape:
             raise EditError(
-                f"Patch at '{self.site}': the source value {describe_shape(tuple(source.shape))} does not "
-                f"match the value {describe_shape(tuple(value.shape))}"
+                f"Patch at '{self.site}': the source value {describe_shape(tuple(source.shape))} "
+                f"does not match the value {describe_shape(tuple(value.shape))}"
             )
         return source
 

@@ -23,8 +23,9 @@ CFG the whole batch is one record with branch ``"none"``. Values read outside a 
 
 The parts: :mod:`~diffprobe.hooks.session` (the denoiser-call tracker, branch layouts, the
 early-stop scope), :mod:`~diffprobe.hooks.capture`, :mod:`~diffprobe.hooks.cache`,
-:mod:`~diffprobe.hooks.edits` (the typed edits) and :mod:`~diffprobe.hooks.editing` (applying them), :mod:`~diffprobe.hooks.access` (a site's tensor
-inside a module's input or output), :mod:`~diffprobe.hooks.sites` (names, globs).
+:mod:`~diffprobe.hooks.edits` (the typed edits), :mod:`~diffprobe.hooks.editing` (applying
+them), :mod:`~diffprobe.hooks.access` (a site's tensor inside a module's input or output),
+:mod:`~diffprobe.hooks.sites` (names, globs).
 
 Gradients: nothing here turns autograd off. ``capture(..., detach=False)`` keeps captured values
 in the graph, also with ``stop_early`` inside ``model.denoise``; ``model.generate`` runs the

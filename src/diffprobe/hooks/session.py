@@ -207,7 +207,8 @@ class _NativePipeline:
                 "them, or pass branch_layout=None (no CFG) or ('uncond', 'cond')"
             )
         # An extra pass on the conditional batch alone (SD3's skip-layer guidance) runs after the
-        # doubled one in the same step: only the largest batch of a generation is doubled.
+        # doubled one in the same step: only the largest batch of a generation is doubled. The
+        # frame is kept (not its id, which a later call could reuse) until the next generation.
         largest = batch or 0
         if self._generation is not None and self._generation[0] is frame:
             largest = max(largest, self._generation[1])
