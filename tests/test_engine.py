@@ -130,10 +130,16 @@ def test_early_stop_equals_full_forward(sd_model, inputs):
 
 
 def test_early_stop_on_raw_unet_call_is_contained(sd_model, inputs):
+    # a raw denoiser call may stop early only where the caller catches the stop (catch_stop, as
+    # model.denoise does); without it the call is refused (tests/test_hooks_cfg.py)
+    from diffprobe.hooks.engine import catch_stop
+
     x_t, t, cond = inputs
     with diffprobe.capture(sd_model, "unet.mid_block", stop_early=True) as cache:
-        sd_model.pipe.unet(x_t, t, encoder_hidden_states=cond.cond["encoder_hidden_states"])
-        pytest.fail("the forward should have stopped")  # pragma: no cover
+        with catch_stop(sd_model.pipe.unet) as scope:
+            sd_model.pipe.unet(x_t, t, encoder_hidden_states=cond.cond["encoder_hidden_states"])
+            pytest.fail("the forward should have stopped")  # pragma: no cover
+    assert scope.stopped
     assert cache.last("unet.mid_block").shape[0] == x_t.shape[0]
 
 

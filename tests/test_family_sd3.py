@@ -48,7 +48,7 @@ def test_text_tokens_and_timesteps_the_transformer_receives(model):
     with diffprobe.capture(model, sites) as cache:
         model.generate(PROMPTS, steps=2, guidance_scale=5.0, seed=0, size=32)
     # 77 CLIP tokens and 256 T5 tokens (the pipeline's max_sequence_length), joint width 32
-    assert cache.last(sites[0]).shape == (2, 77 + 256, 32)
+    assert cache.last(sites[0], "cond").shape == (2, 77 + 256, 32)
     assert cache.records(sites[1])[0].timestep == 1000.0  # sigma 1 at the first step
 
 

@@ -254,7 +254,7 @@ def test_iterators_train_with_a_token_budget():
 
 def test_training_on_a_spatial_run_records_where_the_activations_came_from(sd_model, tmp_path):
     from diffprobe.data.sources import open_source
-    from diffprobe.extract.engine import Condition, ExtractionPlan, extract
+    from diffprobe.extract import Condition, ExtractionPlan, extract
     from diffprobe.sae import evaluate_sae, run_source
 
     site = "unet.mid_block"

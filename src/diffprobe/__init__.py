@@ -2,14 +2,31 @@
 
 >>> import diffprobe
 >>> model = diffprobe.load("tiny")
->>> with diffprobe.capture(model, ["unet.mid_block"]) as cache:
-...     model.generate("a red circle in the top left", steps=10)
->>> cache.stack("unet.mid_block", branch="cond").shape
+>>> images, cache = model.run_with_cache("a red circle in the top left", "unet.*_block*", steps=10)
+>>> cache["unet.mid_block", "cond"].shape     # (denoiser calls, items, channels, height, width)
 """
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.extract.store import Run, open_run
-from diffprobe.hooks.engine import Cache, CallState, Edit, Record, StopForward, capture, edit
+from diffprobe.hooks.engine import (
+    Ablate,
+    Add,
+    Apply,
+    Cache,
+    CallState,
+    Clamp,
+    Edit,
+    NoiseWindow,
+    Patch,
+    Record,
+    Replace,
+    Scale,
+    SiteEdit,
+    StopForward,
+    TimestepWindow,
+    capture,
+    edit,
+)
 from diffprobe.loading import from_pipeline, load
 from diffprobe.models import Conditioning, Model
 from diffprobe.registry import ModelSpec, list_models
@@ -17,15 +34,25 @@ from diffprobe.registry import ModelSpec, list_models
 __version__ = "0.1.0"
 
 __all__ = [
+    "Ablate",
+    "Add",
+    "Apply",
     "Cache",
     "CallState",
+    "Clamp",
     "Conditioning",
     "DiffprobeError",
     "Edit",
     "Model",
     "ModelSpec",
+    "NoiseWindow",
+    "Patch",
     "Record",
+    "Replace",
+    "Scale",
+    "SiteEdit",
     "StopForward",
+    "TimestepWindow",
     "capture",
     "edit",
     "from_pipeline",

@@ -21,6 +21,11 @@ meta-device denoiser inputs (:meth:`Model.meta_denoiser_inputs`) and T5 lengths
 (:meth:`Model.t5_tokens`); its text towers (:meth:`Model.text_towers`, for the lens and
 attribution); how to assemble its pipeline from components (:meth:`Model.assemble`).
 
+Gradients: ``denoise`` leaves autograd to the caller (extraction runs it under
+``torch.inference_mode``; a deep dream or a learned edit back-propagates through it, also when a
+``capture(..., stop_early=True, detach=False)`` ends it early). ``generate`` goes through the
+native pipeline, whose ``__call__`` is decorated with ``torch.no_grad``: no gradients there.
+
 Noise (see docs/noise.md): item ``i`` of a call with ``seed`` draws its noise from
 ``torch.Generator("cpu").manual_seed(item_seed(seed, i))`` with
 ``item_seed(seed, i) = int(numpy.random.SeedSequence([seed, i]).generate_state(1)[0])`` (a
@@ -44,7 +49,14 @@ import torch
 from torch import nn
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.hooks.engine import BRANCHES, StopForward
+from diffprobe.hooks.engine import (
+    BRANCHES,
+    Cache,
+    SiteFilter,
+    capture,
+    catch_stop,
+    forbid_stop_early,
+)
 from diffprobe.hooks.sites import all_site_names, module_components, resolve_site
 from diffprobe.models.conditioning import (  # noqa: F401 - the names base always gave
     Conditioning,
@@ -91,6 +103,9 @@ class Model:
         self.spec = spec
         self.name = name or (spec.alias if spec and spec.alias else None)
         self.branch_layout: tuple[str, ...] | None = None
+        # True inside cfg(): the layout was decided by the model, not left for the hook engine
+        # to read from the native pipeline
+        self.branch_layout_set = False
         self._noise_schedule: tuple[Any, Any] | None = None  # (scheduler config, DDPMScheduler)
 
     # -- components and sites ---------------------------------------------------------------
@@ -128,12 +143,13 @@ class Model:
     @contextlib.contextmanager
     def cfg(self, enabled: bool) -> Iterator[None]:
         """Tell the hook engine whether denoiser batches are CFG-doubled inside the block."""
-        previous = self.branch_layout
+        previous = self.branch_layout, self.branch_layout_set
         self.branch_layout = BRANCHES if enabled else None
+        self.branch_layout_set = True
         try:
             yield
         finally:
-            self.branch_layout = previous
+            self.branch_layout, self.branch_layout_set = previous
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -360,6 +376,11 @@ class Model:
     def num_train_timesteps(self) -> int:
         return int(self.pipe.scheduler.config.num_train_timesteps)
 
+    def noise_level_of(self, timestep: float) -> float:
+        """The noise level of a denoiser call given ``timestep`` (t / T, the inverse of
+        :meth:`timestep_for` up to its rounding); hook windows and records use it."""
+        return float(timestep) / self.num_train_timesteps
+
     def timestep_for(self, noise_level: float) -> float:
         """The denoiser timestep of noise level ``p`` (see the module docstring)."""
         if not 0.0 <= noise_level <= 1.0:
@@ -426,28 +447,31 @@ class Model:
         cond: Conditioning,
         guidance_scale: float | None = None,
     ) -> torch.Tensor | None:
-        """One denoiser call; with ``guidance_scale`` > 1 the batch is run as [uncond, cond] and
-        combined. Returns the model prediction, or None when a capture stopped it early."""
+        """One denoiser call on x_t (items, ...); with ``guidance_scale`` > 1 the batch is run as
+        [uncond, cond] and combined. Returns the model prediction (items, ...), or None when a
+        ``capture(..., stop_early=True)`` stopped it after its deepest site.
+
+        Autograd is the caller's: gradients flow from the prediction or from values captured
+        with ``detach=False`` back to ``x_t`` and the conditioning."""
         if not isinstance(timestep, torch.Tensor):
             timestep = torch.full((x_t.shape[0],), float(timestep), device=x_t.device)
         use_cfg = guidance_scale is not None and guidance_scale > 1.0
         if use_cfg and cond.uncond is None:
             raise DiffprobeError("CFG needs an unconditional embedding: encode_prompt(negative='')")
-        with self.cfg(use_cfg), torch.no_grad():
-            try:
-                if use_cfg:
-                    kwargs = self.denoiser_kwargs(
-                        torch.cat([x_t, x_t]),
-                        torch.cat([timestep, timestep]),
-                        _concat(cond.uncond, cond.cond),
-                    )
-                    uncond, conditional = self._prediction(self.denoiser(**kwargs)).chunk(2)
-                    return uncond + guidance_scale * (conditional - uncond)
-                return self._prediction(
-                    self.denoiser(**self.denoiser_kwargs(x_t, timestep, cond.cond))
+        prediction = None
+        with self.cfg(use_cfg), catch_stop(self.denoiser) as stop:
+            if use_cfg:
+                kwargs = self.denoiser_kwargs(
+                    torch.cat([x_t, x_t]),
+                    torch.cat([timestep, timestep]),
+                    _concat(cond.uncond, cond.cond),
                 )
-            except StopForward:
-                return None
+                uncond, conditional = self._prediction(self.denoiser(**kwargs)).chunk(2)
+                prediction = uncond + guidance_scale * (conditional - uncond)
+            else:
+                kwargs = self.denoiser_kwargs(x_t, timestep, cond.cond)
+                prediction = self._prediction(self.denoiser(**kwargs))
+        return None if stop.stopped else prediction
 
     @staticmethod
     def _prediction(output: Any) -> torch.Tensor:
@@ -470,14 +494,16 @@ class Model:
     ) -> Any:
         """The native pipeline's generation, seeded by ``seed``; returns (items, H, W, 3) floats
         in [0, 1] for ``output_type="np"``. ``guidance_scale`` defaults to the family's
-        :attr:`default_guidance_scale`."""
+        :attr:`default_guidance_scale`. The pipeline runs under its own ``torch.no_grad``:
+        for gradients call :meth:`denoise`. Refused inside ``capture(..., stop_early=True)``."""
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         size = size or self.resolution
         self.check_size(size)
+        forbid_stop_early(self.module_components.values(), "model.generate(...)")
         generator = torch.Generator("cpu").manual_seed(seed)
-        with self.cfg(self.generation_uses_cfg(guidance_scale)), torch.no_grad():
+        with self.cfg(self.generation_uses_cfg(guidance_scale)):
             result = self.pipe(
                 prompt=prompts,
                 num_inference_steps=steps,
@@ -489,6 +515,23 @@ class Model:
                 **pipeline_kwargs,
             )
         return result.images
+
+    def run_with_cache(
+        self,
+        prompts: Any,
+        sites: SiteFilter,
+        *,
+        reduce: Any = None,
+        to: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **generate_kwargs: Any,
+    ) -> tuple[Any, Cache]:
+        """``generate(prompts, **generate_kwargs)`` with a capture of ``sites`` (names, globs
+        such as ``"unet.*_block*"`` or a callable ``name -> bool``): ``(images, cache)``.
+        ``reduce``, ``to`` and ``dtype`` are :func:`~diffprobe.hooks.capture.capture`'s."""
+        with capture(self, sites, reduce=reduce, to=to, dtype=dtype) as cache:
+            images = self.generate(prompts, **generate_kwargs)
+        return images, cache
 
     def describe(self) -> dict[str, Any]:
         counts = {

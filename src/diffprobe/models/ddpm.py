@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.hooks.engine import forbid_stop_early
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.registry import register_adapter
 from diffprobe.models.unet import UNET_TUPLE_ELEMENTS, unet_inputs
@@ -112,8 +113,9 @@ class DDPMModel(Model):
                 f"{type(self.pipe).__name__} generates at the UNet's sample size "
                 f"{self.default_resolution()} px, not {size} px"
             )
+        forbid_stop_early(self.module_components.values(), "model.generate(...)")
         generator = torch.Generator("cpu").manual_seed(seed)
-        with self.cfg(False), torch.no_grad():
+        with self.cfg(False):
             result = self.pipe(
                 batch_size=count,
                 generator=generator,

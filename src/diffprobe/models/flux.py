@@ -26,8 +26,8 @@ Noise level and timestep: as for SD3 (see :mod:`diffprobe.models.sd3`): ``sigma 
 ``x_t = (1 - sigma) x_0 + sigma noise``, diffprobe timestep ``t = sigma * 1000``. The pipeline
 hands the transformer ``t / 1000`` (the transformer multiplies by 1000 again); so does
 ``denoiser_kwargs``. Hence capture records of FLUX carry the transformer's own timestep
-argument, sigma in [0, 1], not ``t``, and ``Edit(timesteps=(low, high))`` windows are compared
-with sigma too. Schnell samples with shift 1, dev with a resolution-
+argument, sigma in [0, 1], not ``t``, and ``TimestepWindow(low, high)`` windows are compared
+with sigma too (``NoiseWindow`` needs no conversion: sigma is the noise level). Schnell samples with shift 1, dev with a resolution-
 dependent (dynamic) shift: the sampler's sigmas are the noise levels of its steps.
 
 Guidance. The pipeline's ``guidance_scale`` is *embedded* guidance, a transformer input that
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.hooks.engine import StopForward
+from diffprobe.hooks.engine import catch_stop
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.geometry import BATCH, SizeRule, meta_empty, vae_factor
 from diffprobe.models.registry import register_adapter
@@ -146,6 +146,10 @@ class FluxModel(Model):
                    tokens=slice(None), features=slice(None), pooled=None,
                    tokenizer="tokenizer_2")  # fmt: skip
         return {"text_encoder": clip, "text_encoder_2": t5}
+
+    def noise_level_of(self, timestep: float) -> float:
+        """The transformer's timestep argument is sigma itself (see the module doc)."""
+        return float(timestep)
 
     def generation_uses_cfg(self, guidance_scale: float) -> bool:
         # ``guidance_scale`` is embedded guidance; true CFG never doubles the batch
@@ -267,16 +271,14 @@ class FluxModel(Model):
         height, width = x_t.shape[-2:]
         passes = [("cond", cond.cond), ("uncond", cond.uncond)] if use_cfg else [(None, cond.cond)]
         predictions, stopped = [], False
-        with torch.no_grad():
-            for branch, embeds in passes:
-                # every pass runs, so an early stop still captures both branches
-                with self._branch(branch):
-                    try:
-                        output = self.denoiser(**self._kwargs(x_t, timestep, embeds, guidance))
-                    except StopForward:
-                        stopped = True
-                        continue
-                predictions.append(self._unpack(self._prediction(output), height, width))
+        for branch, embeds in passes:
+            # every pass runs, so an early stop still captures both branches
+            with self._branch(branch), catch_stop(self.denoiser) as stop:
+                output = self.denoiser(**self._kwargs(x_t, timestep, embeds, guidance))
+            if stop.stopped:
+                stopped = True
+                continue
+            predictions.append(self._unpack(self._prediction(output), height, width))
         if stopped:
             return None
         if use_cfg:
