@@ -320,3 +320,20 @@ def _version() -> str:
     from importlib.metadata import version
 
     return version("diffprobe")
+
+
+def versions() -> dict[str, str]:
+    """The versions of diffprobe and the libraries whose numbers its outputs depend on, as
+    recorded in every provenance file (``run.json``, ``lens.json``, SAE ``cfg.json``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("diffprobe", "torch", "diffusers", "transformers", "zarr", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    import platform
+
+    found["python"] = platform.python_version()
+    return found

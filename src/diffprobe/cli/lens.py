@@ -92,10 +92,9 @@ def lens_command(
     """Generate an image from every layer of a text encoder (Toker et al.'s Diffusion Lens):
     one PNG per (layer, seed), grid.png with layer labels and lens.json in OUT (printed)."""
     setup(quiet)
-    import diffprobe
     from diffprobe.io import check_output
     from diffprobe.lens import LENS_KIND, NORMS, PADDING, POOLED, LensError, lens
-    from diffprobe.loading import parse_device, parse_dtype
+    from diffprobe.loading import load, parse_device, parse_dtype
 
     for name, value, choices in (("--pad", pad, PADDING), ("--norm", norm, NORMS),
                                  ("--pooled", pooled, POOLED)):  # fmt: skip
@@ -107,7 +106,7 @@ def lens_command(
     parse_dtype(dtype)
     parse_device(device)
     check_output(out, LENS_KIND)
-    loaded = diffprobe.load(model, dtype=dtype, device=device)
+    loaded = load(model, dtype=dtype, device=device)
     result = lens(
         loaded, prompt, layers=layers, seeds=seed_list, steps=steps, guidance_scale=guidance,
         encoder=encoder, padding=pad, norm=norm, pooled=pooled, size=size,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -41,7 +40,7 @@ from diffprobe.extract.store import (
 )
 from diffprobe.hooks.engine import capture
 from diffprobe.hooks.sites import parse_site
-from diffprobe.io import check_output, claim_output, write_json
+from diffprobe.io import check_output, claim_output, versions, write_json
 from diffprobe.models.base import Model, item_noise
 
 log = logging.getLogger(__name__)
@@ -51,21 +50,7 @@ RUN_ENTRIES = (RUN_JSON, FEATURES, PROGRESS)
 
 
 def _versions() -> dict:
-    import diffusers
-    import transformers
-    import zarr
-
-    import diffprobe
-
-    return {
-        "diffprobe": diffprobe.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
+    return versions()
 
 
 def _model_info(model: Model) -> dict:

@@ -70,14 +70,13 @@ def save_sae(
     b_dec), plus ``feature_stats.safetensors`` when the SAE has per-latent statistics."""
     from safetensors.torch import save
 
-    from diffprobe import __version__
-    from diffprobe.io import claim_output, write_bytes, write_json
+    from diffprobe.io import claim_output, versions, write_bytes, write_json
 
     folder = Path(folder)
     if claim:
         entries = (SAELENS_CFG, SAELENS_WEIGHTS) + ((FEATURE_STATS,) if sae.feature_stats else ())
         claim_output(folder, "sae", overwrite=overwrite, entries=entries)
-    metadata = {**sae.metadata, "diffprobe_version": __version__}
+    metadata = {**sae.metadata, "diffprobe_version": versions()["diffprobe"]}
     if metadata.get("site") and not metadata.get("hook_name"):
         metadata["hook_name"] = metadata["site"]
     cfg = {

@@ -182,7 +182,7 @@ def stage_anomalies(out: Path) -> dict:
 
 def stage_lens(out: Path) -> dict:
     """A Diffusion Lens grid for one caption."""
-    from diffprobe.lens import demo
+    from diffprobe.stages.lens import demo
 
     _print("== Diffusion Lens on tiny ==")
     return demo("tiny", out / "lens")
