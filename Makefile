@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-fast install lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# the fast loop: everything but the tests marked slow (subprocesses, training, doc pages)
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -299,6 +299,7 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_cli_align_probe_regress(run_dir, things_root, tmp_path):
     from typer.testing import CliRunner
 
@@ -432,6 +433,7 @@ def test_demo(run_dir, things_root, tmp_path, capsys):
     assert "normalised" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_doc_examples_run():
     doc = Path(__file__).parents[1] / "docs" / "alignment.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)

@@ -346,6 +346,7 @@ def test_corner_helper_matches_the_extraction(helper_maps, spatial_run):
         assert cropped.shape == original.shape and not np.allclose(cropped, original)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(spatial_run, helper_maps, tmp_path):
     from typer.testing import CliRunner
 
@@ -461,6 +462,7 @@ def test_cli_refuses_pooled_runs(model, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_demo_on_dummy_folder(pipeline_folder, tmp_path, capsys):
     numbers = D.anomalies_demo(str(pipeline_folder), tmp_path / "demo", items=8, progress=False)
     printed = capsys.readouterr().out

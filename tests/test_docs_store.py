@@ -4,6 +4,8 @@ the CLI options its shell examples use exist."""
 import contextlib
 import io
 import re
+
+import pytest
 from pathlib import Path
 
 DOC = Path(__file__).parents[1] / "docs" / "store.md"
@@ -27,6 +29,7 @@ def _expected_prints(block: str) -> list[str]:
     return expected
 
 
+@pytest.mark.slow
 def test_python_examples_run_and_print_what_they_say(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = _blocks("python")

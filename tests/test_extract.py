@@ -257,6 +257,7 @@ def test_store_refuses_an_array_of_another_shape_and_shards_share_arrays(tmp_pat
                                       "float32")  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beside_compute", [False, True], ids=["cpu-writes", "gpu-writes"])
 def test_a_failed_write_leaves_its_chunk_unmarked_and_a_rerun_completes_it(
     model, source, reference_run, tmp_path, monkeypatch, beside_compute
@@ -285,6 +286,7 @@ def test_a_failed_write_leaves_its_chunk_unmarked_and_a_rerun_completes_it(
     assert_runs_equal(open_run(tmp_path / "run"), reference_run)
 
 
+@pytest.mark.slow
 def test_two_processes_fill_one_store(pipeline_folder, model, source, tmp_path):
     extract(
         model,
@@ -309,6 +311,7 @@ def test_two_processes_fill_one_store(pipeline_folder, model, source, tmp_path):
     assert_runs_equal(open_run(tmp_path / "single"), open_run(tmp_path / "two"))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_minus_9(pipeline_folder, model, source, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}

@@ -182,6 +182,7 @@ def test_text_encoder_layers():
     assert if_i["text_encoder.encoder.block.23"].shape == (77, 4096)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alias", ALIASES)
 def test_every_alias_gives_site_shapes_at_native_size(alias):
     shapes = meta.site_shapes(alias)

@@ -481,6 +481,7 @@ def test_emergence_and_benchmark(sd_model, tmp_path):
 # ----------------------------------------------------------------------------- docs
 
 
+@pytest.mark.slow
 def test_doc_examples_run():
     doc = Path(__file__).parents[1] / "docs" / "lens.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)

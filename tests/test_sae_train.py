@@ -111,6 +111,7 @@ PLANTED = dict(d_sae=512, k=8, batch_size=512, epochs=12, lr=1e-2, batch_topk=Fa
                dead_tokens=5000, device="cpu", progress=False)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_planted_dictionary_is_recovered():
     """d_in 256: >= 90 % of the 512 atoms have a decoder row at cosine >= 0.9, and FVU < 0.1."""
     atoms, x = _planted(256, 30000)
@@ -120,6 +121,7 @@ def test_planted_dictionary_is_recovered():
     assert _fvu(sae, x) < 0.1
 
 
+@pytest.mark.slow
 def test_planted_dictionary_at_d_in_64_reaches_the_true_dictionarys_fvu():
     """d_in 64 (8 active atoms of 512 interfere more): the atoms are still recovered, and the
     FVU is that of the best encoder for the *true* dictionary, trained the same way (a TopK

@@ -115,6 +115,7 @@ def test_caption_templates():
     )
 
 
+@pytest.mark.slow
 def test_doc_examples_run():
     import re
     from pathlib import Path

@@ -24,6 +24,7 @@ def test_tiny_loads_offline_and_generates_64px():
     assert torch.equal(torch.as_tensor(images), torch.as_tensor(again))
 
 
+@pytest.mark.slow
 def test_loading_holds_back_the_image_processor_fallback_warning():
     """diffusers' import makes transformers warn that its image processors fall back to PIL when
     torchvision is missing; diffprobe.load keeps that out of the user's output (fresh processes,
@@ -73,11 +74,13 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(trained):
     train_tiny(trained / "b", config=TinyConfig.small(), progress=False, threads=1)
     assert _same(_weights(trained / "a" / "pipeline"), _weights(trained / "b" / "pipeline"))
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_weights(trained):
     config = TinyConfig.small()
     out = trained / "c"
@@ -97,6 +100,7 @@ def test_a_changed_recipe_refuses_to_resume(trained):
             **TinyConfig.small().__dict__, "steps": 8}), progress=False, threads=1)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_v_prediction_with_zero_terminal_snr_trains_and_ships_its_schedule(tmp_path):
     """The recipe's other objective (the docs/tiny.md ablation): a v-prediction UNet on a
     zero-terminal-SNR schedule trains, and the saved pipeline samples with that schedule."""
