@@ -4,9 +4,9 @@ the CLI options its shell examples use exist."""
 import contextlib
 import io
 import re
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 DOC = Path(__file__).parents[1] / "docs" / "store.md"
 
