@@ -82,6 +82,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+
 # KEEP_UNTIL_END: run folders (and the file-creation probe) stay until every method has been
 # timed. On ext4 without a journal (our VMs' disk) the kernel skips inodes freed in the last
 # 60-360 s when it allocates one, checking each in turn, so creating files right after deleting
@@ -443,9 +444,10 @@ def engine_compute(model, source, sites, noise_levels, *, batch_size, seed, size
 
     for first in range(0, n, chunk_items):
         indices = list(range(first, min(first + chunk_items, n)))
-        for _ in engine._compute_chunk(model, source, plan, indices, size, batch_size, reduce,
-                                       None, grid, _NoBar()):  # fmt: skip
-            pass
+        pixels = engine._load_pixels(model, source, indices, size, pin=False)
+        for group in engine._compute_chunk(model, source, plan, indices, pixels, size,
+                                           batch_size, reduce, None, grid, _NoBar()):  # fmt: skip
+            group.arrays()
 
 
 def read_run(root: Path, sites, noise_levels) -> dict:
@@ -620,6 +622,20 @@ def run(args) -> dict:
     result: dict = {"notes": notes, "phases": {}}
     try:
         model, folder, load_s, unit_loader = _load(args, workdir, log)
+        eager_model = None
+        if args.compile:
+            # the peers (hand, nnsight) and the eager reference run on an uncompiled copy with
+            # the same weights; diffprobe's extraction and the bare passes on the compiled model
+            import copy
+
+            import diffprobe
+
+            eager_model = diffprobe.from_pipeline(copy.deepcopy(model.pipe), name=model.name)
+            options = {"mode": args.compile_mode} if args.compile_mode else {}
+            regions = model.compile(**options)
+            log(
+                f"compiled {sum(len(v) for v in regions.values())} regions ({options or 'default'})"
+            )
         size = args.size or model.resolution
         noise_levels = (
             [float(v) for v in args.noise.split(",")] if args.noise else list(NOISE_LEVELS)
@@ -656,11 +672,18 @@ def run(args) -> dict:
             f"{args.batch_size}, {size} px, {args.dtype} on {device}: {', '.join(sites)}"
         )
 
-        # warm-up: one captured pass (lazy initialisation, kernel selection)
-        _warm_up(model, images, sites, size, args, device)
+        # warm-up: one captured pass (lazy initialisation, kernel selection; the compilation)
+        warm_s, _ = timed(lambda: _warm_up(model, images, sites, size, args, device), device)
+        result["config"]["warm_up_s"] = warm_s
+        if eager_model is not None:
+            _warm_up(eager_model, images, sites, size, args, device)
+            result["config"]["compile"] = {"mode": args.compile_mode or "default",
+                                           "regions": regions, "first_pass_s": warm_s}  # fmt: skip
+            log(f"first (compiling) pass {warm_s:.1f} s")
 
         timings: dict[str, list[float]] = {"extract": [], "engine": [], "invariant": [], "hand": [],
-                                           "nnsight": []}  # fmt: skip
+                                           "nnsight": [], "eager": []}  # fmt: skip
+        peers = eager_model or model
         reference = None
         others: dict[str, dict] = {}
         peak_gpu = None
@@ -668,7 +691,7 @@ def run(args) -> dict:
         resident_gpu = torch.cuda.memory_allocated() if device.startswith("cuda") else None
         if nnsight_ok:
             try:  # warm nnsight up too (its first trace pays one-time costs)
-                nnsight_grid(model.pipe, images[: args.batch_size], sites, noise_levels[:1],
+                nnsight_grid(peers.pipe, images[: args.batch_size], sites, noise_levels[:1],
                              batch_size=args.batch_size, seed=args.seed, size=size)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - report, keep the other figures
                 notes.append(f"nnsight failed: {type(err).__name__}: {str(err)[:500]}")
@@ -707,6 +730,16 @@ def run(args) -> dict:
                 others["invariant"] = read_run(root, sites, noise_levels)
             log(f"[{repeat}] diffprobe extract --batch-invariant: {seconds:.2f} s")
 
+        def run_eager(repeat: int) -> None:
+            root = workdir / f"eager-{repeat}"
+            seconds, _ = timed(lambda: diffprobe_extract(
+                eager_model, source, sites, noise_levels, batch_size=args.batch_size,
+                seed=args.seed, size=size, chunk_items=chunk_items, root=root), device)  # fmt: skip
+            timings["eager"].append(seconds)
+            if "eager" not in others:
+                others["eager"] = read_run(root, sites, noise_levels)
+            log(f"[{repeat}] diffprobe extract, eager copy: {seconds:.2f} s")
+
         def run_other(name: str, fn, repeat: int) -> None:
             nonlocal nnsight_ok, phases
             if name == "nnsight" and not nnsight_ok or name not in phases:
@@ -716,7 +749,7 @@ def run(args) -> dict:
                 return
             try:
                 seconds, values = timed(lambda: fn(
-                    model.pipe, images, sites, noise_levels, batch_size=args.batch_size,
+                    peers.pipe, images, sites, noise_levels, batch_size=args.batch_size,
                     seed=args.seed, size=size), device)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - report, keep the other figures
                 notes.append(f"{name} failed: {type(err).__name__}: {str(err)[:500]}")
@@ -735,6 +768,8 @@ def run(args) -> dict:
                  ("hand", lambda r: run_other("hand", plain_grid, r)),
                  ("nnsight", lambda r: run_other("nnsight", nnsight_grid, r))]  # fmt: skip
         steps = [(n, f) for n, f in steps if n in phases or n == "extract"]
+        if eager_model is not None:
+            steps.append(("eager", run_eager))
         for repeat in range(args.repeats):
             turn = repeat % len(steps)
             for name, step in steps[turn:] + steps[:turn]:
@@ -767,6 +802,15 @@ def run(args) -> dict:
                 "over_default": best / extract_s, "max_abs_diff_to_default": check["max_abs_diff"],
                 "what": "extract with batch_invariant=True (conv, linear, group norm per item)",
             }  # fmt: skip
+        if timings["eager"]:
+            best = min(timings["eager"])
+            check = compare(others["eager"], reference)
+            phase["eager"] = {
+                "seconds": best, "median_s": statistics.median(timings["eager"]),
+                "compiled_speedup": best / extract_s, **check,
+                "what": "the same extraction on an uncompiled copy (same weights); max_abs_diff: "
+                "compiled vs eager values (rounding of fused kernels)",
+            }  # fmt: skip
         for name in ("hand", "nnsight"):
             if timings[name]:
                 best = min(timings[name])
@@ -790,7 +834,7 @@ def run(args) -> dict:
             "memory": lambda: _memory(args, folder, sites, noise_levels, size, workdir,
                                       phase.get("baseline", {}).get("diffprobe_process"), log),
             "mfu": lambda: _mfu(args, model, images, sites, noise_levels, size, extract_s, passes,
-                                deadline, log),
+                                deadline, log, eager_model),
             "maxbatch": lambda: _maxbatch(args, model, images, sites, size, deadline, log),
         }  # fmt: skip
         for name, measure in later.items():
@@ -834,7 +878,7 @@ def _warm_up(model, images, sites, size, args, device) -> None:
     from diffprobe.hooks.engine import capture
 
     batch = images[: args.batch_size]
-    with torch.no_grad():
+    with torch.inference_mode():  # as the engine runs (a compiled graph per grad mode)
         x0 = model.encode_images(batch, size)
         x_t, t = model.add_noise(x0, noise_level=0.5, seed=args.seed, items=range(len(batch)))
         cond = model.encode_prompt([""] * len(batch))
@@ -951,47 +995,43 @@ def _memory(args, folder, sites, noise_levels, size, workdir, first, log) -> dic
             "goal": "ru_maxrss(10 N) / ru_maxrss(N) close to 1"}  # fmt: skip
 
 
-def _mfu(args, model, images, sites, noise_levels, size, extract_s, passes, deadline, log) -> dict:
+def _mfu(
+    args, model, images, sites, noise_levels, size, extract_s, passes, deadline, log, eager=None
+) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffprobe.extract.plan import pool_fn
     from diffprobe.hooks.engine import capture
 
     batch = images[: args.batch_size]
-    with torch.no_grad():
+    counted = eager or model  # FLOPs are counted on the eager copy (same work, no recompiles)
+    with torch.inference_mode():
         x0 = model.encode_images(batch, size)
         x_t, t = model.add_noise(x0, noise_level=0.5, seed=args.seed, items=range(len(batch)))
         cond = model.encode_prompt([""] * len(batch))
         with FlopCounterMode(display=False) as counter:
-            with capture(model, sites, stop_early=True, reduce=pool_fn("mean")):
-                model.denoise(x_t, t, cond)
+            with capture(counted, sites, stop_early=True, reduce=pool_fn("mean")):
+                counted.denoise(x_t, t, cond)
         early = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
-            model.denoise(x_t, t, cond)
+            counted.denoise(x_t, t, cond)
         full = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            counted.encode_images(batch, size)
+        encode = counter.get_total_flops()
     per_item = early / len(batch)
     total = per_item * args.items * len(noise_levels)
-    # the bare denoiser passes with the same early stop: a hook on the deepest site only
-    handle = model.module(sites[-1]).register_forward_hook(_raise_stop)
     kwargs = model.denoiser_kwargs(x_t, t, cond.cond)
     budget = max(1, min(passes, args.bare_passes))
-    done = 0
-    try:
-        with torch.no_grad():
-            for _ in range(2):  # warm-up
-                _bare(model, kwargs)
-            _sync(args.device)
-            began = time.perf_counter()
-            while done < budget:
-                _bare(model, kwargs)
-                done += 1
-                if done >= 3 and deadline.left() < 0:
-                    break
-            _sync(args.device)
-            bare_per_pass = (time.perf_counter() - began) / done
-    finally:
-        handle.remove()
+    bare_per_pass, done = _bare_passes(model, sites[-1], kwargs, budget, deadline, args.device)
     bare_s = bare_per_pass * args.items / len(batch) * len(noise_levels)
+    extra = {}
+    if eager is not None:
+        eager_per_pass, _ = _bare_passes(eager, sites[-1], kwargs, budget, deadline, args.device)
+        extra["bare_eager_s"] = eager_per_pass * args.items / len(batch) * len(noise_levels)
+        extra["mfu_bare_eager"] = None if not args.peak_tflops else (
+            total / extra["bare_eager_s"] / (args.peak_tflops * 1e12))  # fmt: skip
+    with_encode = total + encode / len(batch) * args.items
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     log(
         f"FLOPs per early-stopped pass of {len(batch)}: {early / 1e12:.3f} T "
@@ -1006,7 +1046,32 @@ def _mfu(args, model, images, sites, noise_levels, size, extract_s, passes, dead
         "mfu_bare": None if peak is None else total / bare_s / peak,
         "bare_passes_timed": done, "bare_s": bare_s, "extract_s": extract_s,
         "bare_over_extract": bare_s / extract_s,
+        "encode_flops_per_item": encode / len(batch),
+        "mfu_extract_with_encode": None if peak is None else with_encode / extract_s / peak,
+        "bare": "compiled" if eager is not None else "eager", **extra,
     }  # fmt: skip
+
+
+def _bare_passes(model, deepest: str, kwargs, budget: int, deadline, device) -> tuple[float, int]:
+    """Seconds per bare denoiser pass with the extraction's early stop (a hook on the deepest
+    site only), over ``budget`` passes after two warm-ups; (seconds, passes timed)."""
+    handle = model.module(deepest).register_forward_hook(_raise_stop)
+    done = 0
+    try:
+        with torch.inference_mode():  # the extraction's grad mode: its compiled graphs
+            for _ in range(2):  # warm-up
+                _bare(model, kwargs)
+            _sync(device)
+            began = time.perf_counter()
+            while done < budget:
+                _bare(model, kwargs)
+                done += 1
+                if done >= 3 and deadline.left() < 0:
+                    break
+            _sync(device)
+            return (time.perf_counter() - began) / done, done
+    finally:
+        handle.remove()
 
 
 def _raise_stop(module, args, output):
@@ -1206,6 +1271,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--time-budget",
         type=float,
         help="seconds; later phases shrink or skip (default 480 on CUDA)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="diffprobe's model compiled (Model.compile); peers on an eager copy",
+    )
+    parser.add_argument(
+        "--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--workdir", help="where temporary stores go (default: system temp)")

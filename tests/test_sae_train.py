@@ -18,13 +18,17 @@ from diffprobe.sae.train import batch_topk_select
 
 @pytest.mark.parametrize("batch_topk", [False, True])
 @pytest.mark.parametrize("aux", [False, True])
-def test_sparse_step_gradients_equal_dense_autograd(batch_topk, aux):
+@pytest.mark.parametrize("dense_backward", [False, True], ids=["sparse-cpu", "dense-gpu-path"])
+def test_sparse_step_gradients_equal_dense_autograd(batch_topk, aux, dense_backward):
+    """Both backward paths of the encoder (sparse products, the CPU's; a scattered dense
+    matrix, the GPU's, here in float32) equal autograd through the dense loss."""
     sae = TopKSAE(16, 64, 4, seed=1)
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
     trainer = SAETrainer(sae, TrainConfig(k=4, batch_topk=batch_topk, dead_tokens=1,
                                           aux_alpha=0.5 if aux else 0.0, k_aux=6))  # fmt: skip
+    trainer.dense_backward = dense_backward
     if aux:
         trainer.tokens_since_fired[:40] = 5  # latents 0-39 are dead
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))

@@ -317,9 +317,12 @@ def claim_output(
 
 
 def _version() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version("diffprobe")
+    try:
+        return version("diffprobe")
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH=src), not installed
+        return "unknown (not installed)"
 
 
 def versions() -> dict[str, str]:

@@ -11,6 +11,14 @@ import typer
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="compile the denoiser's and VAE's repeated blocks (torch.compile; pays on a GPU, "
+        "the first batch waits for the compiler; values differ from eager by rounding only)",
+    ),
+]
 
 
 class _CurrentStderr(logging.StreamHandler):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from diffprobe.cli.common import Quiet, setup
+from diffprobe.cli.common import Compile, Quiet, setup
 
 
 def extract(
@@ -52,6 +52,7 @@ def extract(
             "there is removed; a folder holding anything else is refused)"
         ),
     ] = False,
+    compile: Compile = False,
     quiet: Quiet = False,
 ) -> None:
     """Extract every site x noise level x condition in one pass over the data into RUN."""
@@ -100,6 +101,8 @@ def extract(
     check_output(out, EXTRACT_KIND, overwrite=overwrite)
     source = open_source(data, on_error)
     loaded = load(model, dtype=dtype, device=device)
+    if compile:
+        loaded.compile()
     root = extract(
         loaded,
         source,

@@ -38,6 +38,7 @@ from diffprobe.extract.store import (
     array_path,
     run_format,
 )
+from diffprobe.hooks.compiled import is_compiled
 from diffprobe.hooks.engine import capture
 from diffprobe.hooks.sites import parse_site
 from diffprobe.io import check_output, claim_output, versions, write_json
@@ -55,7 +56,7 @@ def _versions() -> dict:
 
 def _model_info(model: Model) -> dict:
     config = getattr(model.pipe, "config", {}) or {}
-    return {
+    info = {
         "name": model.name,
         "family": model.family,
         "pipeline": type(model.pipe).__name__,
@@ -65,6 +66,11 @@ def _model_info(model: Model) -> dict:
         "denoiser_parameters": sum(p.numel() for p in model.denoiser.parameters()),
         "weights_fingerprint": weights_fingerprint(model.denoiser),
     }
+    # compiled kernels round differently: a run is not resumed across the switch (the key is
+    # absent when eager, so earlier runs keep their identity)
+    if is_compiled(model.denoiser):
+        info["compiled"] = True
+    return info
 
 
 def weights_fingerprint(module: torch.nn.Module, values: int = 64) -> str:
@@ -183,9 +189,10 @@ def extract_arrays(
     for start in chunks:
         indices = list(range(start, min(start + plan.chunk_items, len(source))))
         with batch_invariant(plan.batch_invariant):
-            for group in _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
-                                        captions, grid, bar):  # fmt: skip
-                for path, values in group.items():
+            pixels = _load_pixels(model, source, indices, size, pin=False)
+            for group in _compute_chunk(model, source, plan, indices, pixels, size, batch_size,
+                                        reduce, captions, grid, bar):  # fmt: skip
+                for path, values in group.arrays().items():
                     parts[keys[path]].append(values)
     bar.close()
     dtype = np.dtype(plan.store_dtype)
@@ -284,20 +291,40 @@ def extract(
                             "seconds": round(time.perf_counter() - began, 3)})  # fmt: skip
 
     beside = _writes_beside_compute(model)
-    with ThreadPoolExecutor(1, "diffprobe-store") as writer:
+
+    def chunk_items(k: int) -> list[int]:
+        return list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
+
+    pin = model.device.type == "cuda"
+
+    def load(k: int) -> torch.Tensor:
+        return _load_pixels(model, source, chunk_items(k), size, pin=pin)
+
+    with (
+        ThreadPoolExecutor(1, "diffprobe-store") as writer,
+        ThreadPoolExecutor(1, "diffprobe-load") as loader,
+    ):
         pending: Future | None = None
-        for k in todo:
+        # On a GPU the next chunk's images are decoded and resized while this one computes.
+        upcoming = loader.submit(load, todo[0]) if beside and todo else None
+        for position, k in enumerate(todo):
             began = time.perf_counter()
-            indices = list(range(k * plan.chunk_items, min((k + 1) * plan.chunk_items, n_items)))
+            indices = chunk_items(k)
             rows = (indices[0], n_items, plan.chunk_items, plan.store_dtype)
             writes = []
+            if upcoming is not None:
+                pixels = upcoming.result()
+                following = todo[position + 1] if position + 1 < len(todo) else None
+                upcoming = None if following is None else loader.submit(load, following)
+            else:
+                pixels = load(k)
             with batch_invariant(plan.batch_invariant):
-                groups = _compute_chunk(model, source, plan, indices, size, batch_size, reduce,
-                                        captions, grid, bar)  # fmt: skip
+                groups = _compute_chunk(model, source, plan, indices, pixels, size, batch_size,
+                                        reduce, captions, grid, bar)  # fmt: skip
                 if beside:
-                    writes = [writer.submit(store.write_rows, group, *rows) for group in groups]
+                    writes = [writer.submit(_write_group, store, group, rows) for group in groups]
                 else:
-                    chunk = {path: values for group in groups for path, values in group.items()}
+                    chunk = {path: v for group in groups for path, v in group.arrays().items()}
                     store.write_rows(chunk, *rows, workers=torch.get_num_threads())
             if pending is not None:
                 pending.result()  # one chunk in flight at most; re-raises a failed write
@@ -308,6 +335,45 @@ def extract(
     return root
 
 
+def _load_pixels(model: Model, source: Source, indices: list[int], size: int, pin: bool):
+    """A chunk's images decoded and resized on the CPU: float (items, 3, size, size) in [-1, 1],
+    in pinned memory for an asynchronous copy to a GPU (``pin``)."""
+    pixels = model.prepare_pixels(source.load(indices), size)
+    return pixels.pin_memory() if pin else pixels
+
+
+def _write_group(store: RunStore, group: _HostGroup, rows: tuple) -> None:
+    store.write_rows(group.arrays(), *rows)
+
+
+class _HostGroup:
+    """One (condition, noise level) group of pooled features on its way to the host: all of its
+    arrays copied in ONE transfer (a flat buffer; pinned and asynchronous from a GPU), split
+    into numpy arrays when the writer asks (after the copy's event)."""
+
+    def __init__(self, parts: dict[str, list[torch.Tensor]]) -> None:
+        values = {path: torch.cat(v).float() for path, v in parts.items()}
+        self.shapes = {path: tuple(v.shape) for path, v in values.items()}
+        flat = torch.cat([v.reshape(-1) for v in values.values()])
+        if flat.device.type == "cuda":
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = flat.cpu(), None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        flat, out, start = self.host.numpy(), {}, 0
+        for path, shape in self.shapes.items():
+            count = int(np.prod(shape))
+            out[path] = flat[start : start + count].reshape(shape)
+            start += count
+        return out
+
+
 def _writes_beside_compute(model: Model) -> bool:
     """Whether store writes run on a writer thread while the denoiser computes (a GPU), rather
     than after each chunk on every core (the CPU)."""
@@ -316,15 +382,17 @@ def _writes_beside_compute(model: Model) -> bool:
 
 # inference mode, not just no_grad: no version counters or view tracking; only numpy leaves
 @torch.inference_mode()
-def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, captions, grid, bar):
-    """Compute one chunk, yielding each (condition, noise level) group as soon as it is done:
-    {array path: (items, ...) float32 numpy array}."""
-    images = source.load(indices)
+def _compute_chunk(
+    model, source, plan, indices, pixels, size, batch_size, reduce, captions, grid, bar
+):
+    """Compute one chunk from its prepared ``pixels`` (:func:`_load_pixels`), yielding each
+    (condition, noise level) group as soon as it is queued on the device: a :class:`_HostGroup`
+    whose ``arrays()`` are {array path: (items, ...) float32 numpy array}."""
     batches = [
         list(range(s, min(s + batch_size, len(indices))))
         for s in range(0, len(indices), batch_size)
     ]
-    x0 = torch.cat([model.encode_images(images[b], size) for b in batches])
+    x0 = torch.cat([model.encode_images(pixels[b[0] : b[-1] + 1], size) for b in batches])
     # an item's noise does not depend on the noise level: drawn once per chunk (docs/noise.md)
     noise = item_noise(x0.shape[1:], plan.seed, indices, device=x0.device, dtype=torch.float32)
     for condition in plan.conditions:
@@ -354,6 +422,7 @@ def _compute_chunk(model, source, plan, indices, size, batch_size, reduce, capti
                     ):
                         value = cache.last(site, branch)
                         parts.setdefault(array_path(site, g["key"], name), []).append(value)
-            # kept on the device until here: no synchronisation inside the batch loop
-            yield {path: torch.cat(values).float().cpu().numpy() for path, values in parts.items()}
+            # kept on the device until here: no synchronisation inside the batch loop, and
+            # none here either (the writer waits for the copy)
+            yield _HostGroup(parts)
             bar.update(1)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.hooks.compiled import make_reachable
 from diffprobe.hooks.sites import Site, module_components, resolve_site
 
 BRANCHES = ("uncond", "cond")
@@ -276,7 +277,10 @@ class HookSession:
         self.state.active = False
 
     def resolve(self, text: str) -> tuple[Site, nn.Module]:
-        return resolve_site(self.components, text, self.model_name)
+        site, module = resolve_site(self.components, text, self.model_name)
+        # a hook inside a compiled region would not run: split the region around it
+        make_reachable(self.components[site.component], module)
+        return site, module
 
     def in_denoiser(self, site: Site) -> bool:
         return site.component == self.denoiser and self.state.active

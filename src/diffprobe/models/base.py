@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.hooks.compiled import compile_regions
 from diffprobe.hooks.engine import (
     BRANCHES,
     Cache,
@@ -129,6 +130,20 @@ class Model:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.pipe.to(device=device, dtype=dtype)
         return self
+
+    def compile(self, *, vae: bool = True, **options: Any) -> dict[str, list[str]]:
+        """Compile the repeated blocks of the denoiser (UNet down/mid/up blocks, DiT transformer
+        blocks) and, with ``vae``, of the VAE's encoder and decoder, in place (regional
+        compilation). Every capture, edit and early stop stays exact: hooks at block
+        boundaries run outside the compiled code, and a site inside a block splits that block
+        (``diffprobe.hooks.compiled``). ``options`` go to :func:`torch.compile`. Returns the
+        compiled regions per component. The first pass at each new input shape pays the
+        compilation (seconds to minutes); later passes reuse it."""
+        compiled = {self.denoiser_name: compile_regions(self.denoiser, **options)}
+        autoencoder = getattr(self.pipe, "vae", None)
+        if vae and isinstance(autoencoder, nn.Module):
+            compiled["vae"] = compile_regions(autoencoder, **options)
+        return compiled
 
     def module(self, site: str) -> nn.Module:
         """The native module at ``site`` (e.g. ``"unet.mid_block"``)."""
@@ -306,6 +321,13 @@ class Model:
     def prepare_images(self, images: Any, size: int | None = None) -> torch.Tensor:
         """uint8 (items, H, W, 3) arrays, PIL images or float tensors in [-1, 1] ->
         float tensor (items, 3, size, size) in [-1, 1] on the model's device."""
+        return self.prepare_pixels(images, size).to(
+            device=self.device, dtype=self.dtype, non_blocking=True
+        )
+
+    def prepare_pixels(self, images: Any, size: int | None = None) -> torch.Tensor:
+        """:meth:`prepare_images` without the move to the model: float32 (items, 3, size, size)
+        in [-1, 1] where the images are (the CPU for arrays and PIL images)."""
         size = self.resolution if size is None else size
         self.check_size(size)
         if isinstance(images, torch.Tensor):
@@ -326,7 +348,7 @@ class Model:
             pixels = torch.nn.functional.interpolate(
                 pixels, size=(size, size), mode="bicubic", align_corners=False, antialias=True
             ).clamp(-1, 1)
-        return pixels.to(device=self.device, dtype=self.dtype)
+        return pixels
 
     def encode_images(self, images: Any, size: int | None = None) -> torch.Tensor:
         """Pixels -> denoiser inputs (items, channels, height, width)."""
