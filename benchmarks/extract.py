@@ -1239,7 +1239,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--full-size",
-        choices=("sd1.5", "sd2.1-base", "sd2.1", "sd3", "sd3.5"),
+        choices=("sd1.5", "sd2.1-base", "sd2.1", "sdxl", "sd3", "sd3.5"),
         help="a random-weight full-size architecture instead of --model",
     )
     parser.add_argument("--size", type=int, help="image size in px (default: native)")
