@@ -65,6 +65,14 @@ def extract(
             "there is removed; a folder holding anything else is refused)"
         ),
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch CPU threads (default: torch's, 1 under torchrun's OMP_NUM_THREADS=1); "
+            "CPU values depend on it: give every shard and the single process the same number "
+            "for bit-identical stores (docs/store.md)"
+        ),
+    ] = None,
     compile: Compile = False,
     quiet: Quiet = False,
 ) -> None:
@@ -113,6 +121,12 @@ def extract(
     check_batching(batch_size, shard_range)
     parse_dtype(dtype)
     parse_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise ExtractionError(f"--threads {threads}: expected an integer >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     check_output(out, EXTRACT_KIND, overwrite=overwrite)
     source = open_source(data, on_error)
     loaded = load(model, dtype=dtype, device=device)

@@ -249,6 +249,8 @@ def extract(
             else protocol_info(plan)["noise_formula"]
         ),
         "protocol": protocol_info(plan),
+        # CPU values depend on it (torchrun sets OMP_NUM_THREADS=1); not part of the identity
+        "torch_threads": torch.get_num_threads(),
         "conditions": [asdict(c) for c in plan.conditions],
         "stored_conditions": [n for c in plan.conditions for n in c.stored_names()],
         "pooling": plan.pooling,
