@@ -100,7 +100,9 @@ def window_side(grid: int, label_grid: int = 32) -> int:
     return max(1, int(2 * grid / label_grid))
 
 
-def label_window(y: int, x: int, grid: tuple[int, int], label_grid: int = 32) -> tuple[slice, slice]:
+def label_window(
+    y: int, x: int, grid: tuple[int, int], label_grid: int = 32
+) -> tuple[slice, slice]:
     """Rows and columns of a site's (H, W) map covered by the label whose upper-left token is
     (y, x) on the ``label_grid`` grid."""
     height, width = grid

@@ -123,8 +123,7 @@ def fit_glocal(
     ref = torch.as_tensor((ref.reshape(len(ref), -1) - mean) / std, dtype=torch.float32)
     if ref.shape[1] != inputs.shape[1] or len(ref) < 3:
         raise ProbingError(
-            f"the reference features must be (rows >= 3, {inputs.shape[1]}), got "
-            f"{tuple(ref.shape)}"
+            f"the reference features must be (rows >= 3, {inputs.shape[1]}), got {tuple(ref.shape)}"
         )
     dims = inputs.shape[1]
     generator = torch.Generator().manual_seed(seed)
@@ -197,5 +196,7 @@ def fit_glocal_sweep(
             for value in grid]  # fmt: skip
     chosen = min(range(len(fits)), key=lambda i: fits[i][1]["val_loss"])
     transform, info = fits[chosen]
-    losses = ";".join(f"{value:g}:{fit[1]['val_loss']:.5f}" for value, fit in zip(grid, fits))
+    losses = ";".join(
+        f"{value:g}:{fit[1]['val_loss']:.5f}" for value, fit in zip(grid, fits, strict=True)
+    )
     return transform, {**info, "val_loss_by_lambda": losses}

@@ -97,10 +97,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Odd-one-out accuracy, normalised score and RSA per site × noise level × condition of
         RUN on THINGS triplets: alignment.csv, accuracy heatmap, accuracy against noise, CKA."""
+        from diffprobe.analysis.alignment import AlignmentError, check_ties
         from diffprobe.data.things import load_things
         from diffprobe.extract.store import open_run
         from diffprobe.io import check_output
-        from diffprobe.analysis.alignment import AlignmentError, check_ties
         from diffprobe.stages.align import ALIGN_KIND, align_run, summary_table, write_outputs
 
         setup(quiet)

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 TRIPLET_SPLITS = {"train": "train_90", "test": "test_10"}
 THINGS_CONCEPTS = 1854
 THINGS_CEILING = 0.673
-THINGS_CEILING_SOURCE = "THINGS default 0.673 (human noise ceiling of the 1,854-concept THINGS triplets)"
+THINGS_CEILING_SOURCE = (
+    "THINGS default 0.673 (human noise ceiling of the 1,854-concept THINGS triplets)"
+)
 TEXT_SUFFIXES = (".txt", ".tsv", ".csv")
 
 

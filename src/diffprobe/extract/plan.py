@@ -441,9 +441,10 @@ def _check_protocol(model: Model, plan: ExtractionPlan, name: str) -> None:
     can sample the posterior (SD 1.x/2.x and SD-Turbo), and distinct img2img timesteps."""
     import inspect
 
-    if model.flow_matching or "posterior_noise" not in inspect.signature(
-        model.encode_images
-    ).parameters:
+    if (
+        model.flow_matching
+        or "posterior_noise" not in inspect.signature(model.encode_images).parameters
+    ):
         raise ExtractionError(
             f"--protocol alignment-paper is defined for Stable Diffusion UNets (SD 1.x, 2.x, "
             f"SD-Turbo, tiny); {name} ({model.family}) has no such img2img protocol: leave "

@@ -340,7 +340,10 @@ class LensEmbeddings:
         tower = self.tower
         same_norm = tower.kind == "t5" or tower.pipeline_layer is None or self.norm == "pipeline"
         same_norm = same_norm or tower.pipeline_norm
-        same_pooled = self.pooled in ("full", "empty") or tower.pipeline_layer in (None, tower.num_layers)
+        same_pooled = self.pooled in ("full", "empty") or tower.pipeline_layer in (
+            None,
+            tower.num_layers,
+        )
         return same_norm and same_pooled
 
     def semantics(self) -> list[str]:
@@ -396,7 +399,7 @@ def lens_embeddings(
     encoder: str | None = None,
     padding: str = "keep",
     norm: str = "pipeline",
-    pooled: str = "full",
+    pooled: str | None = None,
     guidance_scale: float | None = None,
 ) -> LensEmbeddings:
     """Encode ``prompts`` once, fully and layer by layer; see :class:`LensEmbeddings`."""
