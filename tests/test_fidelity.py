@@ -419,3 +419,39 @@ def test_lens_empty_pooled_vector_is_the_flux_default():
     assert torch.equal(lensed.conditional(lensed.last_layer)[1], full)
     assert lens_embeddings(model, ["a red circle"], encoder="text_encoder_2",
                            pooled="full").conditional(0)[1].equal(full)  # fmt: skip
+
+
+# ------------------------------------------------------------------------ torchrun vs one
+
+
+@pytest.mark.slow
+def test_torchrun_shards_equal_one_process(tmp_path):
+    """2 torchrun ranks (OMP_NUM_THREADS=1 each) fill one run bit for bit like one process with
+    --threads 1 (docs/store.md)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import diffprobe
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    args = ["--model", "tiny", "--data", "shapes:4", "--sites", "unet.mid_block", "--noise",
+            "0.2", "--chunk-items", "1", "--quiet"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(diffprobe.__file__).parents[1])}
+    command = " ".join([sys.executable, "-m", "diffprobe", "extract", *args, "--out",
+                        str(tmp_path / "sharded"), "--shard", "$RANK/$WORLD_SIZE"])  # fmt: skip
+    subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", "sh",
+                    "-c", command], check=True, env=env, cwd=tmp_path,
+                   capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "diffprobe", "extract", *args, "--out",
+                    str(tmp_path / "single"), "--threads", "1"], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    sharded, single = (
+        diffprobe.open_run(tmp_path / "sharded"),
+        diffprobe.open_run(tmp_path / "single"),
+    )
+    assert sharded.complete and single.info["torch_threads"] == 1
+    assert np.array_equal(sharded.get("unet.mid_block", 0.2), single.get("unet.mid_block", 0.2))
