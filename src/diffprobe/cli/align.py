@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Odd-one-out accuracy, normalised score and RSA per site × noise level × condition of
         RUN on THINGS triplets: alignment.csv, accuracy heatmap, accuracy against noise, CKA."""
-        from diffprobe.analysis.alignment import AlignmentError, check_ties
+        from diffprobe.analysis.alignment import TIE_RULES, AlignmentError
         from diffprobe.data.things import load_things
         from diffprobe.extract.store import open_run
         from diffprobe.io import check_output
@@ -111,7 +111,8 @@ def register(app: typer.Typer) -> None:
         chosen = ALIGN_PROTOCOLS[protocol]
         triplets = triplets or chosen["triplets"]
         ties = ties or chosen["ties"]
-        check_ties(ties)
+        if ties not in TIE_RULES:
+            raise AlignmentError(f"--ties {ties!r}: expected one of {', '.join(TIE_RULES)}")
         opened = [open_run(r) for r in runs]
         target = out or opened[0].root / "alignment"
         check_output(target, ALIGN_KIND)
