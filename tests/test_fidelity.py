@@ -398,6 +398,17 @@ def test_align_on_the_release_layout_with_the_original_protocol(real_layout_root
     features = diffprobe.open_run(run).get("unet.mid_block", 0.1)
     # one image per concept, items in concept order: the concept features are the items'
     assert rows[0]["accuracy"] == pytest.approx(ooo_accuracy(features, every, ties="glocal"))
+    # gLocal's probe end to end: λ chosen per fold from the sweep, recorded in the tables
+    out = tmp_path / "probe"
+    result = CliRunner().invoke(app, ["probe", str(run), "--things", str(real_layout_root),
+                                      "--out", str(out), "--probe", "glocal", "--folds", "2",
+                                      "--lambdas", "1e-3,1e-1", "--max-epochs", "2", "--triplets", "all",
+                                      "--val-fraction", "0.5", "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open(out / "probe.csv", newline="") as handle:
+        folds = list(csv.DictReader(handle))
+    assert len(folds) == 2 and {row["lambda"] for row in folds} <= {"0.001", "0.1"}
+    assert (out / "transforms").is_dir()
 
 
 # -------------------------------------------------------------------------------- the lens
