@@ -466,3 +466,46 @@ def test_torchrun_shards_equal_one_process(tmp_path):
     )
     assert sharded.complete and single.info["torch_threads"] == 1
     assert np.array_equal(sharded.get("unet.mid_block", 0.2), single.get("unet.mid_block", 0.2))
+
+
+@pytest.mark.slow
+def test_anomalies_paper_tables_on_a_run(tmp_path, sd_model):
+    """``analyse_run(paper=True)``: no-resize crops extracted at image_size - 2·border where the
+    model takes that size (NaN and the reason where not), rel_norm at the labels at every site
+    with the window scaled from the labelled site's grid."""
+    import diffprobe
+    from diffprobe.data.anomaly_labels import save_label_table
+    from diffprobe.data.sources import open_source
+    from diffprobe.extract import ExtractionPlan, extract
+    from diffprobe.io import read_csv
+    from diffprobe.stages.anomalies import analyse_run
+
+    sites = ["unet.mid_block", "unet.up_blocks.1"]  # 8x8 and 16x16 at 32 px
+    plan = ExtractionPlan(sites=sites, noise_levels=[0.2], pooling="none", image_size=32)
+    run = diffprobe.open_run(extract(sd_model, open_source("shapes:6"), plan, tmp_path / "run",
+                                     batch_size=6, progress=False))  # fmt: skip
+    labels = {"item": np.array([0, 2]), "item_id": np.array(["a", "b"]),
+              "site": np.array(["", ""]), "y": np.array([1, 12]), "x": np.array([2, 0]),
+              "image_item": np.array([0, 2]), "image_item_id": np.array(["a", "b"]),
+              "image_site": np.array(["", ""])}  # fmt: skip
+    table = save_label_table(labels, tmp_path / "labels.npz")
+    analyse_run(run, tmp_path / "out", paper=True, corner=False, labels=table, plots=False,
+                binnings=(2,), model=sd_model, progress=False)  # fmt: skip
+    ratios = {row["site"]: row for row in read_csv(tmp_path / "out" / "token_group_ratios.csv")}
+    cropped = diffprobe.open_run(tmp_path / "out" / "cropped-paper-4x4px")
+    assert cropped.info["image_size"] == 24
+    from diffprobe.analysis.anomalies import to_grid
+
+    expected = token_group_ratios(to_grid(cropped.get("unet.mid_block", 0.2)),
+                                  to_grid(run.get("unet.mid_block", 0.2)))  # fmt: skip
+    assert float(ratios["unet.mid_block"]["corner_ratio"]) == pytest.approx(
+        expected["corner_ratio"], rel=1e-5
+    )
+    assert ratios["unet.up_blocks.1"]["corner_ratio"] == "nan"
+    assert "28 px" in ratios["unet.up_blocks.1"]["note"]
+    rel = {row["site"]: row for row in read_csv(tmp_path / "out" / "rel_norm_at_labels.csv")}
+    assert rel["unet.up_blocks.1"]["label_grid"] == "16"
+    assert (rel["unet.mid_block"]["window"], rel["unet.up_blocks.1"]["window"]) == ("1", "2")
+    norms = norm_maps(to_grid(run.get("unet.mid_block", 0.2)))
+    by_hand = [norms[0, 0, 1] / norms[0].mean(), norms[2, 6, 0] / norms[2].mean()]
+    assert float(rel["unet.mid_block"]["rel_norm_mean"]) == pytest.approx(np.mean(by_hand))
