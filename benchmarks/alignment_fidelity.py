@@ -64,16 +64,20 @@ def main() -> None:
             key = f"p{p:g}"
             default = ooo_accuracy(features[("default", site, key)], test)
             paper = ooo_accuracy(features[("alignment-paper", site, key)], every, ties="glocal")
-            print(f"{site:<20} {p:>5} {model.timestep_for(p):>9.0f} {default:>8.3f} "
-                  f"{img2img_timestep(model, p):>7.0f} {paper:>8.3f}")
+            print(
+                f"{site:<20} {p:>5} {model.timestep_for(p):>9.0f} {default:>8.3f} "
+                f"{img2img_timestep(model, p):>7.0f} {paper:>8.3f}"
+            )
     values = features[("default", "unet.mid_block", "p0.2")]
     train = things.get_triplets("train")
     for method, options in (("default", {"max_epochs": 150}),
                             ("glocal", {"max_epochs": args.epochs})):  # fmt: skip
         result = probing.probe(values, train, folds=3, method=method, **options)
-        print(f"probe {method:<8} unet.mid_block p0.2: zero-shot {result.zero_shot_mean:.3f} "
-              f"-> probed {result.probed_mean:.3f} ± {result.probed_std:.3f}"
-              + (f" (λ {[r['lambda'] for r in result.rows]})" if method == "glocal" else ""))
+        print(
+            f"probe {method:<8} unet.mid_block p0.2: zero-shot {result.zero_shot_mean:.3f} "
+            f"-> probed {result.probed_mean:.3f} ± {result.probed_std:.3f}"
+            + (f" (λ {[r['lambda'] for r in result.rows]})" if method == "glocal" else "")
+        )
     assert np.isfinite(values).all()
 
 
