@@ -326,7 +326,7 @@ def test_errors(sd_model):
     with pytest.raises(LensError, match="feeds no pooled vector"):
         lens_embeddings(sd_model, [PROMPT], pooled="lens")
     with pytest.raises(LensError, match="feeds only the pooled vector"):
-        lens_embeddings(family_model("flux"), [PROMPT], encoder="text_encoder")
+        lens_embeddings(family_model("flux"), [PROMPT], encoder="text_encoder", pooled="full")
     with pytest.raises(LensError, match="padding must be one of keep, full"):
         lens_embeddings(sd_model, [PROMPT], padding="drop")
     with pytest.raises(LensError, match="seeds"):

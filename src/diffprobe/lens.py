@@ -10,7 +10,9 @@ layer's hidden states from ``Model.encode_text``, and the pipeline is called wit
 Semantics (``docs/lens.md`` has the table per family; ``lens.json`` repeats them per run):
 
 - **Layer index.** Layer ``ℓ`` of an encoder is ``hidden_states[ℓ]``: the output of its first
-  ``ℓ`` blocks (``0`` is the token embeddings, before any block). The valid layers run from 0 to
+  ``ℓ`` blocks (``0`` is the token embeddings, before any block), as in Toker et al.'s code.
+  The nnsight tutorial numbers blocks (``encoder.layers[ℓ].output``), so its layer ``ℓ`` is
+  diffprobe's ``ℓ + 1`` (diffprobe's ``ℓ`` is the tutorial's ``ℓ - 1``). The valid layers run from 0 to
   the layer the pipeline itself reads, so the *last lens layer reproduces the normal generation*
   bit for bit: ``L`` for SD 1.x/2.x CLIP and for every T5, ``L - 1`` for the CLIP encoders of
   SDXL and SD3/3.5, which read ``hidden_states[-2]``.
@@ -22,7 +24,10 @@ Semantics (``docs/lens.md`` has the table per family; ``lens.json`` repeats them
   (``0 .. L``), also for SDXL and SD3 (whose last lens layer then does not reproduce the normal
   generation).
 - **Pooled vectors** (SDXL, SD3, FLUX) come from the full encoders (``pooled="full"``, the
-  default). ``pooled="lens"`` computes the lensed encoder's pooled vector from layer ``ℓ`` as
+  default for SDXL and SD3). ``pooled="empty"`` (the default when FLUX's T5 is lensed, as Toker
+  et al.'s FLUX notebook) uses the pooled vector of the empty prompt at every layer below the
+  last, so no final-layer text reaches the image through it; the last layer keeps the full one
+  and still reproduces the normal generation. ``pooled="lens"`` computes the lensed encoder's pooled vector from layer ``ℓ`` as
   CLIP does from its last layer: final layer norm, end-of-text token, ``text_projection`` when
   the encoder has one. FLUX reads nothing but the pooled vector of its CLIP encoder, so lensing
   it needs ``pooled="lens"``.

@@ -49,6 +49,7 @@ __all__ = [
 
 CHANCE = 1 / 3
 SIMILARITIES = ("cosine", "euclidean", "dot")
+TIE_RULES = ("strict", "glocal")
 ITEM_REDUCTIONS = ("mean", "max", "flatten")
 
 
@@ -87,15 +88,27 @@ def similarity_matrix(features: np.ndarray, metric: str = "cosine") -> np.ndarra
     return -np.maximum(squared[:, None] + squared[None, :] - 2 * gram, 0.0)
 
 
-def ooo_correct(similarity: np.ndarray, triplets: np.ndarray) -> np.ndarray:
-    """Per triplet: True when the pair (column 0, column 1) is strictly the most similar of the
-    three pairs under ``similarity`` (concepts, concepts); ties and NaNs are False. (triplets,)."""
+def check_ties(ties: str) -> None:
+    if ties not in TIE_RULES:
+        raise AlignmentError(f"unknown tie rule {ties!r}; expected one of {', '.join(TIE_RULES)}")
+
+
+def ooo_correct(similarity: np.ndarray, triplets: np.ndarray, ties: str = "strict") -> np.ndarray:
+    """Per triplet: True when the pair (column 0, column 1) is the most similar of the three
+    pairs under ``similarity`` (concepts, concepts). ``ties="strict"``: strictly the most similar
+    (any tie is False); ``"glocal"``: at least as similar as both others, unless all three are
+    equal (gLocal's ``argmin``, the people's pair listed first). NaNs are False. (triplets,)."""
+    check_ties(ties)
     triplets = np.asarray(triplets, dtype=np.int64)
     n = similarity.shape[0]
     flat = np.ascontiguousarray(similarity).ravel()
     first, second, third = triplets[:, 0], triplets[:, 1], triplets[:, 2]
     kept = flat[first * n + second]
-    return (kept > flat[first * n + third]) & (kept > flat[second * n + third])
+    other_a, other_b = flat[first * n + third], flat[second * n + third]
+    if ties == "strict":
+        return (kept > other_a) & (kept > other_b)
+    all_equal = (kept == other_a) & (kept == other_b)
+    return (kept >= other_a) & (kept >= other_b) & ~all_equal
 
 
 def pca_project(features: np.ndarray, components: int) -> np.ndarray:
@@ -121,14 +134,15 @@ def ooo_accuracy(
     triplets: np.ndarray,
     metric: str = "cosine",
     pca: int | None = None,
+    ties: str = "strict",
 ) -> float:
     """Odd-one-out accuracy of concept features (concepts, dims) on triplets (triplets, 3) whose
-    column 2 is the people's odd one out; ties count as wrong. ``pca``: project on that many
-    principal components (fitted on all concept features) first."""
+    column 2 is the people's odd one out; ties by ``ties`` (see :func:`ooo_correct`). ``pca``:
+    project on that many principal components (fitted on all concept features) first."""
     if len(triplets) == 0:
         raise AlignmentError("no triplets to score")
     values = pca_project(features, pca) if pca else features
-    return float(ooo_correct(similarity_matrix(values, metric), triplets).mean())
+    return float(ooo_correct(similarity_matrix(values, metric), triplets, ties).mean())
 
 
 def normalised_score(accuracy: float, ceiling: float | None, chance: float = CHANCE) -> float:

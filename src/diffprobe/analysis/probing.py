@@ -4,16 +4,19 @@ Both cross-validate over objects (concepts): the concepts are split into K folds
 takes part in a split only when its three concepts all lie in that split, so no concept of a
 reported fold is ever seen in training.
 
-**Probe** (as in gLocal, Muttenthaler et al. 2023): features are standardised with the mean and
-standard deviation of the training concepts, optionally projected on ``pca`` principal axes, and
-mapped by a linear transform ``z = x_std @ W + b``. The loss is the triplet cross-entropy: a
-softmax over the three pair similarities (dot products of ``z``) with the people's pair
-(columns 0, 1) as the target, plus ``lam`` times a regulariser, ``frobenius`` (``||W||²``) or
-``identity`` (``||W - mean(diag W)·I||²``, a pull towards a scaled identity). Optimised with
-full-batch (or minibatch) Adam on the CPU; early stopping on the OOO accuracy (then loss) of an inner
-validation split of the training concepts, never on the reported fold. Each fold reports the
-zero-shot accuracy (raw features, cosine) and the probed accuracy (transformed features, dot
-product) on the same held-out triplets.
+**Probe** (diffprobe's default; ``method="glocal"`` gives gLocal's own probe, see
+:mod:`diffprobe.analysis.glocal` and docs/alignment.md for every difference): features are
+standardised per dimension with the mean and standard deviation of the training concepts,
+optionally projected on ``pca`` principal axes, and mapped by a linear transform
+``z = x_std @ W + b`` initialised ``W = I/sqrt(d)``, ``b = 0``. The loss is the triplet
+cross-entropy: a softmax over the three pair similarities (dot products of ``z``) with the
+people's pair (columns 0, 1) as the target, plus ``lam`` times a regulariser, ``frobenius``
+(the *squared* norm ``||W||²``; gLocal's is unsquared) or ``identity``
+(``||W - mean(diag W)·I||²``, a pull towards a scaled identity); no local contrastive term.
+Optimised with full-batch (or minibatch) Adam on the CPU; early stopping on the OOO accuracy
+(then loss) of an inner validation split of the training concepts, never on the reported fold.
+Each fold reports the zero-shot accuracy (raw features, cosine) and the probed accuracy
+(transformed features, dot product) on the same held-out triplets.
 
 **Regression**: ridge (scikit-learn ``RidgeCV`` on standardised features) from features to a
 target embedding per fold; R² on the held-out concepts and the odd-one-out accuracy of the
@@ -319,6 +322,21 @@ def fit_probe(
     }
 
 
+PROBE_METHODS = ("default", "glocal")
+
+
+def fitter(method: str):
+    """The fit function of a probe ``method``: ``default`` (:func:`fit_probe`) or ``glocal``
+    (gLocal's probe with its λ sweep, :func:`diffprobe.analysis.glocal.fit_glocal_sweep`)."""
+    if method == "default":
+        return fit_probe
+    if method == "glocal":
+        from diffprobe.analysis.glocal import fit_glocal_sweep
+
+        return fit_glocal_sweep
+    raise ProbingError(f"unknown probe {method!r}; expected one of {', '.join(PROBE_METHODS)}")
+
+
 @dataclass
 class ProbeResult:
     """Per-fold rows (fold, triplet counts, zero_shot, probed, epochs) and the fold transforms."""
@@ -355,6 +373,7 @@ def probe(
     zero_shot_metric: str = "cosine",
     seed: int = 0,
     progress: bool = False,
+    method: str = "default",
     **fit_options,
 ) -> ProbeResult:
     """K-fold (over objects) linear probing of concept features (concepts, dims) on triplets.
@@ -362,9 +381,13 @@ def probe(
     For each fold the held-out concepts' triplets are scored; the remaining concepts are split
     into inner training and validation concepts (``val_fraction``) for early stopping.
     ``fit_options`` go to :func:`fit_probe` (``lam``, ``regulariser``, ``pca``, ``lr``,
-    ``max_epochs``, ``patience``, ``batch_size``). Rows: fold, train / val / test triplet
-    counts, zero_shot and probed accuracy, epochs, best_epoch.
+    ``max_epochs``, ``patience``, ``batch_size``), or with ``method="glocal"`` to
+    :func:`diffprobe.analysis.glocal.fit_glocal_sweep`. Rows: fold, train / val / test triplet
+    counts, zero_shot and probed accuracy, epochs, best_epoch. No fit ever sees a triplet with a
+    held-out concept (tests/test_fidelity.py changes their labels and checks the fold's
+    transform stays the same).
     """
+    fit = fitter(method)
     from tqdm.auto import tqdm
 
     values = _finite(features)
@@ -387,7 +410,7 @@ def probe(
                 f"fold {fold} has no held-out triplet (all three concepts in the "
                 "fold); use fewer folds or more triplets"
             )
-        transform, info = fit_probe(values, train, val, seed=seed + fold, **fit_options)
+        transform, info = fit(values, train, val, seed=seed + fold, **fit_options)
         transforms.append(transform)
         rows.append(
             {
@@ -410,15 +433,17 @@ def fit_probe_all(
     *,
     val_fraction: float = 0.25,
     seed: int = 0,
+    method: str = "default",
     **fit_options,
 ) -> tuple[LinearTransform, dict]:
     """One probe on all concepts (to apply to new features), early-stopped on a validation
     split of ``val_fraction`` of the concepts."""
+    fit = fitter(method)
     triplets = np.asarray(triplets, dtype=np.int64)
     n = len(features)
     concepts = np.unique(triplets)
     train_concepts, val_concepts = _inner_split(concepts, val_fraction, seed, 0)
-    return fit_probe(
+    return fit(
         features,
         triplets_within(triplets, train_concepts, n),
         triplets_within(triplets, val_concepts, n),

@@ -12,8 +12,19 @@ import typer
 from diffprobe.cli.common import Quiet, names, setup
 
 ThingsRoot = Annotated[
-    Path, typer.Option("--things", help="THINGS root (things_concepts.tsv, images/, triplets/)")
+    Path,
+    typer.Option(
+        "--things",
+        help="THINGS root (concepts/things_concepts.tsv or things_concepts.tsv, images/, "
+        "triplets/)",
+    ),
 ]
+ALIGN_PROTOCOLS = {
+    # zero-shot scoring of the alignment paper / gLocal: every triplet (train_90 + test_10),
+    # gLocal's tie rule
+    "alignment-paper": {"triplets": "all", "ties": "glocal"},
+    "default": {"triplets": "test", "ties": "strict"},
+}
 Sites = Annotated[list[str] | None, typer.Option("--sites", help="sites of the run (default: all)")]
 Noise = Annotated[
     list[str] | None, typer.Option("--noise", help="noise keys, e.g. p0.1 (default: all)")
@@ -38,11 +49,26 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option(help="output folder (default: RUN/alignment)")
         ] = None,
         triplets: Annotated[
+            str | None,
+            typer.Option(
+                help="test | train | all | a triplet file (N×3, column 2 the odd one out); "
+                "default test (all under --protocol alignment-paper)"
+            ),
+        ] = None,
+        ties: Annotated[
+            str | None,
+            typer.Option(
+                help="strict (any tie of the people's pair is wrong) | glocal (only all three "
+                "equal is wrong); default strict (glocal under --protocol alignment-paper)"
+            ),
+        ] = None,
+        protocol: Annotated[
             str,
             typer.Option(
-                help="test | train | all | a triplet file (N×3, column 2 the odd one out)"
+                help="default | alignment-paper (the original's zero-shot scoring: all "
+                "triplets, gLocal's tie rule)"
             ),
-        ] = "test",
+        ] = "default",
         metric: Annotated[
             list[str] | None,
             typer.Option("--metric", help="cosine | euclidean | dot (repeat or comma-separate)"),
@@ -71,12 +97,22 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Odd-one-out accuracy, normalised score and RSA per site × noise level × condition of
         RUN on THINGS triplets: alignment.csv, accuracy heatmap, accuracy against noise, CKA."""
+        from diffprobe.analysis.alignment import TIE_RULES, AlignmentError
         from diffprobe.data.things import load_things
         from diffprobe.extract.store import open_run
         from diffprobe.io import check_output
         from diffprobe.stages.align import ALIGN_KIND, align_run, summary_table, write_outputs
 
         setup(quiet)
+        if protocol not in ALIGN_PROTOCOLS:
+            raise AlignmentError(
+                f"unknown --protocol {protocol!r}; expected one of {', '.join(ALIGN_PROTOCOLS)}"
+            )
+        chosen = ALIGN_PROTOCOLS[protocol]
+        triplets = triplets or chosen["triplets"]
+        ties = ties or chosen["ties"]
+        if ties not in TIE_RULES:
+            raise AlignmentError(f"--ties {ties!r}: expected one of {', '.join(TIE_RULES)}")
         opened = [open_run(r) for r in runs]
         target = out or opened[0].root / "alignment"
         check_output(target, ALIGN_KIND)
@@ -92,6 +128,7 @@ def register(app: typer.Typer) -> None:
             noises=names(noise),
             conditions=names(condition),
             ceiling=ceiling,
+            ties=ties,
             progress=not quiet,
         )
         paths = write_outputs(result, target, cka=cka)
@@ -121,7 +158,29 @@ def register(app: typer.Typer) -> None:
         condition: Conditions = None,
         reduce: Reduce = "mean",
         folds: Annotated[int, typer.Option(help="folds over objects")] = 3,
-        lam: Annotated[float, typer.Option("--lambda", help="regularisation strength")] = 1e-3,
+        method: Annotated[
+            str,
+            typer.Option(
+                "--probe",
+                help="default | glocal (gLocal's probe: global standardisation, W = 1e-3·I, "
+                "unsquared Frobenius penalty, local contrastive term, λ sweep)",
+            ),
+        ] = "default",
+        lam: Annotated[
+            float | None,
+            typer.Option(
+                "--lambda",
+                help="regularisation strength (default 1e-3; --probe glocal: sweep --lambdas)",
+            ),
+        ] = None,
+        lambdas: Annotated[
+            str,
+            typer.Option(help="--probe glocal: λ values swept on the inner validation split"),
+        ] = "1e-4,1e-3,1e-2,1e-1,1",
+        alpha: Annotated[
+            float, typer.Option(help="--probe glocal: weight of the local contrastive term")
+        ] = 0.1,
+        tau: Annotated[float, typer.Option(help="--probe glocal: contrastive temperature")] = 1.0,
         regulariser: Annotated[
             str, typer.Option(help="frobenius | identity (pull towards a scaled identity)")
         ] = "frobenius",
@@ -129,11 +188,17 @@ def register(app: typer.Typer) -> None:
             int | None,
             typer.Option(help="probe on K principal components of the standardised features"),
         ] = None,
-        lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-2,
-        max_epochs: int = 500,
+        lr: Annotated[
+            float | None, typer.Option(help="Adam learning rate (default 1e-2; glocal 1e-3)")
+        ] = None,
+        max_epochs: Annotated[int | None, typer.Option(help="default 500; glocal 100")] = None,
         patience: Annotated[
-            int, typer.Option(help="epochs without a better validation loss before stopping")
-        ] = 50,
+            int | None,
+            typer.Option(
+                help="epochs without a better validation loss before stopping (default 50; "
+                "glocal 15)"
+            ),
+        ] = None,
         batch_size: Annotated[
             int | None, typer.Option(help="triplets per step (default: full batch)")
         ] = None,
@@ -148,18 +213,20 @@ def register(app: typer.Typer) -> None:
         (.npz: weights, bias, mean, std) per fold and fitted on all concepts."""
         from diffprobe.data.things import load_things
         from diffprobe.extract.store import open_run
-        from diffprobe.stages.probing import probe_run
+        from diffprobe.stages.probing import probe_options, probe_run
 
         setup(quiet)
+        options = probe_options(
+            method, lam=lam, lambdas=lambdas, alpha=alpha, tau=tau, regulariser=regulariser,
+            pca=pca, lr=lr, max_epochs=max_epochs, patience=patience, batch_size=batch_size,
+        )  # fmt: skip
         opened = open_run(run)
         data = load_things(things)
         target = out or opened.root / "probe"
         result = probe_run(
             opened, data, target, triplets=triplets, sites=names(sites), noises=names(noise),
             conditions=names(condition), reduction=reduce, folds=folds,
-            val_fraction=val_fraction, seed=seed, progress=not quiet, echo=typer.echo, lam=lam,
-            regulariser=regulariser, pca=pca, lr=lr, max_epochs=max_epochs, patience=patience,
-            batch_size=batch_size,
+            val_fraction=val_fraction, seed=seed, progress=not quiet, echo=typer.echo, **options,
         )  # fmt: skip
         typer.echo(
             f"wrote {target / 'probe.csv'}, {target / 'probe_summary.csv'} and "

@@ -78,6 +78,25 @@ def register(app: typer.Typer) -> None:
         plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
         show: Annotated[int, typer.Option(help="images per overlay plot")] = 4,
         seed: Annotated[int, typer.Option(help="probe train/test split seed")] = 0,
+        paper: Annotated[
+            bool,
+            typer.Option(
+                help="also the anomaly paper's own definitions: corner and border ratios with "
+                "the crop not resized (token_group_ratios.csv), rel_norm at the labels across "
+                "every site (rel_norm_at_labels.csv, with --labels)"
+            ),
+        ] = False,
+        scale_window: Annotated[
+            bool,
+            typer.Option(
+                help="high-norm window side max(1, int(group·H/label_grid)) per site, as the "
+                "paper (default: group at every site)"
+            ),
+        ] = False,
+        label_grid: Annotated[
+            int | None,
+            typer.Option(help="grid the labels are made on (default: image size / 16, 32 at 512)"),
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
         quiet: Quiet = False,
     ) -> None:
@@ -92,7 +111,8 @@ def register(app: typer.Typer) -> None:
             binnings=_numbers(binnings, "--binnings", int), test_fraction=test_fraction,
             threshold=threshold, group=group, reference=reference, corner=corner,
             corner_size=corner_size, tolerance=tolerance, query=_numbers(query, "--query"),
-            query_item=query_item, show=show, seed=seed,
+            query_item=query_item, show=show, seed=seed, paper=paper, scale_window=scale_window,
+            label_grid=label_grid,
         )  # fmt: skip
         site_list = [s for entry in sites for s in entry.split()] if sites else None
         opened = open_run(run)

@@ -32,7 +32,20 @@ def extract(
     pooling: Annotated[str, typer.Option(help="none | mean | max")] = "mean",
     batch_size: int = 16,
     chunk_items: Annotated[int, typer.Option(help="items per store chunk (the resume unit)")] = 32,
-    seed: int = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="noise seed (default 0; 42 under --protocol alignment-paper)")
+    ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="default (t = round(p·T), VAE mean, noise per item) | alignment-paper (img2img "
+            "with --protocol-steps steps: t = scheduler.timesteps[N - int(N·p)], VAE posterior "
+            "sample, one noise tensor for every image; docs/alignment.md)"
+        ),
+    ] = "default",
+    protocol_steps: Annotated[
+        int, typer.Option(help="img2img inference steps of --protocol alignment-paper")
+    ] = 100,
     size: Annotated[int | None, typer.Option(help="image size (default: model native)")] = None,
     dtype: str = "fp32",
     device: str = "cpu",
@@ -52,6 +65,14 @@ def extract(
             "there is removed; a folder holding anything else is refused)"
         ),
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch CPU threads (default: torch's, 1 under torchrun's OMP_NUM_THREADS=1); "
+            "CPU values depend on it: give every shard and the single process the same number "
+            "for bit-identical stores (docs/store.md)"
+        ),
+    ] = None,
     compile: Compile = False,
     quiet: Quiet = False,
 ) -> None:
@@ -88,7 +109,9 @@ def extract(
         timesteps=parse_grid(timesteps, "--timesteps"),
         conditions=[Condition(kind, kind, template, guidance_scale)],
         pooling=pooling,
-        seed=seed,
+        seed=(42 if protocol == "alignment-paper" else 0) if seed is None else seed,
+        protocol=protocol,
+        protocol_steps=protocol_steps,
         image_size=size,
         chunk_items=chunk_items,
         store_dtype=store_dtype,
@@ -98,6 +121,12 @@ def extract(
     check_batching(batch_size, shard_range)
     parse_dtype(dtype)
     parse_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise ExtractionError(f"--threads {threads}: expected an integer >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     check_output(out, EXTRACT_KIND, overwrite=overwrite)
     source = open_source(data, on_error)
     loaded = load(model, dtype=dtype, device=device)

@@ -80,8 +80,13 @@ def lens_command(
         str, typer.Option(help="pipeline (the pipeline's readout) | final (final LN everywhere)")
     ] = "pipeline",
     pooled: Annotated[
-        str, typer.Option(help="pooled vector: full (full encoders) | lens (from the layer)")
-    ] = "full",
+        str | None,
+        typer.Option(
+            help="pooled vector: full (full encoders) | lens (from the layer) | empty (the empty "
+            "prompt's below the last layer, Toker's FLUX notebook); default: empty for FLUX's "
+            "T5, lens for an encoder feeding only the pooled vector, else full"
+        ),
+    ] = None,
     size: Annotated[int | None, typer.Option(help="image size (default: native)")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per pipeline call")] = 8,
     dtype: str = "fp32",
@@ -98,7 +103,7 @@ def lens_command(
 
     for name, value, choices in (("--pad", pad, PADDING), ("--norm", norm, NORMS),
                                  ("--pooled", pooled, POOLED)):  # fmt: skip
-        if value not in choices:
+        if value is not None and value not in choices:
             raise LensError(f"{name} {value!r}: expected one of {', '.join(choices)}")
     seed_list = _seeds(seeds)
     _check_layers(layers)

@@ -6,7 +6,7 @@ manifest (with content hashes) is fixed before indices are assigned.
 
 ``open_source(spec)`` understands:
 - ``shapes:N`` or ``shapes:N:SEED`` or ``shapes:N:SEED:heldout``: N items of the shapes world;
-- a folder with ``things_concepts.tsv``: the THINGS layout (``images/<uniqueID>/*``);
+- a folder with ``concepts/things_concepts.tsv`` or ``things_concepts.tsv``: the THINGS layout (``images/<uniqueID>/*``);
 - any other folder: images found recursively; the label is the first sub-folder's name, or
   comes from ``labels.csv`` (columns ``path,label[,caption]``) when that file is present.
 """
@@ -248,14 +248,29 @@ def image_folder(root: Path, on_error: str = "fail") -> Source:
     return Source("folder", str(root), items, skipped)
 
 
+THINGS_CONCEPT_TABLES = ("concepts/things_concepts.tsv", "things_concepts.tsv")
+
+
+def things_concepts_path(root: Path) -> Path | None:
+    """The concept table of a THINGS root: ``concepts/things_concepts.tsv`` (the layout of the
+    THINGS release and the alignment paper) or ``things_concepts.tsv`` (flat), the first found;
+    None when neither exists."""
+    for relative in THINGS_CONCEPT_TABLES:
+        if (Path(root) / relative).is_file():
+            return Path(root) / relative
+    return None
+
+
 def read_things_concepts(root: Path) -> list[dict]:
-    """Rows of ``root/things_concepts.tsv`` (tab-separated, a ``uniqueID`` column); row order is
-    the concept index."""
-    table = Path(root) / "things_concepts.tsv"
-    if not table.is_file():
+    """Rows of ``root/concepts/things_concepts.tsv`` or ``root/things_concepts.tsv``
+    (tab-separated, a ``uniqueID`` column); row order is the concept index."""
+    table = things_concepts_path(root)
+    if table is None:
         raise DataError(
-            f"{root} is not a THINGS root: {table} is missing; a THINGS root holds "
-            "things_concepts.tsv (a uniqueID column, one row per concept), images/ and triplets/"
+            f"{root} is not a THINGS root: neither {Path(root) / THINGS_CONCEPT_TABLES[0]} nor "
+            f"{Path(root) / THINGS_CONCEPT_TABLES[1]} exists; a THINGS root holds "
+            "concepts/things_concepts.tsv (or things_concepts.tsv: a uniqueID column, one row per "
+            "concept), images/ and triplets/"
         )
     rows = list(csv.DictReader(read_text_file(table, "concept table").splitlines(), delimiter="\t"))
     if not rows or "uniqueID" not in rows[0]:
@@ -365,7 +380,7 @@ def open_source(spec: str | Path, on_error: str = "fail") -> Source:
             f"data '{text}' is a file, not a folder; pass the folder that holds the images, a "
             "THINGS root (with things_concepts.tsv) or shapes:N (e.g. shapes:256)"
         )
-    if (root / "things_concepts.tsv").is_file():
+    if things_concepts_path(root) is not None:
         return things(root, on_error)
     return image_folder(root, on_error)
 

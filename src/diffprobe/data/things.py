@@ -4,7 +4,9 @@ The image side of the THINGS layout (``things_concepts.tsv`` + ``images/``) is r
 :func:`diffprobe.data.sources.things` for extraction; this module reads what alignment needs on
 top of it and validates it, so that a bad file is reported by path before any analysis::
 
-    root/things_concepts.tsv            row order = concept index (``uniqueID`` column)
+    root/concepts/things_concepts.tsv   row order = concept index (``uniqueID`` column); the
+                                        layout of the THINGS release and the alignment paper
+    root/things_concepts.tsv            the flat layout (read when concepts/ has no table)
     root/images/<uniqueID>.jpg          or a folder images/<uniqueID>/ per concept
     root/triplets/train_90.npy          (triplets, 3) 0-based concept indices, column 2 the odd
     root/triplets/test_10.npy           one out (columns 0 and 1 the most similar pair); plain
@@ -13,6 +15,10 @@ top of it and validates it, so that a bad file is reported by path before any an
     root/triplets/repeated.npy          optional: (repeated, repeats) odd-one-out concept of
                                         every response; the ceiling is computed from it when no
                                         noise_ceiling.json is present
+
+Without either file, a root of exactly :data:`THINGS_CONCEPTS` (1,854) concepts is taken as the
+real THINGS database and gets the published human noise ceiling :data:`THINGS_CEILING` (0.673,
+the value human_alignment and gLocal plot against); any other root has no ceiling unless given.
 
 Items of an extraction run are mapped to concepts by :meth:`Things.item_concepts` (the THINGS
 source names items ``<uniqueID>/<file>``).
@@ -31,12 +37,18 @@ from diffprobe.data.sources import (
     DataError,
     read_text_file,
     read_things_concepts,
+    things_concepts_path,
     things_image_files,
 )
 
 log = logging.getLogger(__name__)
 
 TRIPLET_SPLITS = {"train": "train_90", "test": "test_10"}
+THINGS_CONCEPTS = 1854
+THINGS_CEILING = 0.673
+THINGS_CEILING_SOURCE = (
+    "THINGS default 0.673 (human noise ceiling of the 1,854-concept THINGS triplets)"
+)
 TEXT_SUFFIXES = (".txt", ".tsv", ".csv")
 
 
@@ -244,7 +256,7 @@ class Things:
         if unknown == len(concepts):
             example = manifest[0] if manifest else {}
             raise DataError(
-                f"no item of the run belongs to a concept of {self.root / 'things_concepts.tsv'} "
+                f"no item of the run belongs to a concept of {things_concepts_path(self.root)} "
                 f"(e.g. item id {example.get('id')!r}, label {example.get('label')!r}); extract "
                 "from the THINGS root itself (--data ROOT) so item ids are <uniqueID>/<file>"
             )
@@ -314,7 +326,7 @@ def load_things(root: str | Path, check_images: bool = True) -> Things:
     ids = [row["uniqueID"] for row in concepts]
     if len(set(ids)) != len(ids):
         duplicate = next(uid for uid in ids if ids.count(uid) > 1)
-        raise DataError(f"{root / 'things_concepts.tsv'}: uniqueID {duplicate!r} appears twice")
+        raise DataError(f"{things_concepts_path(root)}: uniqueID {duplicate!r} appears twice")
     if check_images:
         for index, uid in enumerate(ids):
             if not things_image_files(root, uid):
@@ -341,6 +353,8 @@ def load_things(root: str | Path, check_images: bool = True) -> Things:
                 f"{_dtype_name(choices.dtype)} of shape {choices.shape}"
             )
         ceiling, source = noise_ceiling(choices), str(folder / "repeated.npy")
+    if ceiling is None and len(ids) == THINGS_CONCEPTS:
+        ceiling, source = THINGS_CEILING, THINGS_CEILING_SOURCE
     if ceiling is not None and not 1 / 3 < ceiling <= 1:
         raise DataError(f"noise ceiling {ceiling} from {source} is outside (1/3, 1]")
     return Things(root, concepts, triplets, ceiling, source)

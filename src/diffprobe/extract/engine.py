@@ -28,6 +28,10 @@ from diffprobe.extract.plan import (
     check_batching,
     check_schedule,
     pool_fn,
+    protocol_info,
+    protocol_latent_shape,
+    protocol_noise,
+    resolved_grid,
 )
 from diffprobe.extract.store import (
     FEATURES,
@@ -99,7 +103,10 @@ def identity(info: dict) -> str:
         "batch_invariant",
         "items",
     )
-    blob = json.dumps({k: info.get(k) for k in keys}, sort_keys=True, default=str)
+    chosen = {k: info.get(k) for k in keys}
+    if (info.get("protocol") or {}).get("name", "default") != "default":
+        chosen["protocol"] = info["protocol"]  # default runs keep their earlier identity
+    blob = json.dumps(chosen, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -173,7 +180,7 @@ def extract_arrays(
 
     check_batching(batch_size, (0, 1))
     size = _check_inputs(model, source, plan)
-    grid = plan.grid()
+    grid = resolved_grid(model, plan)
     keys = {
         array_path(site, g["key"], name): (site, g["key"], name)
         for site in plan.sites
@@ -221,7 +228,7 @@ def extract(
     check_batching(batch_size, shard)
     size = _check_inputs(model, source, plan)
     captions = read_captions(Path(captions_file), source) if captions_file else None
-    grid = plan.grid()
+    grid = resolved_grid(model, plan)
     info = {
         "format": RUN_FORMAT,
         "model": _model_info(model),
@@ -238,7 +245,12 @@ def extract(
         "noise_formula": (
             "docs/noise.md: item i noise ~ torch.Generator('cpu').manual_seed("
             "int(numpy.random.SeedSequence([seed, i]).generate_state(1)[0]))"
+            if plan.protocol == "default"
+            else protocol_info(plan)["noise_formula"]
         ),
+        "protocol": protocol_info(plan),
+        # CPU values depend on it (torchrun sets OMP_NUM_THREADS=1); not part of the identity
+        "torch_threads": torch.get_num_threads(),
         "conditions": [asdict(c) for c in plan.conditions],
         "stored_conditions": [n for c in plan.conditions for n in c.stored_names()],
         "pooling": plan.pooling,
@@ -392,9 +404,21 @@ def _compute_chunk(
         list(range(s, min(s + batch_size, len(indices))))
         for s in range(0, len(indices), batch_size)
     ]
-    x0 = torch.cat([model.encode_images(pixels[b[0] : b[-1] + 1], size) for b in batches])
-    # an item's noise does not depend on the noise level: drawn once per chunk (docs/noise.md)
-    noise = item_noise(x0.shape[1:], plan.seed, indices, device=x0.device, dtype=torch.float32)
+    if plan.protocol == "alignment-paper":
+        # one posterior draw and one noise tensor for every item (docs/alignment.md)
+        shape = protocol_latent_shape(model, size)
+        posterior, shared = protocol_noise(shape, plan.seed)
+        x0 = torch.cat([
+            model.encode_images(pixels[b[0] : b[-1] + 1], size, posterior_noise=posterior)
+            for b in batches
+        ])  # fmt: skip
+        noise = shared.to(x0.device).expand(len(indices), *shape)
+    else:
+        x0 = torch.cat([model.encode_images(pixels[b[0] : b[-1] + 1], size) for b in batches])
+        # an item's noise does not depend on the noise level: drawn once per chunk
+        # (docs/noise.md)
+        noise = item_noise(x0.shape[1:], plan.seed, indices, device=x0.device,
+                           dtype=torch.float32)  # fmt: skip
     for condition in plan.conditions:
         prompts = condition.prompts(source, indices, captions)
         negative = "" if condition.uses_cfg else None
@@ -406,10 +430,11 @@ def _compute_chunk(
         for g in grid:
             parts: dict[str, list[torch.Tensor]] = {}
             for b, cond in zip(batches, conds, strict=True):
+                by_level = "noise_level" in g and plan.protocol == "default"
                 x_t, t = model.add_noise(
                     x0[b],
-                    noise_level=g.get("noise_level"),
-                    timestep=None if "noise_level" in g else g["timestep"],
+                    noise_level=g["noise_level"] if by_level else None,
+                    timestep=None if by_level else g["timestep"],
                     noise=noise[b],
                 )
                 with capture(model, plan.sites, stop_early=True, reduce=reduce) as cache:

@@ -200,6 +200,40 @@ def pool_fn(pooling: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return reduce
 
 
+PROTOCOLS = ("default", "alignment-paper")
+
+
+def img2img_start(noise_level: float, steps: int) -> int:
+    """diffusers img2img's start index: ``steps - min(int(steps · strength), steps)``."""
+    return steps - min(int(steps * noise_level), steps)
+
+
+def img2img_timestep(model: Model, noise_level: float, steps: int = 100) -> float:
+    """The timestep of the first denoiser call of diffusers' img2img pipeline at strength
+    ``noise_level`` with ``steps`` inference steps: ``scheduler.timesteps[(steps -
+    int(steps·p)) · order]`` of a copy of the model's own scheduler (SD-2.1's DDIM, leading
+    spacing: p = 0.01, 0.05, 0.2, 0.5 -> 1, 41, 191, 491)."""
+    start = img2img_start(noise_level, steps)
+    if start >= steps:
+        raise ExtractionError(
+            f"noise level {noise_level:g} with --protocol alignment-paper gives int({steps} · "
+            f"{noise_level:g}) = 0 img2img steps (no denoiser call); give a level >= {1 / steps:g}"
+        )
+    scheduler = type(model.pipe.scheduler).from_config(model.pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return float(scheduler.timesteps[start * getattr(scheduler, "order", 1)])
+
+
+def protocol_noise(shape, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The alignment paper's draws, the same for every image: one CPU generator seeded with
+    ``seed`` gives first the VAE posterior's standard normal sample, then the noise, each of
+    ``shape`` (the latent's, without the item axis), float32 (img2img's order of draws)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    posterior = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    return posterior, noise
+
+
 @dataclass
 class ExtractionPlan:
     sites: list[str]
@@ -214,8 +248,29 @@ class ExtractionPlan:
     # convolutions, linear layers and group norms one item at a time (diffprobe.determinism):
     # the stored values are then the same bits at every --batch-size, at a cost in speed
     batch_invariant: bool = False
+    # "default" (docs/noise.md: t = round(p·T), VAE posterior mean, noise drawn per item) or
+    # "alignment-paper" (docs/alignment.md: img2img with protocol_steps scheduler steps, its
+    # first timestep, a VAE posterior sample and one noise tensor shared by every item)
+    protocol: str = "default"
+    protocol_steps: int = 100
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ExtractionError(
+                f"--protocol {self.protocol!r} is not a protocol; expected one of "
+                f"{', '.join(PROTOCOLS)}"
+            )
+        if self.protocol == "alignment-paper":
+            if self.noise_levels is None:
+                raise ExtractionError(
+                    "--protocol alignment-paper takes noise levels (--noise, the img2img "
+                    "strength, e.g. 0.01,0.05,0.2,0.5), not --timesteps"
+                )
+            steps = self.protocol_steps
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ExtractionError(
+                    f"--protocol-steps {steps!r}: the img2img step count is an integer >= 1"
+                )
         if self.noise_levels is None and self.timesteps is None:
             raise ExtractionError(
                 "no noise grid: give one of noise levels (--noise, fractions of the schedule "
@@ -315,6 +370,9 @@ def check_schedule(model: Model, plan: ExtractionPlan) -> None:
     would be stored twice)."""
     steps = model.num_train_timesteps
     name = model.name or model.family
+    if plan.protocol == "alignment-paper":
+        _check_protocol(model, plan, name)
+        return
     if plan.timesteps is not None:
         for t in plan.timesteps:
             if model.flow_matching:
@@ -340,5 +398,64 @@ def check_schedule(model: Model, plan: ExtractionPlan) -> None:
                 f"noise levels {seen[t]:g} and {p:g} (--noise) both give timestep {t:g} of "
                 f"{name}'s schedule of {steps} steps, so their features would be the same; "
                 "give one of them"
+            )
+        seen[t] = p
+
+
+def resolved_grid(model: Model, plan: ExtractionPlan) -> list[dict]:
+    """:meth:`ExtractionPlan.grid`, with each entry's img2img ``timestep`` under
+    ``--protocol alignment-paper``."""
+    grid = plan.grid()
+    if plan.protocol != "alignment-paper":
+        return grid
+    return [{**g, "timestep": img2img_timestep(model, g["noise_level"], plan.protocol_steps)}
+            for g in grid]  # fmt: skip
+
+
+def protocol_latent_shape(model: Model, size: int) -> tuple[int, int, int]:
+    """The VAE latent's (channels, height, width) at image ``size``."""
+    from diffprobe.models.geometry import vae_factor
+
+    config = model.pipe.vae.config
+    factor = vae_factor(config)
+    return (int(config.latent_channels), size // factor, size // factor)
+
+
+def protocol_info(plan: ExtractionPlan) -> dict:
+    """What run.json records of the protocol (docs/alignment.md)."""
+    if plan.protocol == "default":
+        return {"name": "default"}
+    return {
+        "name": plan.protocol,
+        "img2img_steps": plan.protocol_steps,
+        "timestep_rule": "scheduler.set_timesteps(steps); t = scheduler.timesteps[(steps - "
+        "int(steps * p)) * scheduler.order] (diffusers img2img)",
+        "vae": "posterior sample mean + std * eps",
+        "noise_formula": "one torch.Generator('cpu').manual_seed(seed) for every item: eps = "
+        "randn(latent shape), then noise = randn(latent shape), float32",
+    }
+
+
+def _check_protocol(model: Model, plan: ExtractionPlan, name: str) -> None:
+    """``--protocol alignment-paper`` needs a latent DDPM-type family whose ``encode_images``
+    can sample the posterior (SD 1.x/2.x and SD-Turbo), and distinct img2img timesteps."""
+    import inspect
+
+    if (
+        model.flow_matching
+        or "posterior_noise" not in inspect.signature(model.encode_images).parameters
+    ):
+        raise ExtractionError(
+            f"--protocol alignment-paper is defined for Stable Diffusion UNets (SD 1.x, 2.x, "
+            f"SD-Turbo, tiny); {name} ({model.family}) has no such img2img protocol: leave "
+            "--protocol out"
+        )
+    seen: dict[float, float] = {}
+    for p in plan.noise_levels:
+        t = img2img_timestep(model, p, plan.protocol_steps)
+        if t in seen:
+            raise ExtractionError(
+                f"noise levels {seen[t]:g} and {p:g} (--noise) both give img2img timestep "
+                f"{t:g} with {plan.protocol_steps} steps; give one of them"
             )
         seen[t] = p

@@ -21,7 +21,7 @@ from diffprobe.models.towers import Tower
 
 PADDING = ("keep", "full")
 NORMS = ("pipeline", "final")
-POOLED = ("full", "lens")
+POOLED = ("full", "lens", "empty")
 
 
 class LensError(DiffprobeError, ValueError):
@@ -69,6 +69,17 @@ def _tower(model: Model, encoder: str | None) -> Tower:
             f"{', '.join(available)}.{hint} Pass one of those as encoder= (--encoder)"
         )
     return available[name]
+
+
+def default_pooled(model: Model, tower) -> str:
+    """The family's default ``pooled``: ``empty`` for FLUX lensing its T5 encoder (as Toker et
+    al.'s FLUX notebook), ``lens`` for an encoder that feeds only the pooled vector, ``full``
+    otherwise."""
+    if tower.pipeline_layer is None:
+        return "lens"
+    if model.family == "flux" and tower.pooled is None:
+        return "empty"
+    return "full"
 
 
 def lens_layers(model: Model, encoder: str | None = None, norm: str = "pipeline") -> list[int]:
@@ -161,17 +172,18 @@ class LensEmbeddings:
         encoder: str | None = None,
         padding: str = "keep",
         norm: str = "pipeline",
-        pooled: str = "full",
+        pooled: str | None = None,
         guidance_scale: float | None = None,
     ):
         _check_choice("padding", padding, PADDING)
         _check_choice("norm", norm, NORMS)
-        _check_choice("pooled", pooled, POOLED)
         self.model = model
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not self.prompts:
             raise LensError("no prompt given; pass at least one prompt")
         self.tower = _tower(model, encoder)
+        pooled = default_pooled(model, self.tower) if pooled is None else pooled
+        _check_choice("pooled", pooled, POOLED)
         what = f"{self.tower.encoder} of {model.name or model.family}"
         if pooled == "lens" and self.tower.pooled is None:
             raise LensError(
@@ -195,6 +207,15 @@ class LensEmbeddings:
         self.uncond_sequence = self.uncond_pooled = None
         if full.uncond is not None:
             self.uncond_sequence, self.uncond_pooled = model.prompt_embeds(full.uncond)
+        self.empty_pooled = None
+        if pooled == "empty":
+            if self.pooled_embeds is None:
+                raise LensError(
+                    f"{what} feeds no pooled vector, so pooled='empty' would change nothing; "
+                    "use pooled='full' (--pooled full)"
+                )
+            empty = model.encode_prompt([""] * len(self.prompts))
+            self.empty_pooled = model.prompt_embeds(empty.cond)[1]
         text = model.encode_text(self.prompts)
         self.hidden_states = text.hidden_states[self.tower.encoder]
         self.input_ids = text.input_ids[self.tower.encoder]
@@ -275,6 +296,10 @@ class LensEmbeddings:
             sequence = sequence.clone()
             sequence[where] = lensed
         pooled = self.pooled_embeds
+        if self.pooled == "empty" and layer != self.last_layer:
+            # Toker et al.'s FLUX notebook: below the last layer the pooled vector is the empty
+            # prompt's, so no final-layer text reaches the image through it
+            pooled = self.empty_pooled.to(pooled.dtype)
         if self.pooled == "lens":
             pooled = pooled.clone()
             pooled[:, tower.pooled] = self.pooled_embedding(layer).to(pooled.dtype)
@@ -315,7 +340,10 @@ class LensEmbeddings:
         tower = self.tower
         same_norm = tower.kind == "t5" or tower.pipeline_layer is None or self.norm == "pipeline"
         same_norm = same_norm or tower.pipeline_norm
-        same_pooled = self.pooled == "full" or tower.pipeline_layer in (None, tower.num_layers)
+        same_pooled = self.pooled in ("full", "empty") or tower.pipeline_layer in (
+            None,
+            tower.num_layers,
+        )
         return same_norm and same_pooled
 
     def semantics(self) -> list[str]:
@@ -371,7 +399,7 @@ def lens_embeddings(
     encoder: str | None = None,
     padding: str = "keep",
     norm: str = "pipeline",
-    pooled: str = "full",
+    pooled: str | None = None,
     guidance_scale: float | None = None,
 ) -> LensEmbeddings:
     """Encode ``prompts`` once, fully and layer by layer; see :class:`LensEmbeddings`."""

@@ -66,15 +66,24 @@ class StableDiffusionModel(Model):
         # same rule as StableDiffusionPipeline.do_classifier_free_guidance
         return guidance_scale > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
 
-    def encode_images(self, images: Any, size: int | None = None) -> torch.Tensor:
+    def encode_images(
+        self, images: Any, size: int | None = None, posterior_noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Pixels -> latents (items, 4, size/f, size/f): the VAE posterior mean times the
-        scaling factor (deterministic; no posterior sample)."""
+        scaling factor (deterministic). With ``posterior_noise`` (a standard normal tensor of
+        the latent's shape, with or without the item axis), the posterior sample ``mean + std ·
+        posterior_noise`` instead, as ``latent_dist.sample()`` draws it (the alignment
+        paper's img2img protocol)."""
         pixels = self.prepare_images(images, size)
         vae = self.pipe.vae
         with torch.no_grad():
-            mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+            posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+            latent = posterior.mean
+            if posterior_noise is not None:
+                eps = posterior_noise.to(device=latent.device, dtype=latent.dtype)
+                latent = posterior.mean + posterior.std * eps
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((mean - shift) * vae.config.scaling_factor).to(self.dtype)
+        return ((latent - shift) * vae.config.scaling_factor).to(self.dtype)
 
     def _encode_prompt(
         self, prompts: list[str], negative: list[str] | None, uncond: bool

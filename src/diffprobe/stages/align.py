@@ -19,6 +19,7 @@ from diffprobe.analysis.alignment import (
     CHANCE,
     AlignmentError,
     check_metric,
+    check_ties,
     cka_matrix,
     concept_means,
     human_similarity,
@@ -223,6 +224,7 @@ def align_run(
     noises: Sequence[str] | None = None,
     conditions: Sequence[str] | None = None,
     ceiling: float | None = None,
+    ties: str = "strict",
     progress: bool = True,
 ) -> AlignmentResult:
     """OOO accuracy, ceiling, normalised score and RSA for every (site, noise, condition) of one
@@ -233,9 +235,11 @@ def align_run(
     ``conditions`` select arrays (default: all). Concepts without items are left out, with the
     triplets that use them, and so are concepts with no item whose features are finite in
     every array (a damaged store; with a warning). ``ceiling`` overrides the THINGS root's.
+    ``ties``: ``strict`` or ``glocal`` (see :func:`diffprobe.analysis.alignment.ooo_correct`).
     """
     for metric in metrics:
         check_metric(metric)
+    check_ties(ties)
     run_list = list(runs) if isinstance(runs, list | tuple) else [runs]
     if isinstance(triplets, np.ndarray):
         chosen = validate_triplets(triplets, things.n_concepts)
@@ -248,7 +252,7 @@ def align_run(
     for first_pass in (True, False):
         rows, features, covered, used, lost = _align_pass(
             run_list, things, item_concepts, chosen, metrics, reductions, pca, sites, noises,
-            conditions, ceiling, progress, warn=first_pass,
+            conditions, ceiling, progress, warn=first_pass, ties=ties,
         )  # fmt: skip
         if not lost.any():
             break
@@ -266,7 +270,7 @@ def align_run(
 
 def _align_pass(
     run_list, things, item_concepts, chosen, metrics, reductions, pca, sites, noises, conditions,
-    ceiling, progress, warn,
+    ceiling, progress, warn, ties="strict",
 ):  # fmt: skip
     """Rows and features of :func:`align_run` over the concepts that ``item_concepts`` (one
     array (items,) per run) cover, and the covered concepts that lost every item to NaN or
@@ -337,7 +341,7 @@ def _align_pass(
         for metric in metrics:
             projected = pca_project(values, pca) if pca else values
             similarity = similarity_matrix(projected, metric)
-            accuracy = float(ooo_correct(similarity, used).mean())
+            accuracy = float(ooo_correct(similarity, used, ties).mean())
             rows.append(
                 {
                     "run": name,
@@ -349,6 +353,7 @@ def _align_pass(
                     "reduction": reduction,
                     "metric": metric,
                     "pca": pca or "",
+                    "ties": ties,
                     "accuracy": accuracy,
                     "ceiling": ceiling if ceiling is not None else float("nan"),
                     "chance": CHANCE,
@@ -373,6 +378,7 @@ ROW_COLUMNS = (
     "reduction",
     "metric",
     "pca",
+    "ties",
     "accuracy",
     "ceiling",
     "chance",

@@ -78,6 +78,12 @@ class AnomalyConfig:
     query_item: int = 0
     show: int = 4
     seed: int = 0
+    # the anomaly paper's own measurements (stages/anomaly_paper.py): token-group ratios without
+    # resizing the crop, rel_norm at labels across every site; window side scaled with the
+    # site's grid, max(1, int(group * H / label_grid)); label_grid default image_size / 16
+    paper: bool = False
+    scale_window: bool = False
+    label_grid: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "binnings", tuple(int(b) for b in self.binnings))
@@ -96,6 +102,8 @@ class AnomalyConfig:
             (self.tolerance >= 0, f"--tolerance {self.tolerance}: at least 0 tokens"),
             (self.query_item >= 0, f"--query-item {self.query_item}: an item index >= 0"),
             (self.show >= 0, f"--show {self.show}: a number of images >= 0"),
+            (self.label_grid is None or self.label_grid >= 1, f"--label-grid "
+             f"{self.label_grid}: a grid of at least 1 token"),
             (all(b >= 2 for b in self.binnings), f"--binnings {list(self.binnings)}: bin counts "
              "are at least 2"),
         ]  # fmt: skip
@@ -115,7 +123,17 @@ class AnomalyConfig:
             "query": list(self.query),
             "query_item": self.query_item,
             "seed": self.seed,
+            "paper": self.paper,
+            "scale_window": self.scale_window,
+            "label_grid": self.label_grid,
         }
+
+    def group_for(self, height: int) -> int:
+        """The window side on a site of ``height`` tokens: ``group``, or with ``scale_window``
+        max(1, int(group · height / label_grid)) (the paper's rule for group 2)."""
+        if not self.scale_window or self.label_grid is None:
+            return self.group
+        return max(1, int(self.group * height / self.label_grid))
 
 
 # ------------------------------------------------------------------ measuring one array
@@ -156,11 +174,12 @@ def measure(
     if cropped is not None:
         tables.corners.append({**base, **corner_ratio(cropped, maps, config.corner_size)})
     norms = norm_maps(maps)
-    found = detect_high_norm(norms, config.threshold, config.group, config.reference)
+    group = min(config.group_for(maps.shape[1]), maps.shape[1], maps.shape[2])
+    found = detect_high_norm(norms, config.threshold, group, config.reference)
     counts = detections_per_image(found, n_items)
-    scores = group_scores(norms, config.group, config.reference)
+    scores = group_scores(norms, group, config.reference)
     tables.counts.append({
-        **base, "detections": int(len(found["item"])),
+        **base, "window": group, "detections": int(len(found["item"])),
         "images_with_detections": int((counts > 0).sum()), "images": n_items,
         "mean_per_image": float(counts.mean()), "max_score": float(scores.max()),
         "mean_norm": float(norms.mean()),
@@ -253,6 +272,8 @@ def analyse_run(
     run = open_run(run) if isinstance(run, (str, Path)) else run
     sites, noises, conditions = _chosen(run, sites, noises, conditions)
     grid = parse_grid(grid)
+    if config.label_grid is None:
+        config = replace(config, label_grid=default_label_grid(run, noises, conditions, grid))
     label_table = None
     if labels is not None:
         ids = [m["id"] for m in run.manifest]
@@ -265,7 +286,7 @@ def analyse_run(
     try:
         images = load_run_images(run)
     except (AnomalyError, OSError) as err:
-        if config.corner:
+        if config.corner or config.paper:
             raise
         log.warning("no images for the overlays: %s", err)
     if label_table is not None:
@@ -307,7 +328,49 @@ def analyse_run(
     figures = []
     if plots:
         figures = write_figures(out, views, tables, images, shown, config)
-    return write_results(out, tables, arrays, config.parameters(run.root), figures, config.corner)
+    summary = write_results(out, tables, arrays, config.parameters(run.root), figures,
+                            config.corner)  # fmt: skip
+    if config.paper:
+        summary.update(paper_tables(run, out, config, sites, noises, conditions, grids, images,
+                                    label_table, model, device, dtype, grid, batch_size,
+                                    progress))  # fmt: skip
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def default_label_grid(run, noises, conditions, grid) -> int:
+    """The grid labels are made on: that of ``unet.up_blocks.1`` (the paper labels its 32² map
+    of SD at 512 px) when the run has it, else image_size / 16."""
+    if LABELLED_SITE in run.sites:
+        shape = run.array(LABELLED_SITE, noises[0], conditions[0]).shape
+        return int(to_grid(np.zeros((1, *shape[1:]), np.float32), grid).shape[1])
+    return max(1, int(run.info["image_size"]) // 16)
+
+
+LABELLED_SITE = "unet.up_blocks.1"
+
+
+def paper_tables(run, out, config, sites, noises, conditions, grids, images, label_table, model,
+                 device, dtype, grid, batch_size, progress) -> dict:  # fmt: skip
+    """``token_group_ratios.csv`` and, with labels, ``rel_norm_at_labels.csv`` (the anomaly
+    paper's definitions, :mod:`diffprobe.stages.anomaly_paper`)."""
+    from diffprobe.stages.anomaly_paper import PAPER_DEFINITIONS, rel_norm_rows
+    from diffprobe.stages.anomaly_paper import token_group_ratios as ratio_rows
+
+    parameters = [f"parameter {k} = {v}" for k, v in config.parameters(run.root).items()]
+    loaded = load_model_of(run, model, device, dtype)
+    ratios = ratio_rows(run, loaded, out, sites, noises, conditions, grids, images, grid=grid,
+                        batch_size=batch_size, progress=progress)  # fmt: skip
+    comments = [f"token_group_ratio: {PAPER_DEFINITIONS['token_group_ratio']}", *parameters]
+    write_csv(out / "token_group_ratios.csv", ratios, comments=comments)
+    tables = {"token_group_ratios": ratios}
+    if label_table is not None:
+        rows = rel_norm_rows(run, sites, noises, conditions, label_table, config.label_grid,
+                             grid=grid)  # fmt: skip
+        comments = [f"rel_norm: {PAPER_DEFINITIONS['rel_norm']}", *parameters]
+        write_csv(out / "rel_norm_at_labels.csv", rows, comments=comments)
+        tables["rel_norm_at_labels"] = rows
+    return tables
 
 
 _TABLES = (

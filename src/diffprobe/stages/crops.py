@@ -112,6 +112,8 @@ def run_plan(run: Any, sites: Sequence[str]) -> ExtractionPlan:
         image_size=info["image_size"],
         chunk_items=info["chunk_items"],
         store_dtype=info["store_dtype"],
+        protocol=(info.get("protocol") or {}).get("name", "default"),
+        protocol_steps=(info.get("protocol") or {}).get("img2img_steps", 100),
     )
 
 

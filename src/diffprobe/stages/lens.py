@@ -111,7 +111,7 @@ def lens(
     encoder: str | None = None,
     padding: str = "keep",
     norm: str = "pipeline",
-    pooled: str = "full",
+    pooled: str | None = None,
     size: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
@@ -123,7 +123,8 @@ def lens(
     (negative from the last lens layer); ``guidance_scale`` defaults to the family's
     ``model.generate`` default. See the module doc for the semantics of ``encoder``,
     ``padding`` (``"keep"``/``"full"``), ``norm`` (``"pipeline"``/``"final"``) and ``pooled``
-    (``"full"``/``"lens"``). Returns a :class:`LensResult` with uint8 images (prompts, layers,
+    (``"full"``/``"lens"``/``"empty"``; default: the family's, ``empty`` for FLUX's T5).
+    Returns a :class:`LensResult` with uint8 images (prompts, layers,
     seeds, size, size, 3).
     """
     from tqdm.auto import tqdm
@@ -202,7 +203,7 @@ def lens(
         "size": size,
         "padding": padding,
         "norm": norm,
-        "pooled": pooled,
+        "pooled": first.pooled,
         "semantics": first.semantics(),
         "readout_check_max_abs_difference": check,
         "last_layer_reproduces_generation": first.reproduces_generation(),

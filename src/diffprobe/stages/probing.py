@@ -22,6 +22,58 @@ from diffprobe.stages.align import load_concept_features
 PROBE_KIND, REGRESS_KIND = "probe", "regress"
 
 
+def probe_options(
+    method: str,
+    *,
+    lam: float | None = None,
+    lambdas: str = "1e-4,1e-3,1e-2,1e-1,1",
+    alpha: float = 0.1,
+    tau: float = 1.0,
+    regulariser: str = "frobenius",
+    pca: int | None = None,
+    lr: float | None = None,
+    max_epochs: int | None = None,
+    patience: int | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """The fit options of ``diffprobe probe --probe METHOD`` (checked before any work):
+    ``default`` takes lam (1e-3), regulariser, pca, lr (1e-2), max_epochs (500), patience (50),
+    batch_size; ``glocal`` takes lam (or sweeps ``lambdas``), alpha, tau, lr (1e-3), max_epochs
+    (100), patience (15), batch_size (256) and refuses ``pca`` and ``regulariser``."""
+    probing.fitter(method)
+    for name, value in (("--max-epochs", max_epochs), ("--patience", patience),
+                        ("--batch-size", batch_size)):  # fmt: skip
+        if value is not None and value < 1:
+            raise probing.ProbingError(f"{name} {value}: expected an integer >= 1")
+    for name, value in (("--lambda", lam), ("--lr", lr)):
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise probing.ProbingError(f"{name} {value}: expected a finite number >= 0")
+    given = {"lr": lr, "max_epochs": max_epochs, "patience": patience, "batch_size": batch_size}
+    given = {k: v for k, v in given.items() if v is not None}
+    if method == "default":
+        return {"method": method, "lam": 1e-3 if lam is None else lam,
+                "regulariser": regulariser, "pca": pca, **given}  # fmt: skip
+    if pca or regulariser != "frobenius":
+        raise probing.ProbingError(
+            "--probe glocal has its own regulariser (unsquared Frobenius) and works on the full "
+            "features; leave out --pca and --regulariser, or use --probe default"
+        )
+    if not 0 <= alpha <= 1 or not tau > 0:
+        raise probing.ProbingError(
+            f"--alpha {alpha} must lie in [0, 1] and --tau {tau} must be > 0"
+        )
+    try:
+        grid = [float(v) for v in lambdas.split(",") if v.strip()]
+    except ValueError:
+        grid = []
+    if not grid or not all(np.isfinite(v) and v >= 0 for v in grid):
+        raise probing.ProbingError(
+            f"--lambdas {lambdas!r}: expected comma-separated numbers >= 0, e.g. 1e-3,1e-2,1e-1"
+        )
+    return {"method": method, "lam": lam, "lambdas": tuple(grid), "alpha": alpha, "tau": tau,
+            **given}  # fmt: skip
+
+
 def _slug(*parts: str) -> str:
     return "__".join(p.replace("/", "_").replace(":", "~") for p in parts)
 
@@ -80,8 +132,11 @@ def probe_run(
             **base,
             "zero_shot_mean": result.zero_shot_mean, "zero_shot_std": result.zero_shot_std,
             "probed_mean": result.probed_mean, "probed_std": result.probed_std,
-            "folds": folds, "lambda": options.get("lam"),
-            "regulariser": options.get("regulariser"), "transform": str(folder / "transform.npz"),
+            "folds": folds, "probe": options.get("method", "default"),
+            "lambda": options.get("lam") if options.get("lam") is not None else ";".join(
+                f"{row.get('lambda')}" for row in result.rows),
+            "regulariser": options.get("regulariser", "frobenius-unsquared"),
+            "transform": str(folder / "transform.npz"),
         })  # fmt: skip
         if echo is not None:
             echo(f"{site} {noise_key} {cond}: zero-shot {result.zero_shot_mean:.3f} ± "
