@@ -243,7 +243,9 @@ def generate_batch(
 ) -> tuple[np.ndarray, dict[tuple[str, str], torch.Tensor], list[float]]:
     """Generate one batch with the capture open: (images uint8 (items, H, W, 3),
     {(site, branch): (items, timesteps, reductions, channels)}, timesteps)."""
-    extra = {} if plan.negative_prompt is None else {"negative_prompt": plan.negative_prompt}
+    extra = {}
+    if plan.negative_prompt is not None:
+        extra["negative_prompt"] = [plan.negative_prompt] * len(prompts)
     with capture(model, plan.sites, reduce=reduce) as cache:
         images = model.generate(
             prompts, steps=plan.steps, guidance_scale=plan.guidance_scale, seed=seeds,
