@@ -9,11 +9,12 @@ pushing it make images that colour?
    the chance level 0.5 and the 95th percentile of the best AUC over label permutations.
 3. Steering: the chosen channel is pushed (``Steer``, mode add, sign of AUC - 0.5) inside its
    window on the empty prompt without CFG, for ``--steer-seeds`` seeds, at strengths
-   ``--multiples`` × the channel's max activation over the captured items; the attribute
+   ``--multiples`` × the channel's max activation over the captured items (the thesis uses
+   50), once inside the selected window and once at every timestep; the attribute
    reader (``read_attributes``) reads every image's colour. Reported: the fraction read as
    COLOUR, steered vs unsteered (same seeds).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/features_tiny.py --captions 128 --steer-seeds 64
+    PYTHONPATH=src .venv/bin/python benchmarks/features_tiny.py --captions 256 --steer-seeds 64
 
 Writes ``benchmarks/results/features_tiny.json`` (``--out``) and prints it.
 """
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--windows", default="0-333,334-666,667-1000")
     parser.add_argument("--steer-seeds", type=int, default=64)
-    parser.add_argument("--multiples", default="1,3,10")
+    parser.add_argument("--multiples", default="5,20,50")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--permutations", type=int, default=200)
@@ -114,12 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     unsteered, unsteered_counts = fraction([])
     steered = []
-    for multiple in [float(m) for m in args.multiples.split(",")]:
-        strength = sign * multiple * top
-        spec = features.Steer(site, channel=channel, strength=strength, window=window_edit)
-        share, counts = fraction([spec])
-        steered.append({"multiple_of_max": multiple, "strength": strength,
-                        "fraction_colour": share, "colour_counts": counts})  # fmt: skip
+    for where, chosen in (("selected window", window_edit), ("all timesteps", None)):
+        for multiple in [float(m) for m in args.multiples.split(",")]:
+            strength = sign * multiple * top
+            spec = features.Steer(site, channel=channel, strength=strength, window=chosen)
+            share, counts = fraction([spec])
+            steered.append({"window": where, "multiple_of_max": multiple, "strength": strength,
+                            "fraction_colour": share, "colour_counts": counts})  # fmt: skip
+            print(json.dumps(steered[-1]), file=sys.stderr)
     result = {
         "command": "python benchmarks/features_tiny.py " + " ".join(argv or sys.argv[1:]),
         "model": args.model, "colour": args.colour, "captions": args.captions,
