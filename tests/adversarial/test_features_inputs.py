@@ -93,6 +93,10 @@ STEER_CASES = {
         steer("--prior", "--channel", "0", "--prompt", "a red circle"),
         ["--prior", "--prompt"],
     ),
+    "mask not an array": (
+        steer("--channel", "0", "--strength", "1", "--mask", "empty.txt"),
+        ["--mask empty.txt"],
+    ),
     "analysis folder without analysis": (
         steer("--channel", "0", "--relative", "50", "--analysis", "nowhere"),
         ["--analysis nowhere", "analysis.json"],
@@ -118,7 +122,7 @@ def test_features_capture_refuses(prompt_files, refused, args, names):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("args", "names"), _cases(STEER_CASES))
-def test_steer_refuses(refused, args, names):
+def test_steer_refuses(prompt_files, refused, args, names):
     refused(args, names)
 
 

@@ -54,6 +54,23 @@ def _direction(spec: str):
     return value
 
 
+def _mask(path: Path):
+    import numpy as np
+
+    from diffprobe.features import SteerError
+
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SteerError(f"--mask {path}: not a readable .npy array ({err})") from None
+    if values.ndim not in (1, 2) or not np.isin(values, (0, 1)).all():
+        raise SteerError(
+            f"--mask {path}: a {values.dtype} {values.shape} array; give 0/1 or bool of shape "
+            "(height, width) or (tokens,)"
+        )
+    return values.astype(bool)
+
+
 def steer_command(
     model: Annotated[str, typer.Option(help="alias, hub id or local diffusers folder")],
     site: Annotated[str, typer.Option(help="the denoiser site to steer")],
@@ -72,6 +89,9 @@ def steer_command(
     ] = None,
     window: Annotated[str, typer.Option(help="all | active | peaks | LOW-HIGH")] = "all",
     branch: Annotated[str | None, typer.Option(help="cond | uncond (default: both)")] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="spatial mask: a .npy of 0/1 (height, width) or (tokens,)")
+    ] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="prompt(s) (default: empty)")] = None,
     seeds: Annotated[str, typer.Option(help="seeds, e.g. 0-63")] = "0",
     steps: int = 25,
@@ -126,13 +146,15 @@ def steer_command(
     channels = _channels(channel) if channel is not None else [None]
     vector = _direction(direction) if direction is not None else None
     read = Analysis(analysis) if analysis is not None else None
+    spatial = _mask(mask) if mask is not None else None
     parse_dtype(dtype)
     parse_device(device)
     check_output(out, "steer", overwrite=overwrite)
     loaded = load(model, dtype=dtype, device=device)
     steers = [
         resolve_steer(loaded, site, channel=c, direction=vector, mode=mode, strength=strength,
-                      relative=relative, window=window, analysis=read, branch=branch)
+                      relative=relative, window=window, analysis=read, branch=branch,
+                      mask=spatial)
         for c in channels
     ]  # fmt: skip
     result = steer_to_folder(loaded, steers, out, prompts=prompts, seeds=seed_list, steps=steps,

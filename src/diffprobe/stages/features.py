@@ -362,8 +362,8 @@ def resolve_steer(
 
 
 def _site_channels(model, site: str) -> int:
-    """The channel count of a denoiser site, from one tiny forward on the meta device is not
-    portable: read it from one real denoiser call's capture instead (cheap, 1 step)."""
+    """The channel count of a denoiser site, read from a capture of a one-step generation (works
+    for any model, also one built from a pipeline without a registered alias)."""
     from diffprobe.hooks.engine import capture
 
     with capture(model, [site]) as cache:
