@@ -198,7 +198,7 @@ def concept_maps(scores: torch.Tensor, concepts: Sequence[Sequence[int]]) -> tor
 
 
 def layer_group(site: str) -> str:
-    """The layer group of an attention site: ``down``/``mid``/``up`` (UNets), ``joint`` (SD3, FLUX double-stream), 
+    """The layer group of an attention site: ``down``/``mid``/``up`` (UNets), ``joint`` (SD3, FLUX double-stream),
     ``single`` (FLUX single-stream)."""
     if ".down_blocks." in site:
         return "down"

@@ -121,9 +121,7 @@ class PromptAttribution:
         scores = torch.from_numpy(self.outputs).float()  # (tokens, layers, steps, rows, cols)
         moved = scores.permute(1, 2, 3, 4, 0)  # (layers, steps, rows, cols, tokens)
         probs = maths.concept_maps(moved, concepts).mean(dim=(0, 1))  # (concepts, rows, cols)
-        return {
-            w: maths.upsample(probs[i], self.size).numpy() for i, w in enumerate(words)
-        }
+        return {w: maths.upsample(probs[i], self.size).numpy() for i, w in enumerate(words)}
 
 
 # ------------------------------------------------------------------------------ tokens

@@ -36,9 +36,9 @@ class MapStore:
         import zarr
 
         self.group = zarr.open_group(str(self.path), mode="w")
-        for name, values, sites in (
-            ("maps", result.maps, result.sites),
-            ("outputs", result.outputs, result.output_sites),
+        for name, values in (
+            ("maps", result.maps),
+            ("outputs", result.outputs),
         ):
             if values is None:
                 continue
