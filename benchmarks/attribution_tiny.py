@@ -120,7 +120,9 @@ def main() -> None:
                 "random_token": scores(table["random"], chosen),
             }
         row["position_word_quadrant_fraction"] = float(hits.mean())
-        row["shape_word_quadrant_fraction"] = float((shapes.quadrant_of(sx, sy) == quadrants).mean())
+        row["shape_word_quadrant_fraction"] = float(
+            (shapes.quadrant_of(sx, sy) == quadrants).mean()
+        )
         rows.append(row)
     report = {
         "items": args.items,

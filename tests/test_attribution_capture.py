@@ -132,6 +132,7 @@ def test_probabilities_equal_an_independent_recomputation(name):
     assert "diffprobe" not in torch.nn.functional.scaled_dot_product_attention.__module__
 
 
+@pytest.mark.slow
 def test_cfg_keeps_the_conditional_half_and_no_cfg_the_whole_batch(sd_model):
     """Under CFG the capture's "cond" record is the second half of the doubled batch; with
     guidance 1 (no CFG, e.g. Turbo) the batch is one branch, and DAAM's rule (drop the first

@@ -119,8 +119,10 @@ class PromptAttribution:
             return {}
         concepts = [self.positions(w, model) for w in words]
         scores = torch.from_numpy(self.outputs).float()  # (tokens, layers, steps, rows, cols)
-        moved = scores.permute(1, 2, 3, 4, 0)  # (layers, steps, rows, cols, tokens)
-        probs = maths.concept_maps(moved, concepts).mean(dim=(0, 1))  # (concepts, rows, cols)
+        tokens, layers, steps, rows, columns = scores.shape
+        moved = scores.reshape(tokens, layers, steps, rows * columns).permute(1, 2, 3, 0)
+        probs = maths.concept_maps(moved, concepts).mean(dim=(0, 1))  # (concepts, image tokens)
+        probs = probs.reshape(len(concepts), rows, columns)
         return {w: maths.upsample(probs[i], self.size).numpy() for i, w in enumerate(words)}
 
 
