@@ -103,7 +103,7 @@ def run_attribution(
     ``masks="reader"`` writes ``<word>.gt.png`` for shape and colour words and scores them."""
     maths.check_threshold(threshold)
     check_words(model, prompts, words)
-    out = claim_output(out, ATTRIBUTION_KIND)
+    out = claim_output(out, ATTRIBUTION_KIND, entries=(MAPS_STORE,) if store else ())
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     summary: list[dict[str, Any]] = []
     scores: list[float] = []
