@@ -35,13 +35,18 @@ def heat_image(values: np.ndarray) -> Any:
 
 
 def overlay(image: np.ndarray, values: np.ndarray, strength: float = 0.55) -> Any:
-    """The normalised map in the 'jet' colour map blended over the image (uint8 (H, W, 3))."""
+    """The normalised map in the 'jet' colour map blended over the image (uint8 (H, W, 3));
+    images under 256 px are enlarged by a whole factor (nearest neighbour) to stay readable."""
     from matplotlib import colormaps
     from PIL import Image
 
     colours = colormaps["jet"](normalise(values))[..., :3]
     blended = (1 - strength) * image.astype(np.float64) / 255 + strength * colours
-    return Image.fromarray((np.clip(blended, 0, 1) * 255).round().astype(np.uint8))
+    picture = Image.fromarray((np.clip(blended, 0, 1) * 255).round().astype(np.uint8))
+    factor = max(1, 256 // max(image.shape[:2]))
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+    return picture
 
 
 def _save_png(image: Any, path: Path) -> None:
