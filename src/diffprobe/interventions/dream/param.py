@@ -56,7 +56,9 @@ def load_prior(path: str | Path, shape: Sequence[int], key: str | None = None) -
             )
         key = next(iter(tensors))
     if key not in tensors:
-        raise DreamError(f"--prior {path} has no tensor {key!r}; it has {', '.join(sorted(tensors))}")
+        raise DreamError(
+            f"--prior {path} has no tensor {key!r}; it has {', '.join(sorted(tensors))}"
+        )
     latents = tensors[key].float()
     if tuple(latents.shape) == tuple(shape):
         latents = latents[None]

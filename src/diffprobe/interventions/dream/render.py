@@ -252,9 +252,7 @@ def render(
     elapsed = time.perf_counter() - started
     latents = z.detach().cpu().clone()
     images = decode(model, latents) if decode_images else None
-    snapshot_images = (
-        {k: decode(model, v) for k, v in snapshots.items()} if decode_images else {}
-    )
+    snapshot_images = {k: decode(model, v) for k, v in snapshots.items()} if decode_images else {}
     return Dream(
         latents=latents,
         images=images,
@@ -307,15 +305,16 @@ def measure(
         draws = []
         for k in range(samples if noise_seed is not None else 1):
 
-            def noised(x, draw, k=k):
+            def noised(x, draw, k=k, items=items):
                 if noise_seed is None:
                     return x
                 noise = item_noise(x.shape[1:], noise_seed + k, items, device=x.device)
                 return model.add_noise(x, timestep=draw.timestep, noise=noise)[0]
 
             draws.append(
-                forward(model, objective, chunk, plan, conditioning, (noised,), [], timestep,
-                        autocast)  # fmt: skip
+                forward(
+                    model, objective, chunk, plan, conditioning, (noised,), [], timestep, autocast
+                )  # fmt: skip
             )
         totals.append(torch.stack([d[0] for d in draws]).mean(0).cpu())
         leaves.append([torch.stack([d[1][j] for d in draws]).mean(0).cpu()

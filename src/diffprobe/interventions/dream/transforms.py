@@ -56,9 +56,7 @@ class Draw:
 
     def integers(self, low: int, high: int) -> torch.Tensor:
         """(items,) int64, item i uniform in {low, ..., high}."""
-        return torch.stack(
-            [torch.randint(low, high + 1, (), generator=g) for g in self.generators]
-        )
+        return torch.stack([torch.randint(low, high + 1, (), generator=g) for g in self.generators])
 
     def normal(self, shape: Sequence[int]) -> torch.Tensor:
         """(items, *shape) float32 standard normal noise, item i from its own generator."""
@@ -75,9 +73,7 @@ class Jitter:
         if self.pixels <= 0:
             return x
         dy, dx = draw.integers(-self.pixels, self.pixels), draw.integers(-self.pixels, self.pixels)
-        rolled = [
-            torch.roll(x[i], (int(dy[i]), int(dx[i])), dims=(-2, -1)) for i in range(len(x))
-        ]
+        rolled = [torch.roll(x[i], (int(dy[i]), int(dx[i])), dims=(-2, -1)) for i in range(len(x))]
         return torch.stack(rolled)
 
 
