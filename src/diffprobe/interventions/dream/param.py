@@ -38,7 +38,7 @@ def noise_init(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
 def load_prior(path: str | Path, shape: Sequence[int], key: str | None = None) -> torch.Tensor:
     """Prior latents (items, *shape) float32 from a safetensors file: the tensor ``key``, or
     the file's only tensor (a tensor of ``shape`` alone is one item)."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path).expanduser()
@@ -46,8 +46,9 @@ def load_prior(path: str | Path, shape: Sequence[int], key: str | None = None) -
         raise DreamError(f"--prior {path}: no such file; give a .safetensors file of latents")
     try:
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as err:
-        raise DreamError(f"--prior {path} is not a readable safetensors file ({err})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split())
+        raise DreamError(f"--prior {path} is not a readable safetensors file ({reason})") from None
     if key is None:
         if len(tensors) != 1:
             raise DreamError(

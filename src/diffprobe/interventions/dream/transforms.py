@@ -162,19 +162,19 @@ class Spectral:
     def __call__(self, gradient: torch.Tensor, step: int, steps: int) -> torch.Tensor:
         height, width = gradient.shape[-2:]
         weights = 1.0 / (radial_frequency(height, width, gradient.device) + 1.0)
-        spectrum = torch.fft.fft2(gradient.float()) * weights
-        filtered = torch.fft.ifft2(spectrum).real
-        before = gradient.float().flatten(1).std(1)
+        work = gradient if gradient.dtype == torch.float64 else gradient.float()
+        filtered = torch.fft.ifft2(torch.fft.fft2(work) * weights).real
+        before = work.flatten(1).std(1)
         after = filtered.flatten(1).std(1)
         ratio = torch.where(after > 0, before / after.clamp_min(1e-30), torch.zeros_like(after))
         return (filtered * ratio.view(-1, *([1] * (gradient.dim() - 1)))).to(gradient.dtype)
 
 
 def gaussian_kernel(kernel: int, sigma: float) -> torch.Tensor:
-    """(kernel,) normalised taps exp(-x^2 / 2σ^2) at x = -(kernel-1)/2 ... (kernel-1)/2."""
+    """(kernel,) float64 normalised taps exp(-x^2 / 2σ^2) at x = -(kernel-1)/2 ... (kernel-1)/2."""
     x = torch.linspace(-(kernel - 1) / 2, (kernel - 1) / 2, kernel, dtype=torch.float64)
     taps = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (taps / taps.sum()).float()
+    return taps / taps.sum()
 
 
 @dataclass(frozen=True)
