@@ -120,8 +120,12 @@ def part_colour(model, args, dream) -> dict:
     activity = view.branch("cond").numpy()  # (calls, items, channels)
     timesteps = [float(t) for t in view.timesteps]
     read = read_attributes((images * 255).round().astype(np.uint8))["colour"]
-    aucs = np.stack([np.stack([auc(activity[s], labels == k) for k in range(len(colours))])
-                     for s in range(len(timesteps))])  # (timesteps, colours, channels)
+    aucs = np.stack(
+        [
+            np.stack([auc(activity[s], labels == k) for k in range(len(colours))])
+            for s in range(len(timesteps))
+        ]
+    )  # (timesteps, colours, channels)
     s, k, c = np.unravel_index(np.argmax(aucs), aucs.shape)
     t_best, colour, best = timesteps[s], int(k), int(c)
     log(f"most selective: channel {best} for {colours[colour]} at t={t_best:g}, "
@@ -160,8 +164,8 @@ def part_colour(model, args, dream) -> dict:
 
 
 def figures(rise: dict, colour: dict, folder: Path) -> None:
-    from diffprobe.report.dream import dream_grid, plot_objective
     from diffprobe.io import atomic_path
+    from diffprobe.report.dream import dream_grid, plot_objective
 
     folder.mkdir(parents=True, exist_ok=True)
     curves = {f"ch {c}": np.array(v) for c, v in list(rise["curves"].items())}

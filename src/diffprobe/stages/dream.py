@@ -26,6 +26,7 @@ import torch
 
 from diffprobe.hooks.engine import capture
 from diffprobe.interventions import dream as dr
+from diffprobe.interventions.dream.render import pass_plan
 from diffprobe.io import (
     atomic_path,
     claim_output,
@@ -34,7 +35,6 @@ from diffprobe.io import (
     write_csv,
     write_json,
 )
-from diffprobe.interventions.dream.render import pass_plan
 from diffprobe.report.dream import dream_grid
 
 log = logging.getLogger(__name__)
