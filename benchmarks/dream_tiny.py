@@ -126,7 +126,10 @@ def part_colour(model, args, dream) -> dict:
             for s in range(len(timesteps))
         ]
     )  # (timesteps, colours, channels)
-    s, k, c = np.unravel_index(np.argmax(aucs), aucs.shape)
+    # renoise matters only where the schedule's noise is not negligible
+    eligible = np.array([t >= args.min_timestep for t in timesteps])
+    masked = np.where(eligible[:, None, None], aucs, -np.inf)
+    s, k, c = np.unravel_index(np.argmax(masked), aucs.shape)
     t_best, colour, best = timesteps[s], int(k), int(c)
     log(f"most selective: channel {best} for {colours[colour]} at t={t_best:g}, "
         f"AUC {aucs[s, k, c]:.3f}")  # fmt: skip
@@ -142,9 +145,21 @@ def part_colour(model, args, dream) -> dict:
         "best_auc_per_colour": {colours[j]: float(aucs[:, j].max()) for j in range(len(colours))},
         "random_channels": random_channels, "seeds": seeds, "variants": {},
     }  # fmt: skip
+    if args.init == "prior":
+        # the thesis starts dreams from priors (empty-prompt images); both arms share them
+        log(f"generating {args.seeds} empty-prompt start latents")
+        starts = model.generate([""] * args.seeds, steps=25, guidance_scale=1.0, seed=0,
+                                output_type="latent").float().cpu()  # fmt: skip
+        init = torch.cat([starts, starts])
+        out["_starts"] = dream.decode(model, starts)
+        start_colours = read_attributes(out["_starts"])["colour"]
+        out["start_hits"] = int((start_colours == colour).sum())
+        out["start_colours"] = [colours[i] if i >= 0 else "none" for i in start_colours]
+    else:
+        init = dream.noise_init(dream.input_shape(model), dream_seeds)
+    out["init"] = args.init
     for renoise in (True, False):
         objective = dream.thesis_objective(dream.channel(SITE, targets))
-        init = dream.noise_init(dream.input_shape(model), dream_seeds)
         log(f"dreaming {len(targets)} dreams at t={t_best:g}, renoise={renoise}")
         result = dream.render(model, objective, init, timestep=t_best, seeds=dream_seeds,
                               transforms=dream.default_transforms(renoise), steps=args.steps,
@@ -168,12 +183,26 @@ def figures(rise: dict, colour: dict, folder: Path) -> None:
     from diffprobe.report.dream import dream_grid, plot_objective
 
     folder.mkdir(parents=True, exist_ok=True)
+    if colour is not None:
+        colour_grid(colour, folder)
+    if rise is None:
+        return
     curves = {f"ch {c}": np.array(v) for c, v in list(rise["curves"].items())}
     plot_objective(curves, folder / "dream_objective.png", ylabel="channel mean activation",
                    title=f"tiny {SITE}: activation during the dream (t=0)")  # fmt: skip
-    n = len(colour["seeds"])
     rows = [(f"ch {c}", [img]) for c, img in zip(rise["_channels"], rise["_images"], strict=True)]
-    grid_rows = []
+    side = dream_grid([("t=0", [img for _, (img,) in rows])],
+                      [f"ch {c}" for c in rise["_channels"]], "channel dreams, t=0")  # fmt: skip
+    with atomic_path(folder / "dream_channels.png", record=False) as temporary:
+        side.save(temporary, format="PNG")
+
+
+def colour_grid(colour: dict, folder: Path) -> None:
+    from diffprobe.io import atomic_path
+    from diffprobe.report.dream import dream_grid
+
+    n = len(colour["seeds"])
+    grid_rows = [("start", list(colour["_starts"]))] if "_starts" in colour else []
     for name, variant in colour["variants"].items():
         images = variant["_images"]
         grid_rows.append((f"{name}: ch {colour['channel']}", list(images[:n])))
@@ -181,12 +210,8 @@ def figures(rise: dict, colour: dict, folder: Path) -> None:
     grid = dream_grid(grid_rows, [f"seed {s}" for s in colour["seeds"]],
                       f"dreams of channel {colour['channel']} ({colour['colour']}, "
                       f"t={colour['timestep']:g}) vs random channels")  # fmt: skip
-    with atomic_path(folder / "dream_colour_grid.png", record=False) as temporary:
+    with atomic_path(folder / f"dream_colour_grid_{colour['init']}.png", record=False) as temporary:
         grid.save(temporary, format="PNG")
-    side = dream_grid([("t=0", [img for _, (img,) in rows])],
-                      [f"ch {c}" for c in rise["_channels"]], "channel dreams, t=0")  # fmt: skip
-    with atomic_path(folder / "dream_channels.png", record=False) as temporary:
-        side.save(temporary, format="PNG")
 
 
 def strip(value):
@@ -205,6 +230,13 @@ def main() -> None:
     parser.add_argument("--gen-steps", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init", default="noise", help="noise | prior (empty-prompt images)")
+    parser.add_argument(
+        "--min-timestep",
+        type=float,
+        default=0.0,
+        help="choose the selective channel among timesteps >= this",
+    )
     parser.add_argument("--parts", default="rise,colour")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--figures", type=Path, default=None)
@@ -228,7 +260,7 @@ def main() -> None:
         from diffprobe.io import write_text
 
         write_text(args.out, text + "\n")
-    if args.figures and rise and colour:
+    if args.figures:
         figures(rise, colour, args.figures)
 
 
