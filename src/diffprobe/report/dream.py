@@ -61,8 +61,11 @@ def plot_objective(
     """One line per label of ``curves`` (label -> values per step) against step; PNG."""
     figure = new_figure(figsize=(5.5, 3.6), layout="constrained")
     axes = figure.subplots()
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20" if len(curves) > 10 else "tab10"]
     for index, (label, values) in enumerate(curves.items()):
-        axes.plot(np.arange(len(values)), values, color=f"C{index % 10}", label=label)
+        axes.plot(np.arange(len(values)), values, color=palette(index % palette.N), label=label)
     axes.set_xlabel("optimisation step")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
