@@ -96,3 +96,32 @@ def test_dream_writes_its_folder(sandbox, cli):
     again = cli(*DREAM, "--channel", "2", "--steps", "1", "--quiet", "--overwrite")
     assert again.code == 0, again.err
     assert not (out / "channel_0005").exists()
+
+
+@pytest.fixture
+def sae_folders(sandbox):
+    """A random SAELens-layout SAE of tiny's ``unet.up_blocks.1`` (64 channels), and one of
+    the wrong width."""
+    from diffprobe.sae import TopKSAE, save_sae
+
+    save_sae(TopKSAE(64, 96, 8, seed=0), sandbox / "work" / "sae")
+    save_sae(TopKSAE(32, 96, 8, seed=0), sandbox / "work" / "sae32")
+    return sandbox
+
+
+def test_dream_refuses_bad_sae_features(sae_folders, refused):
+    refused(dream("--sae", "sae", "--feature", "96"), ["96", "0 to 95"])
+    refused(dream("--sae", "sae32", "--feature", "3"), ["32", "64"])
+    refused(dream("--sae", "sae", "--channel", "3"), ["--sae", "--feature"])
+
+
+@pytest.mark.slow
+def test_dream_of_sae_features_writes_its_folder(sae_folders, cli):
+    outcome = cli(*DREAM, "--sae", "sae", "--feature", "7,40", "--steps", "2", "--quiet")
+    assert outcome.code == 0, outcome.err
+    info = json.loads((sae_folders / "work" / "dreams" / "dream.json").read_text())
+    # the thesis' SAE settings: no TV, moment 0.5, no blur
+    assert info["kind"] == "feature" and info["settings"]["tv"] == 0
+    assert info["settings"]["moment"] == 0.5 and info["settings"]["sigma"] == 0
+    assert "sae_feature" in info["leaves"][0] and "moment" in info["leaves"]
+    assert (sae_folders / "work" / "dreams" / "feature_00040" / "grid.png").is_file()
