@@ -16,7 +16,15 @@ colour, timestep) of highest AUC is dreamt with ``--seeds`` seeds at that timest
 reader reads the colour of every decoded dream. Goal: the selective channel's dreams are read
 as its colour more often than the random channels' dreams.
 
-    nice .venv/bin/python benchmarks/dream_tiny.py --out benchmarks/results/dream_tiny.json
+    nice .venv/bin/python benchmarks/dream_tiny.py --out benchmarks/results/dream_tiny.json \
+        --figures docs/figures
+    nice .venv/bin/python benchmarks/dream_tiny.py --parts colour --init prior \
+        --min-timestep 200 --out benchmarks/results/dream_tiny_prior.json --figures docs/figures
+
+``--init prior`` starts both arms of part 2 from the same images generated from the empty
+prompt without guidance (the thesis starts dreams from priors: empty-prompt generations,
+steered); ``--min-timestep`` restricts the choice of the selective channel to timesteps where
+the schedule's noise (and so renoise) matters.
 
 Writes JSON (``--out``) and, with ``--figures DIR``, the grid and the objective curves.
 """
