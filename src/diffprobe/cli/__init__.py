@@ -46,7 +46,7 @@ def _options(
 # ``diffprobe --help`` lists them.
 _COMMAND_MODULES = (
     "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "attribution",
-    "train", "demo",
+    "dream", "train", "demo",
 )  # fmt: skip
 
 
