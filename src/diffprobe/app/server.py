@@ -53,6 +53,12 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------- answers
 
     def _send(self, status: int, body: bytes, kind: str, cache: bool = False) -> None:
+        try:
+            self._answer(status, body, kind, cache)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away (a page changed before its images came)
+
+    def _answer(self, status: int, body: bytes, kind: str, cache: bool) -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))

@@ -83,8 +83,11 @@ class Views:
                 rel = stage.path.relative_to(ref.root).as_posix()
                 prefix = "" if rel == "." else rel + "/"
                 figures = sorted(p.name for p in stage.path.glob("*.png"))
-                stages.append({"id": number, "kind": stage.kind, "name": stage.name,
-                               "figures": [prefix + f for f in figures]})  # fmt: skip
+                entry = {"id": number, "kind": stage.kind, "name": stage.name,
+                         "figures": [prefix + f for f in figures]}  # fmt: skip
+                if stage.kind == "extract":
+                    entry["levels"] = _noise_count(stage.path)
+                stages.append(entry)
             out.append({"id": index, "name": ref.root.name, "path": str(ref.root),
                         "stages": stages})  # fmt: skip
         return out
@@ -280,6 +283,15 @@ class Views:
         out = io.BytesIO()
         Image.fromarray(image).resize((128, 128), Image.NEAREST).save(out, format="PNG")
         return out.getvalue()
+
+
+def _noise_count(run: Path) -> int:
+    import json
+
+    try:
+        return len(json.loads((run / "run.json").read_text()).get("noise", []))
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _per_item(array: np.ndarray) -> np.ndarray:

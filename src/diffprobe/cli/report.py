@@ -36,8 +36,9 @@ def inspect_command(
     runs: Runs,
     host: Annotated[
         str | None,
-        typer.Option(help="address to listen on (default 127.0.0.1; another is served with a "
-                     "warning)"),  # fmt: skip
+        typer.Option(
+            help="address to listen on (default 127.0.0.1; another is served with a warning)"
+        ),  # fmt: skip
     ] = None,
     port: Annotated[int, typer.Option(help="port (0: any free port)")] = 8765,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No request log.")] = False,

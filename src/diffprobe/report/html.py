@@ -87,9 +87,15 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, limit: int
             kind = ' class="num"' if _is_number(value) else ""
             cells.append(f"<td{kind}>{esc(fmt(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    more = f"<p class='where'>{len(rows) - limit} more rows in the file</p>" if len(rows) > limit else ""
+    more = (
+        f"<p class='where'>{len(rows) - limit} more rows in the file</p>"
+        if len(rows) > limit
+        else ""
+    )
     title = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+    return (
+        f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+    )
 
 
 def key_values(values: dict, limit: int = 40) -> str:

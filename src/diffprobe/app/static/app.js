@@ -9,6 +9,7 @@ function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "style") el.style.cssText = v; // CSSOM: allowed by the page's CSP
     else if (v !== null && v !== undefined) el.setAttribute(k, v);
   }
   for (const c of children.flat()) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
@@ -17,7 +18,10 @@ function h(tag, attrs, ...children) {
 const svgNS = "http://www.w3.org/2000/svg";
 function s(tag, attrs, ...children) {
   const el = document.createElementNS(svgNS, tag);
-  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "style") el.style.cssText = v;
+    else el.setAttribute(k, v);
+  }
   for (const c of children) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return el;
 }
@@ -62,6 +66,7 @@ function choose(kind, route, args) {
     return null;
   }
   if (args.length >= 2) return [Number(args[0]), Number(args[1])];
+  found.sort((a, b) => (b[1].levels || 0) - (a[1].levels || 0)); // the richest grid first
   return [found[0][0].id, found[0][1].id];
 }
 
@@ -137,7 +142,7 @@ function activityChart(levels, values, peaks, current, onPick) {
   const y = (v) => T + (H - T - B) * (1 - (v - lo) / (hi - lo));
   const svg = s("svg", { width: W, height: H, id: "profile", role: "img" });
   svg.append(s("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: "#555" }), s("line", { x1: L, x2: L, y1: T, y2: H - B, stroke: "#555" }));
-  for (const v of [lo, (lo + hi) / 2, hi]) svg.append(s("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", "font-size": 11 }, v.toFixed(3)));
+  for (const v of [lo, (lo + hi) / 2, hi]) svg.append(s("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", "font-size": 11 }, v.toPrecision(3)));
   levels.forEach((p, i) => svg.append(s("text", { x: x(i), y: H - B + 15, "text-anchor": "middle", "font-size": 11 }, String(p))));
   svg.append(s("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", "font-size": 12 }, "noise level p (fraction of the schedule)"));
   svg.append(s("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle", "font-size": 12, transform: `rotate(-90 14 ${(T + H - B) / 2})` }, "mean activation"));
@@ -202,9 +207,11 @@ async function anomaliesPage(args) {
     overlay.setAttribute("width", grid[1] * cell); overlay.setAttribute("height", grid[0] * cell);
     overlay.replaceChildren();
     for (const d of data.detections[lab.key].filter((d) => d.item === lab.item))
-      overlay.append(s("rect", { x: d.x * cell + 1, y: d.y * cell + 1, width: 2 * cell - 2, height: 2 * cell - 2, fill: "none", stroke: "#3ad1ff", "stroke-width": 3, "stroke-dasharray": "6 4", class: "detection" }));
-    for (const g of groupsOf())
-      overlay.append(s("rect", { x: g.x * cell, y: g.y * cell, width: 2 * cell, height: 2 * cell, fill: "none", stroke: "#ff2d2d", "stroke-width": 3, class: "label" }));
+      overlay.append(s("rect", { x: d.x * cell + 1, y: d.y * cell + 1, width: 2 * cell - 2, height: 2 * cell - 2, fill: "none", stroke: "#1e6bff", "stroke-width": 4, "stroke-dasharray": "8 5", class: "detection" }));
+    for (const g of groupsOf()) {
+      overlay.append(s("rect", { x: g.x * cell + 2, y: g.y * cell + 2, width: 2 * cell - 4, height: 2 * cell - 4, fill: "none", stroke: "#000", "stroke-width": 7 }));
+      overlay.append(s("rect", { x: g.x * cell + 2, y: g.y * cell + 2, width: 2 * cell - 4, height: 2 * cell - 4, fill: "none", stroke: "#2ee86a", "stroke-width": 4, class: "label" }));
+    }
     if (inner) photo.src = `/api/item.png?run=${run}&stage=${inner.id}&item=${lab.item}`;
     info.textContent = `image ${lab.item + 1} of ${items} (${data.ids[lab.item] || ""}), grid ${grid[0]}×${grid[1]}, ${groupsOf().length} groups marked`;
     showScores(data.scores);
@@ -234,7 +241,7 @@ async function anomaliesPage(args) {
     h("button", { id: "undo", onclick: () => { const last = lab.history.pop(); if (last) { lab.item = last.item; lab.key = last.key; keySel.value = last.key; save(last.groups, false); } } }, "undo"));
   page().replaceChildren(h("div", { class: "card" }, h("h2", {}, "Anomaly labelling"),
     h("p", {}, "Click the upper-left token of a 2×2 group of high-norm tokens to mark it (click it again to remove it); right-click or ", h("i", {}, "next image"), " moves on and records an image you looked at. Labels are saved into the stage's labels/ folder as you go."),
-    controls, h("div", { class: "legend" }, h("span", {}, h("i", { class: "sw", style: "border-color:#3ad1ff" }), "detector (dashed)"), h("span", {}, h("i", { class: "sw", style: "border-color:#ff2d2d" }), "your labels"), h("span", {}, "colour: token L2 norm / image max (magma)")),
+    controls, h("div", { class: "legend" }, h("span", {}, h("i", { class: "sw", style: "border-color:#1e6bff;border-style:dashed" }), "detector"), h("span", {}, h("i", { class: "sw", style: "border-color:#2ee86a" }), "your labels"), h("span", {}, "colour: token L2 norm ÷ the image's largest, 0 black → 1 light yellow (magma)")),
     h("div", { class: "row" }, canvas, h("div", {}, info, photo, scores))));
   draw();
 }
