@@ -106,8 +106,11 @@ def test_report_renders_every_section_from_disk(recorder, demo_like_run, tmp_pat
     images = recorder.images_loaded()
     sections = recorder.page.eval_on_selector_all("section.stage", "s => s.map(x => x.id)")
     assert len(sections) == 7  # runs + demo + 2 extraction runs + alignment + anomalies + lens
-    figures = [*(demo_like_run / "grid_run" / "alignment").glob("*.png"),
-               *(demo_like_run / "anomalies").glob("*.png"), demo_like_run / "lens" / "grid.png"]
+    figures = [
+        *(demo_like_run / "grid_run" / "alignment").glob("*.png"),
+        *(demo_like_run / "anomalies").glob("*.png"),
+        demo_like_run / "lens" / "grid.png",
+    ]
     assert len(images) == len(figures), images
     assert all(i["width"] > 0 and i["height"] > 0 for i in images), images
     assert recorder.errors == []
@@ -204,7 +207,9 @@ def test_page_through_features(recorder, inspector):
     page = recorder.page
     _open(recorder, inspector, "features")
     # the richest extraction run (three noise levels) is chosen first
-    assert page.eval_on_selector("#stage-select", "e => e.selectedOptions[0].text").endswith("grid_run")
+    assert page.eval_on_selector("#stage-select", "e => e.selectedOptions[0].text").endswith(
+        "grid_run"
+    )
     profiles = [page.get_attribute("#profile polyline", "points")]
     for expected in ("1", "2"):
         page.click("#next")

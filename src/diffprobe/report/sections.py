@@ -83,10 +83,14 @@ def extract(stage: Stage) -> str:
         "store dtype": info.get("store_dtype"),
         "versions": info.get("versions", {}),
     }
-    timings = info.get("timings") or read_json(stage.path / "timings.json")
-    if timings:
-        rows["timings"] = timings
-    return _where(stage) + key_values(rows, limit=60)
+    chunks = [read_json(p) for p in sorted((stage.path / "progress").glob("*.done"))]
+    seconds = [c.get("seconds", 0.0) for c in chunks if isinstance(c, dict)]
+    if seconds:
+        rows["timings"] = {"chunks done": len(seconds), "seconds (sum over chunks)":
+                           round(sum(seconds), 2)}  # fmt: skip
+    versions = rows.pop("versions")
+    return (_where(stage) + key_values(rows, limit=60)
+            + "<details><summary>versions</summary>" + key_values(versions) + "</details>")  # fmt: skip
 
 
 def demo(stage: Stage) -> str:
@@ -117,8 +121,12 @@ def align(stage: Stage) -> str:
             f"{ceiling_text} · {len(rows)} feature sets (normalised = (accuracy − chance) / "
             "(ceiling − chance))</p>" + table(best, columns, limit=12)
         )
-    parts.append(_images(folder, ["accuracy_heatmap.png", "accuracy_vs_noise.png",
-                                  "cka_heatmap.png"]))  # fmt: skip
+        parts.append(image(ceiling_heatmap(rows), "odd-one-out accuracy by site and noise level, "
+                           "one panel per condition, on one colour scale from chance to the "
+                           "noise ceiling (marked on the colour bar)"))  # fmt: skip
+    else:
+        parts.append(_images(folder, ["accuracy_heatmap.png"]))
+    parts.append(_images(folder, ["accuracy_vs_noise.png", "cka_heatmap.png"]))
     for name, title in (("probe.csv", "Linear probe (folds over objects)"),
                         ("regression.csv", "Regression onto the embedding (folds)"),
                         ("reductions.csv", "Reductions of the best feature set")):  # fmt: skip
@@ -126,6 +134,54 @@ def align(stage: Stage) -> str:
         if found:
             parts.append(f"<h3>{esc(title)}</h3>" + table(found, limit=12))
     return "".join(parts)
+
+
+def ceiling_heatmap(rows: list[dict]) -> bytes:
+    """Accuracy by site (rows) × noise level (columns), one panel per condition (and reduction
+    or metric where those vary), all on one colour scale from chance (1/3) to the noise ceiling
+    (or the best accuracy where the ceiling is unknown); the colour bar marks the ceiling."""
+    from diffprobe.report.figures import colorbar, new_figure
+
+    def key(r: dict) -> str:
+        return " · ".join(str(r.get(c, "")) for c in ("condition", "reduction", "metric")
+                          if len({x.get(c) for x in rows}) > 1 or c == "condition")  # fmt: skip
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    sites = list(dict.fromkeys(r["site"] for r in rows))
+    order = sorted({(_number(r.get("noise_level", r.get("timestep"))), r["noise"]) for r in rows})
+    noises = [n for _, n in order]
+    ceiling = _number(rows[0].get("ceiling"))
+    best = max(_number(r["accuracy"]) for r in rows)
+    top = ceiling if math.isfinite(ceiling) else best
+    figure = new_figure(figsize=(2.2 + 0.8 * len(noises) * len(groups) + 1.4,
+                                 max(2.8, 1.2 + 0.4 * len(sites))), layout="constrained")  # fmt: skip
+    axes = figure.subplots(1, len(groups), squeeze=False, sharey=True)[0]
+    shown = None
+    for axis, (name, group) in zip(axes, groups.items(), strict=True):
+        grid = [[math.nan] * len(noises) for _ in sites]
+        for r in group:
+            grid[sites.index(r["site"])][noises.index(r["noise"])] = _number(r["accuracy"])
+        shown = axis.imshow(
+            grid, cmap="viridis", vmin=1 / 3, vmax=max(top, best) + 0.02, aspect="auto"
+        )
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                if math.isfinite(value):
+                    axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                              color="white" if value < (1 / 3 + top) / 2 else "black")  # fmt: skip
+        axis.set_xticks(range(len(noises)), [n.removeprefix("p") for n in noises], fontsize=8)
+        axis.set_xlabel("noise level p", fontsize=8)
+        axis.set_title(name, fontsize=9)
+    axes[0].set_yticks(range(len(sites)), [s.removeprefix("unet.") for s in sites], fontsize=8)
+    label = "odd-one-out accuracy\n(bottom: chance 1/3"
+    label += "; red dashed: noise ceiling)" if math.isfinite(ceiling) else ")"
+    bar = colorbar(figure, shown, list(axes), label)
+    if math.isfinite(ceiling):
+        bar.ax.axhline(ceiling, color="red", linestyle="--", linewidth=2.5)
+    figure.suptitle("odd-one-out accuracy, site × noise level", fontsize=10)
+    return figure_png(figure, dpi=110)
 
 
 def probe(stage: Stage) -> str:
