@@ -275,12 +275,14 @@ class Views:
         except (ValueError, IndexError):
             raise Refused(404, f"no item {item!r}") from None
         kind = store.info["data"]["kind"]
+        out = io.BytesIO()
         if kind != "shapes":
             path = Path(entry.get("path", "")).resolve()
             if not any(r.root.resolve() in path.parents for r in self.runs):
-                raise Refused(403, "the item's image is outside the served runs")
+                # never read outside the runs; a grey square says the image is elsewhere
+                Image.new("RGB", (128, 128), (190, 190, 190)).save(out, format="PNG")
+                return out.getvalue()
         image = manifest_images([entry], kind, int(store.info["image_size"]))[0]
-        out = io.BytesIO()
         Image.fromarray(image).resize((128, 128), Image.NEAREST).save(out, format="PNG")
         return out.getvalue()
 

@@ -286,7 +286,8 @@ function comparePage() {
   }
   const pick = (which) => { const sel = h("select", { id: `compare-${which}`, onchange: (e) => { cmp[which] = Number(e.target.value); comparePage(); } }, RUNS.map((r) => h("option", { value: r.id }, r.name))); sel.value = cmp[which]; return sel; };
   const A = RUNS[cmp.a], B = RUNS[cmp.b];
-  const kinds = [...new Set(A.stages.map((x) => x.kind).filter((k) => B.stages.some((y) => y.kind === k)))];
+  const withFigures = (run, k) => run.stages.some((x) => x.kind === k && x.figures.length);
+  const kinds = [...new Set(A.stages.map((x) => x.kind).filter((k) => withFigures(A, k) && withFigures(B, k)))];
   const blocks = kinds.map((kind) => {
     const sa = A.stages.filter((x) => x.kind === kind), sb = B.stages.filter((x) => x.kind === kind);
     const name = (f) => f.split("/").pop();
@@ -297,7 +298,7 @@ function comparePage() {
     }));
   });
   page().replaceChildren(h("div", { class: "card" }, h("h2", {}, "Compare two runs"), h("div", { class: "controls" }, h("label", {}, "left ", pick("a")), h("label", {}, "right ", pick("b"))),
-    h("p", { class: "muted" }, `stage kinds in both: ${kinds.join(", ") || "none"}`)), ...blocks);
+    h("p", { class: "muted" }, `stage kinds with figures in both: ${kinds.join(", ") || "none"}; left ${A.path}, right ${B.path}`)), ...blocks);
 }
 
 // ---------------------------------------------------------------- router
