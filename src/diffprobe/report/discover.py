@@ -27,6 +27,7 @@ KIND_ORDER = (
     "anomalies",
     "lens",
     "features",
+    "features-analysis",
     "sae",
     "dream",
     "steer",

@@ -22,7 +22,8 @@ TITLES = {
     "regress": "Regression to a human embedding",
     "anomalies": "Anomalies (positions, corners, high-norm tokens)",
     "lens": "Diffusion Lens",
-    "features": "Features: activity over timesteps",
+    "features": "Features: activity run",
+    "features-analysis": "Features: activity over timesteps, top channels",
     "sae": "Sparse autoencoder",
     "dream": "Deep dream and steering",
     "steer": "Steering",
@@ -239,6 +240,34 @@ def hand_labels(stage: Stage) -> str:
     )
 
 
+def features_analysis(stage: Stage) -> str:
+    """``diffprobe features analyse``: the channels × timesteps overview per site, the top
+    channels by max activation (``channels.csv``) with their profiles and top examples."""
+    folder = stage.path
+    parts = [_where(stage)]
+    info = read_json(folder / "analysis.json")
+    if isinstance(info, dict):
+        shown = {k: info.get(k) for k in ("sites", "branch", "profile", "top_k", "examples",
+                                          "grid_end", "threshold", "peaks")}  # fmt: skip
+        shown["timesteps"] = len(info.get("timesteps", []))
+        parts.append(key_values(shown, limit=20))
+    rows = read_rows(folder / "channels.csv")
+    for site_folder in sorted(p for p in (folder / "plots").glob("*") if p.is_dir()):
+        parts.append(f"<h3>Activity overview: {esc(site_folder.name)}</h3>")
+        parts.append(_images(site_folder, ["heatmap.png"]))
+        mine = [r for r in rows if site_folder.name in (r.get("site", ""),
+                r.get("site", "").replace("/", "_"))] or rows  # fmt: skip
+        top = sorted(mine, key=lambda r: -_number(r.get("max_activation")))[:10]
+        if top:
+            parts.append("<h3>Top channels by max activation</h3>" + table(top))
+        for channel in [int(r["channel"]) for r in top[:3] if r.get("channel", "").isdigit()]:
+            parts.append(_images(site_folder, [f"profile_c{channel:05d}.png",
+                                               f"top_c{channel:05d}.png"]))  # fmt: skip
+    if not rows and not (folder / "plots").is_dir():
+        parts.append(generic(stage))
+    return "".join(parts)
+
+
 # ------------------------------------------------------------------ lens, SAE
 
 
@@ -329,6 +358,7 @@ BUILDERS: dict[str, Callable[[Stage], str]] = {
     "anomalies": anomalies,
     "lens": lens,
     "sae": sae,
+    "features-analysis": features_analysis,
 }
 
 
