@@ -156,3 +156,35 @@ def test_the_page_is_served_with_a_strict_policy(served):
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
     assert "http" not in page.replace("http-equiv", "")  # nothing from another origin
     assert os.path.basename("/static/app.js") in page
+
+
+def test_dreams_and_priors_of_a_channel(tmp_path):
+    """The dream tab's slider walks the snapshots of ``diffprobe dream``'s layout in step order;
+    the priors tab lists ``diffprobe steer --prior`` images of the channel."""
+    root = claim_output(tmp_path / "run", "demo")
+    dream = claim_output(root / "dream", "dream")
+    leaf = dream / "channel_0003" / "timestep_0000"
+    for step in (20, 5, 10):
+        write_bytes(leaf / "snapshots" / f"seed_0_step_{step:04d}.png", b"\x89PNG")
+    write_bytes(leaf / "seed_0.png", b"\x89PNG")
+    write_bytes(dream / "channel_0004" / "grid.png", b"\x89PNG")
+    steer = claim_output(root / "priors", "steer")
+    write_bytes(steer / "unet.mid_block" / "channel_0003" / "images" / "prior_image_0.png", b"x")
+    refs = [RunRef(root, [StageRef("dream", dream, "dream"), StageRef("steer", steer, "priors")])]
+    server = make_server(refs, "127.0.0.1", 0)
+    serve_in_thread(server)
+    try:
+        status, data = _get(server, "/api/dreams?channel=3")
+        (found,) = json.loads(data)
+        (step,) = found["timesteps"]
+        assert [p.rsplit("_", 1)[1] for p in step["snapshots"]] == ["0005.png", "0010.png",
+                                                                     "0020.png"]  # fmt: skip
+        assert step["final"] == ["dream/channel_0003/timestep_0000/seed_0.png"]
+        assert _get(server, "/files/0/" + step["snapshots"][0])[0] == 200
+        assert json.loads(_get(server, "/api/dreams?channel=5")[1]) == []
+        (prior,) = json.loads(_get(server, "/api/priors?channel=3")[1])
+        assert prior["images"] == ["priors/unet.mid_block/channel_0003/images/prior_image_0.png"]
+        assert _get(server, "/api/dreams?channel=x")[0] == 400
+    finally:
+        server.shutdown()
+        server.server_close()

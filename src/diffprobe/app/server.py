@@ -10,7 +10,8 @@ Routes (all GET but the label POST):
 ``/`` and ``/static/<name>``: the pages; ``/api/runs``: runs and stages;
 ``/files/<run>/<path>``: a file inside run ``<run>`` (checked by :mod:`diffprobe.app.safety`);
 ``/api/anomalies``, ``/api/normmap.png``, ``POST /api/labels``: the labelling tool;
-``/api/features``, ``/api/activity``, ``/api/top``, ``/api/item.png``: the feature browser.
+``/api/features``, ``/api/activity``, ``/api/top``, ``/api/item.png``, ``/api/dreams``,
+``/api/priors``: the feature browser.
 """
 
 from __future__ import annotations
@@ -144,6 +145,10 @@ class Handler(BaseHTTPRequestHandler):
                 query.get("run"), query.get("stage"), query.get("site", ""),
                 query.get("condition", ""), _int(query.get("channel")), _int(query.get("noise")),
             ))  # fmt: skip
+        if raw == "/api/dreams":
+            return self._json(views.dreams(_int(query.get("channel"))))
+        if raw == "/api/priors":
+            return self._json(views.priors(_int(query.get("channel"))))
         if raw == "/api/item.png":
             png = views.item_png(query.get("run"), query.get("stage"), query.get("item"))
             return self._send(200, png, "image/png", cache=True)

@@ -212,6 +212,57 @@ class Views:
 
         return json.loads(path.read_text())
 
+    # ------------------------------------------------------------- dreams and priors
+
+    def _relative(self, index: int, path: Path) -> str:
+        return path.relative_to(self.runs[index].root).as_posix()
+
+    def dreams(self, channel: int) -> list[dict]:
+        """Dream results of ``channel`` in every dream stage (layout of ``diffprobe dream``:
+        ``channel_0003/`` or ``feature_00003/`` holding ``grid.png`` and per timestep
+        ``seed_S.png``, ``stats.json`` and ``snapshots/seed_S_step_NNNN.png``)."""
+        import json
+
+        found = []
+        for index, ref in enumerate(self.runs):
+            for stage in ref.stages:
+                if stage.kind != "dream":
+                    continue
+                for name in (f"channel_{channel:04d}", f"feature_{channel:05d}"):
+                    folder = stage.path / name
+                    if not folder.is_dir() or folder.is_symlink():
+                        continue
+                    steps = []
+                    for leaf in sorted(p for p in folder.glob("timestep_*") if p.is_dir()):
+                        snapshots = sorted(leaf.glob("snapshots/seed_0_step_*.png"))
+                        stats = leaf / "stats.json"
+                        steps.append({
+                            "name": leaf.name,
+                            "snapshots": [self._relative(index, p) for p in snapshots],
+                            "final": [self._relative(index, p) for p in sorted(leaf.glob("seed_*.png"))],
+                            "stats": json.loads(stats.read_text()) if stats.is_file() else [],
+                        })  # fmt: skip
+                    grid = folder / "grid.png"
+                    found.append({"run": index, "stage": stage.name, "folder": name,
+                                  "grid": self._relative(index, grid) if grid.is_file() else None,
+                                  "timesteps": steps})  # fmt: skip
+        return found
+
+    def priors(self, channel: int) -> list[dict]:
+        """Prior images of ``channel`` in every steer stage (``diffprobe steer --prior``:
+        ``<site>/channel_0003/images/prior_image_J.png``, and ``baseline/images``)."""
+        found = []
+        for index, ref in enumerate(self.runs):
+            for stage in ref.stages:
+                if stage.kind != "steer":
+                    continue
+                for folder in sorted(stage.path.glob(f"*/channel_{channel:04d}/images")):
+                    images = sorted(folder.glob("*.png"))[:16]
+                    found.append({"run": index, "stage": stage.name,
+                                  "folder": folder.parent.relative_to(stage.path).as_posix(),
+                                  "images": [self._relative(index, p) for p in images]})  # fmt: skip
+        return found
+
     # ------------------------------------------------------------- features of a run
 
     def _store(self, ref: RunRef, stage: StageRef):

@@ -121,7 +121,7 @@ async function featuresPage(args) {
       h("img", { class: "thumb", src: `/api/item.png?run=${run}&stage=${stage}&item=${t.item}`, alt: t.id }),
       h("figcaption", {}, `${t.caption || t.id}`, h("br"), `act ${fmt(t.value)}`))));
   } else {
-    body = dreamTab(feat.tab, feat.site, feat.channel);
+    body = await dreamTab(feat.tab, feat.channel);
   }
   page().replaceChildren(h("div", { class: "card" }, h("h2", {}, `Feature browser: ${feat.site} channel ${feat.channel}`),
     controls, h("div", { class: "row" }, h("div", {}, h("h3", {}, "Activity profile (mean over items)"), chart, peakButtons),
@@ -155,21 +155,38 @@ function activityChart(levels, values, peaks, current, onPick) {
   });
   return h("div", {}, svg, h("div", { class: "legend" }, h("span", {}, "● orange: peaks"), h("span", {}, "dashed red: current noise level (click a point)")));
 }
-function dreamTab(tab, site, channel) {
-  // Dream/prior images of this channel in any dream or features stage: files whose name holds
-  // the channel number (channel12, c12_, feature12), ordered by their step number.
-  const kinds = tab === "dream" ? ["dream", "steer"] : ["features", "dream"];
-  const pattern = new RegExp(`(channel|feature|_c|^c)0*${channel}(?![0-9])`);
-  const files = [];
-  for (const run of RUNS) for (const st of run.stages) if (kinds.includes(st.kind) && (tab === "dream" || /prior/.test(st.name + st.figures.join()))) for (const f of st.figures) if (pattern.test(f.split("/").pop())) files.push([run.id, f]);
-  if (!files.length) return h("p", { class: "muted", id: "dream-empty" }, `No ${tab} images for channel ${channel} in the runs (a dream or features stage writes them).`);
-  const step = (f) => Number((f[1].match(/step[-_]?(\d+)/) || [0, 0])[1]);
-  files.sort((a, b) => step(a) - step(b));
-  const img = h("img", { class: "figure", src: fileURL(...files[files.length - 1]), width: 320 });
-  const label = h("span", {}, `step ${step(files[files.length - 1])}`);
-  const slider = h("input", { type: "range", min: 0, max: files.length - 1, value: files.length - 1, id: "progress",
-    oninput: (e) => { const f = files[Number(e.target.value)]; img.src = fileURL(...f); label.textContent = `step ${step(f)} (${f[1]})`; } });
-  return h("div", {}, h("div", { class: "controls" }, "optimisation progress ", slider, label), img);
+async function dreamTab(tab, channel) {
+  // Priors: `diffprobe steer --prior` images of this channel; dreams: `diffprobe dream` results
+  // with the optimisation-progress slider over the snapshots and the stats of each step.
+  const box = h("div", { id: `${tab}-tab` });
+  if (tab === "priors") {
+    const found = await getJSON(`/api/priors?channel=${channel}`);
+    if (!found.length) return h("p", { class: "muted", id: "priors-empty" }, `No prior images of channel ${channel} (diffprobe steer --prior writes them).`);
+    for (const f of found) box.append(h("h3", {}, `${f.stage}/${f.folder}`), h("div", { class: "thumbs" }, f.images.map((p) => h("img", { class: "thumb", src: fileURL(f.run, p), alt: p }))));
+    return box;
+  }
+  const found = await getJSON(`/api/dreams?channel=${channel}`);
+  if (!found.length) return h("p", { class: "muted", id: "dream-empty" }, `No dream results for channel ${channel} (diffprobe dream writes them).`);
+  for (const d of found) {
+    box.append(h("h3", {}, `${d.stage}/${d.folder}`));
+    for (const t of d.timesteps) {
+      const shots = t.snapshots.length ? t.snapshots : t.final;
+      if (!shots.length) continue;
+      const step = (p) => Number((p.match(/step_(\d+)/) || [0, shots.length])[1]);
+      const img = h("img", { class: "thumb", src: fileURL(d.run, shots[shots.length - 1]), alt: "dream" });
+      const stats = h("div", { class: "where" });
+      const show = (i) => {
+        img.src = fileURL(d.run, shots[i]);
+        const row = (t.stats || []).find((r) => r.step === step(shots[i])) || (t.stats || [])[i];
+        stats.textContent = `step ${step(shots[i])}` + (row ? " · " + Object.entries(row).filter(([k]) => k !== "step").map(([k, v]) => `${k} ${fmt(v)}`).join(" · ") : "");
+      };
+      const slider = h("input", { type: "range", class: "progress", min: 0, max: shots.length - 1, value: shots.length - 1, oninput: (e) => show(Number(e.target.value)) });
+      show(shots.length - 1);
+      box.append(h("div", { class: "row" }, img, h("div", {}, h("div", {}, `${t.name}: optimisation progress `, slider), stats, t.final.length ? h("div", { class: "thumbs" }, t.final.map((p) => h("img", { class: "thumb", src: fileURL(d.run, p), alt: p }))) : "")));
+    }
+    if (d.grid) box.append(figure(d.run, d.grid));
+  }
+  return box;
 }
 
 // ---------------------------------------------------------------- anomalies + labelling
