@@ -78,7 +78,7 @@ function runsPage() {
     table(run.stages.map((st) => ({ stage: st.name, kind: st.kind, figures: st.figures.length })), ["stage", "kind", "figures"]),
     run.stages.map((st) => h("div", { class: "stage" },
       h("h3", {}, `${st.kind}: ${st.name} `, link(st, run)),
-      h("div", {}, st.figures.slice(0, 4).map((f) => h("img", { class: "figure", src: fileURL(run.id, f), alt: f, width: 360 })))))));
+      h("div", {}, st.figures.slice(0, 4).map((f) => h("img", { class: "figure preview", src: fileURL(run.id, f), alt: f, title: f })))))));
   page().replaceChildren(...cards);
 }
 function link(st, run) {
@@ -138,7 +138,7 @@ function peaksOf(values) {
 function activityChart(levels, values, peaks, current, onPick) {
   const W = 460, H = 260, L = 62, R = 14, T = 16, B = 44;
   const lo = Math.min(0, ...values), hi = Math.max(...values, lo + 1e-6);
-  const x = (i) => L + ((W - L - R) * (levels[i] - levels[0])) / Math.max(1e-9, levels[levels.length - 1] - levels[0]);
+  const x = (i) => L + 12 + ((W - L - R - 24) * (levels[i] - levels[0])) / Math.max(1e-9, levels[levels.length - 1] - levels[0]);
   const y = (v) => T + (H - T - B) * (1 - (v - lo) / (hi - lo));
   const svg = s("svg", { width: W, height: H, id: "profile", role: "img" });
   svg.append(s("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: "#555" }), s("line", { x1: L, x2: L, y1: T, y2: H - B, stroke: "#555" }));
