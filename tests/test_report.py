@@ -115,3 +115,43 @@ def test_demo_like_run_sections_show_the_stage_numbers(demo_like_run):
     for folder in (demo_like_run / "grid_run" / "alignment", demo_like_run / "anomalies"):
         for path in folder.glob("*.png"):
             assert base64.b64encode(path.read_bytes()).decode() in document, path
+
+
+def test_sections_of_the_parallel_stages_show_their_files(tmp_path):
+    """The layouts documented by ``diffprobe features analyse``, ``dream``, ``hspace eval`` and
+    ``attribution``: each section inlines the stage's own figures and shows its numbers."""
+    root = claim_output(tmp_path / "run", "demo")
+    analysis = claim_output(root / "features", "features-analysis")
+    write_json(analysis / "analysis.json", {"sites": ["unet.mid_block"], "timesteps": [1, 2]})
+    write_csv(analysis / "channels.csv", [
+        {"site": "unet.mid_block", "channel": 4, "max_activation": 0.5},
+        {"site": "unet.mid_block", "channel": 9, "max_activation": 2.5},
+    ])  # fmt: skip
+    figures = {
+        "heatmap": write_bytes(
+            analysis / "plots" / "unet.mid_block" / "heatmap.png", _png(9, 5, 1)
+        ),
+        "profile": write_bytes(
+            analysis / "plots" / "unet.mid_block" / "profile_c00009.png", _png(9, 5, 2)
+        ),  # fmt: skip
+    }
+    dream = claim_output(root / "dream", "dream")
+    write_json(dream / "dream.json", {"site": "unet.mid_block", "steps": 40})
+    write_csv(dream / "summary.csv", [{"channel": 3, "initial": 0.1, "final": 0.9}])
+    figures["dream"] = write_bytes(dream / "channel_0003" / "grid.png", _png(9, 5, 3))
+    hspace = claim_output(root / "hspace", "hspace")
+    write_json(hspace / "eval.json", {"s_dir": 0.25, "strengths": [0, 1]})
+    figures["metrics"] = write_bytes(hspace / "metrics.png", _png(9, 5, 4))
+    figures["grid"] = write_bytes(hspace / "grid.png", _png(9, 5, 5))
+    attribution = claim_output(root / "attribution", "attribution")
+    write_json(attribution / "attribution.json", {"miou": 0.625})
+    (attribution / "000").mkdir()
+    (attribution / "000" / "prompt.txt").write_text("a red circle")
+    figures["comparison"] = write_bytes(attribution / "000" / "comparison.png", _png(9, 5, 6))
+    document = build_report([root])
+    for name, path in figures.items():
+        assert base64.b64encode(path.read_bytes()).decode() in document, name
+    features = re.search(r"id='s\d+-features-analysis'>(.*?)</section>", document).group(1)
+    assert features.index(">9<") < features.index(">4<")  # top channels first
+    for text in ("0.625", "a red circle", "s_dir", "0.9"):
+        assert text in document, text

@@ -268,6 +268,70 @@ def features_analysis(stage: Stage) -> str:
     return "".join(parts)
 
 
+def dream(stage: Stage) -> str:
+    """``diffprobe dream``: settings, the initial → final objective per dream, and the grid of
+    each dreamed channel or SAE feature (rows timestep × seed, columns optimisation steps)."""
+    folder = stage.path
+    parts = [_where(stage)]
+    info = read_json(folder / "dream.json")
+    if isinstance(info, dict):
+        shown = {k: v for k, v in info.items() if not isinstance(v, (list, dict))}
+        parts.append(key_values(shown, limit=25))
+    rows = read_rows(folder / "summary.csv")
+    if rows:
+        parts.append("<h3>Objective before and after</h3>" + table(rows, limit=15))
+    targets = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "grid.png").is_file())
+    for target in targets[:8]:
+        parts.append(image(target / "grid.png", f"{target.name}: dream progress"))
+    if len(targets) > 8:
+        parts.append(f"<p class='where'>{len(targets) - 8} more targets in the folder</p>")
+    return "".join(parts) if rows or targets else generic(stage)
+
+
+def hspace(stage: Stage) -> str:
+    """h-space folders: an evaluation (``eval.json``, the edit grid and the metric-vs-strength
+    curves) or a trained Δh / direction (``train.json`` / ``direction.json``)."""
+    folder = stage.path
+    parts = [_where(stage)]
+    for name in ("eval.json", "train.json", "direction.json"):
+        payload = read_json(folder / name)
+        if isinstance(payload, dict):
+            shown = {k: v for k, v in payload.items() if k not in ("curve", "versions")}
+            parts.append(f"<h3>{esc(name)}</h3>" + key_values(shown, limit=30))
+            curve = payload.get("curve")
+            if isinstance(curve, list) and curve and isinstance(curve[0], dict):
+                parts.append(image(_history_plot(curve), "training curve"))
+    parts.append(_images(folder, ["grid.png", "metrics.png"]))
+    rest = [p for p in sorted(folder.glob("*.png")) if p.name not in ("grid.png", "metrics.png")]
+    parts.append("".join(image(p) for p in rest[:8]))
+    return "".join(parts)
+
+
+def attribution(stage: Stage) -> str:
+    """``diffprobe attribution``: settings and IoUs (``attribution.json``) and each prompt's
+    comparison figure (maps of every word; DAAM folders ``000/``, ``001/``, ...)."""
+    folder = stage.path
+    parts = [_where(stage)]
+    info = read_json(folder / "attribution.json")
+    if isinstance(info, dict):
+        shown = {k: v for k, v in info.items() if not isinstance(v, list)}
+        parts.append(key_values(shown, limit=30))
+    prompts = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    for prompt in prompts[:8]:
+        text = (
+            (prompt / "prompt.txt").read_text().strip() if (prompt / "prompt.txt").is_file() else ""
+        )
+        figure = prompt / "comparison.png"
+        if figure.is_file():
+            parts.append(image(figure, f"{prompt.name}: {text}"))
+        else:
+            overlays = sorted(prompt.glob("*.overlay.png"))[:6]
+            parts.append(
+                f"<h3>{esc(prompt.name)}: {esc(text)}</h3>" + "".join(map(image, overlays))
+            )
+    return "".join(parts) if prompts or info else generic(stage)
+
+
 # ------------------------------------------------------------------ lens, SAE
 
 
@@ -359,6 +423,9 @@ BUILDERS: dict[str, Callable[[Stage], str]] = {
     "lens": lens,
     "sae": sae,
     "features-analysis": features_analysis,
+    "dream": dream,
+    "hspace": hspace,
+    "attribution": attribution,
 }
 
 
