@@ -111,9 +111,12 @@ def test_demo_like_run_sections_show_the_stage_numbers(demo_like_run):
     alignment = document.split("Odd-one-out accuracy, best first")[1]
     first_row = alignment.split("<tbody><tr>")[1].split("</tr>")[0]
     assert best["site"] in first_row and f"{float(best['accuracy']):.4g}" in first_row
-    # every figure of the alignment and anomaly stages is in the page
+    # every figure of the alignment and anomaly stages is in the page (the stage's heatmap is
+    # replaced by the report's, on a scale from chance to the ceiling)
     for folder in (demo_like_run / "grid_run" / "alignment", demo_like_run / "anomalies"):
         for path in folder.glob("*.png"):
+            if path.name == "accuracy_heatmap.png":
+                continue
             assert base64.b64encode(path.read_bytes()).decode() in document, path
 
 
