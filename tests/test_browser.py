@@ -155,9 +155,10 @@ def _by_hand(detections, labels, tolerance=1):
     return matched / n_detections, len(used) / n_labels
 
 
-def test_label_three_tokens_with_clicks(recorder, inspector, demo_like_run):
+def test_label_three_tokens_with_clicks(recorder, inspector, demo_like_run, tmp_path):
     stage = demo_like_run / "anomalies"
     shutil.rmtree(stage / "labels", ignore_errors=True)
+    (stage / "label_scores.json").unlink(missing_ok=True)
     page = recorder.page
     _open(recorder, inspector, "anomalies")
     key = page.eval_on_selector("#key", "e => e.value")
@@ -199,6 +200,14 @@ def test_label_three_tokens_with_clicks(recorder, inspector, demo_like_run):
     precision, recall = _by_hand(detections, labels)
     assert float(page.inner_text("#precision")) == pytest.approx(precision, abs=1e-3)
     assert float(page.inner_text("#recall")) == pytest.approx(recall, abs=1e-3)
+    # `diffprobe anomalies --labels` reads the folder and finds the same precision and recall
+    from diffprobe.stages.anomalies import analyse_run
+
+    again = analyse_run(stage / "run", tmp_path / "again", corner=False, threshold=1.3,
+                        labels=stage / "labels", plots=False, progress=False)  # fmt: skip
+    (row,) = [r for r in again["label_comparison"] if (r["site"], r["noise"], r["condition"])
+              == tuple(key.split("|"))]  # fmt: skip
+    assert row["precision"] == pytest.approx(precision) and row["recall"] == pytest.approx(recall)
     assert recorder.errors == []
     _loopback_only(recorder.requests, inspector)
 

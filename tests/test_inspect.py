@@ -127,14 +127,14 @@ def test_labels_are_saved_in_the_anomalies_format_and_scored(served):
     (row,) = scores["rows"]
     assert (row["detections"], row["matched"], row["labels"]) == (3, 1, 2)
     assert row["precision"] == pytest.approx(1 / 3) and row["recall"] == pytest.approx(1 / 2)
-    files = sorted((stage / "labels").glob("*.json"))
-    names = [p.name for p in files if p.name != "scores.json"]
+    names = [p.name for p in sorted((stage / "labels").glob("*.json"))]
     assert names == ["00000_unet.mid_block.json", "00001_unet.mid_block.json"]
     first = read_label_file(stage / "labels" / names[0])
     assert first["item"] == "img-a" and first["site"] == "unet.mid_block"
     assert first["groups"] == [{"x": 5, "y": 2}, {"x": 3, "y": 3}] and first["grid"] == [8, 8]
+    assert json.loads((stage / "label_scores.json").read_text()) == scores
     # the folder (what `diffprobe anomalies --labels` reads) and the table agree
-    table = labels_to_table([stage / "labels" / n for n in names], ["img-a", "img-b"])
+    table = labels_to_table(stage / "labels", ["img-a", "img-b"])
     saved = load_label_table(stage / "labels" / "table.npz")
     for column in ("item", "y", "x", "image_item"):
         assert np.array_equal(table[column], saved[column]), column

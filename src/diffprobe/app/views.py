@@ -28,7 +28,7 @@ from diffprobe.io import write_json
 
 LABELS = "labels"  # the folder of label files inside an anomaly stage
 LABEL_TABLE = "table.npz"  # the same labels as a table (diffprobe anomalies --labels reads both)
-SCORES = "scores.json"
+SCORES = "label_scores.json"  # beside labels/: that folder holds only label files and the table
 
 
 @dataclass
@@ -154,8 +154,6 @@ class Views:
         folder = stage.path / LABELS
         found: dict[str, list[dict]] = {}
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            if path.name == SCORES:
-                continue
             label = read_label_file(path)
             found[f"{label['index']}|{label['site'] or ''}"] = label["groups"]
         return found
@@ -185,11 +183,10 @@ class Views:
         with self.lock:
             write_label_file(folder / f"{index:05d}_{_file_safe(site)}.json", ids[index], cleaned,
                              index=index, site=site, grid=(height, width))  # fmt: skip
-            table = labels_to_table(sorted(p for p in folder.glob("*.json") if p.name != SCORES),
-                                    ids)  # fmt: skip
+            table = labels_to_table(folder, ids)
             save_label_table(table, folder / LABEL_TABLE)
             scores = self._score(found, norms, table)
-            write_json(folder / SCORES, scores)
+            write_json(found.path / SCORES, scores)
         return scores
 
     def _score(self, stage: StageRef, norms: dict, table: dict) -> dict:
@@ -205,7 +202,7 @@ class Views:
                 "rows": [{k: _plain(v) for k, v in r.items()} for r in rows]}  # fmt: skip
 
     def scores(self, stage: StageRef) -> dict:
-        path = stage.path / LABELS / SCORES
+        path = stage.path / SCORES
         if not path.is_file():
             return {"images": 0, "groups": 0, "rows": []}
         import json

@@ -229,8 +229,8 @@ def anomalies(stage: Stage) -> str:
 
 def hand_labels(stage: Stage) -> str:
     """Precision and recall of the detector against the labels saved by the inspector (which
-    scores them each time a label changes, into ``labels/scores.json``)."""
-    scores = read_json(stage.path / "labels" / "scores.json")
+    scores them each time a label changes, into ``label_scores.json``)."""
+    scores = read_json(stage.path / "label_scores.json")
     if not isinstance(scores, dict) or not scores.get("rows"):
         return ""
     return (
