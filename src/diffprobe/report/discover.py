@@ -35,7 +35,7 @@ KIND_ORDER = (
     "attribution",
 )
 # Kinds that only feed other stages and say nothing on their own.
-QUIET_KINDS = ("things-export",)
+QUIET_KINDS = ("things-export", "report")
 # Folders never entered: the feature store (thousands of chunk files) and hidden folders.
 _SKIP_SUFFIXES = (".zarr",)
 _MAX_FOLDERS = 4000
