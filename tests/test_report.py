@@ -79,7 +79,7 @@ def test_report_is_self_contained_and_inlines_every_figure(synthetic_run):
     # the unknown kind gets the generic section: its table and JSON values are shown
     section = document.split("id='s4-features'")[1]
     assert "peaks.csv" in section and ">7<" in section and "unet.mid_block" in section
-    titles = re.findall(r"<h2>([^<]*)</h2>", document)
+    titles = re.findall(r"<h2>([^<]*)<", document)
     assert titles[0] == "Runs and stages" and len(titles) == 6
 
 
@@ -100,7 +100,7 @@ def test_report_path_rules(tmp_path, synthetic_run):
 @pytest.mark.slow
 def test_demo_like_run_sections_show_the_stage_numbers(demo_like_run):
     document = build_report([demo_like_run])
-    titles = re.findall(r"<h2>([^<]*)</h2>", document)
+    titles = re.findall(r"<h2>([^<]*)<", document)
     for expected in ("Demo outputs", "Provenance: extraction run", "Alignment", "Anomalies",
                      "Diffusion Lens"):  # fmt: skip
         assert any(t.startswith(expected) for t in titles), (expected, titles)

@@ -21,10 +21,11 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 background:#f6f7f9;font-size:15px;line-height:1.45}
 header{background:#1f3b57;color:#fff;padding:14px 24px}header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;color:#d6e2ee}
-nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #d8dde3;padding:8px 24px;
+nav{background:#fff;border-bottom:1px solid #d8dde3;padding:8px 24px;
 z-index:2;font-size:14px}nav a{margin-right:14px;color:#1f5f99;text-decoration:none}
 main{padding:8px 24px 40px;max-width:1400px}
 section.stage{background:#fff;border:1px solid #d8dde3;border-radius:6px;margin:18px 0;padding:12px 18px}
+section.stage h2 a{font-size:13px;font-weight:normal;margin-left:10px;color:#1f5f99;text-decoration:none}
 section.stage h2{margin:4px 0 2px;font-size:19px}section.stage h3{font-size:16px;margin:14px 0 6px}
 .where{color:#5b6673;font-size:13px;margin:0 0 8px;word-break:break-all}
 figure{display:inline-block;margin:8px 12px 8px 0;vertical-align:top;max-width:100%}
@@ -174,7 +175,8 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) ->
     """The whole document. ``sections``: (anchor id, title, inner HTML)."""
     nav = "".join(f"<a href='#{esc(a)}'>{esc(t)}</a>" for a, t, _ in sections)
     body = "".join(
-        f"<section class='stage' id='{esc(a)}'><h2>{esc(t)}</h2>{inner}</section>"
+        f"<section class='stage' id='{esc(a)}'><h2>{esc(t)}<a href='#top'>↑ top</a></h2>{inner}"
+        "</section>"
         for a, t, inner in sections
     )
     return (
@@ -183,6 +185,6 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) ->
         f"<meta name='generator' content='{GENERATOR}'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
-        f"<header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
+        f"<header id='top'><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
         f"<nav>{nav}</nav><main>{body}</main></body></html>\n"
     )
