@@ -45,8 +45,9 @@ def _options(
 # One module per group of commands, each with a ``register(app)`` function, in the order
 # ``diffprobe --help`` lists them.
 _COMMAND_MODULES = (
-    "models", "extract", "align", "anomalies", "lens", "sae", "train", "demo", "report",
-)
+    "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "train", "demo",
+    "report",
+)  # fmt: skip
 
 
 def _register_commands() -> None:
