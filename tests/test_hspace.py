@@ -12,10 +12,25 @@ from diffprobe.interventions import hspace as H
 from diffprobe.loading import from_pipeline
 from diffprobe.testing.ddpm import dummy_ddpm_pipeline
 
+SIZE = 16
+
+
+def _small_pipeline(mid_block_type: str | None = "UNetMidBlock2D"):
+    """A 16 px random DDPM (two levels, h = 32×8×8), smaller than the conformance dummy."""
+    from diffusers import UNet2DModel
+
+    pipe = dummy_ddpm_pipeline(0)
+    torch.manual_seed(0)
+    pipe.unet = UNet2DModel(sample_size=SIZE, block_out_channels=(16, 32), layers_per_block=1,
+                            norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                            up_block_types=("UpBlock2D", "UpBlock2D"),
+                            mid_block_type=mid_block_type).eval()  # fmt: skip
+    return pipe
+
 
 @pytest.fixture(scope="module")
 def ddpm():
-    return from_pipeline(dummy_ddpm_pipeline(0), None, "dummy-ddpm")
+    return from_pipeline(_small_pipeline(), None, "dummy-ddpm")
 
 
 def _noise(shape, seed=0):
@@ -25,7 +40,7 @@ def _noise(shape, seed=0):
 def test_zero_delta_is_plain_ddim_bit_for_bit(ddpm):
     from diffusers import DDIMScheduler
 
-    x_T = _noise((2, 3, 32, 32))
+    x_T = _noise((2, 3, SIZE, SIZE))
     shape = H.h_shape(ddpm)
     hspace = H.HSpaceEdit([H.ConstantDelta(torch.zeros(shape))], t_edit=0)
     edited = H.sample(ddpm, x_T, steps=6, hspace=hspace)
@@ -49,7 +64,9 @@ def test_asymmetric_step_uses_edited_noise_only_in_x0():
     previous, x0 = H.asymmetric_step(x, eps, eps_edit, alpha, alpha_prev)
     expected_x0 = (x - (1 - alpha) ** 0.5 * eps_edit) / alpha**0.5
     torch.testing.assert_close(x0, expected_x0)
-    torch.testing.assert_close(previous, alpha_prev**0.5 * expected_x0 + (1 - alpha_prev) ** 0.5 * eps)
+    torch.testing.assert_close(
+        previous, alpha_prev**0.5 * expected_x0 + (1 - alpha_prev) ** 0.5 * eps
+    )
 
 
 def _handwritten_forward(unet, sample, timestep, delta):
@@ -63,13 +80,13 @@ def _handwritten_forward(unet, sample, timestep, delta):
         skips += res
     x = unet.mid_block(x, emb) + delta
     for block in unet.up_blocks:
-        res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
+        res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
         x = block(x, res, emb)
     return unet.conv_out(unet.conv_act(unet.conv_norm_out(x)))
 
 
 def test_hook_delta_equals_handwritten_forward(ddpm):
-    x = _noise((2, 3, 32, 32), 4)
+    x = _noise((2, 3, SIZE, SIZE), 4)
     shape = H.h_shape(ddpm)
     torch.manual_seed(0)
     block = H.DeltaBlock(*shape)
@@ -171,7 +188,9 @@ def test_s_dir_frechet_kid_linearity_on_planted_data():
     rng = np.random.default_rng(0)
     original = rng.normal(size=(50, 8))
     text_source, text_target = np.eye(8)[0], np.eye(8)[1]
-    edited = original / np.linalg.norm(original, axis=1, keepdims=True) + 5 * (text_target - text_source)
+    edited = original / np.linalg.norm(original, axis=1, keepdims=True) + 5 * (
+        text_target - text_source
+    )
     assert s_dir(edited, original, text_target, text_source).mean() > 0.95
     a = rng.normal(size=(400, 4))
     b = rng.normal(size=(400, 4)) + np.array([2.0, 0, 0, 0])
@@ -187,13 +206,7 @@ def test_s_dir_frechet_kid_linearity_on_planted_data():
 
 
 def test_model_without_mid_block_is_refused():
-    from diffusers import UNet2DModel
-
-    pipe = dummy_ddpm_pipeline(0)
-    pipe.unet = UNet2DModel(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
-                            down_block_types=("DownBlock2D", "DownBlock2D"),
-                            up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None)  # fmt: skip
-    model = from_pipeline(pipe, None, "no-mid")
+    model = from_pipeline(_small_pipeline(mid_block_type=None), None, "no-mid")
     with pytest.raises(H.HSpaceError, match="has no UNet mid block"):
         H.mid_block(model)
 

@@ -37,8 +37,6 @@ def train_tiny_ddpm_command(
                     minutes=minutes)  # fmt: skip
 
 
-
-
 def train_tiny_clip_command(
     out: Annotated[Path, typer.Option(help="where checkpoints and the model go")] = Path(
         "runs/tiny-clip-train"

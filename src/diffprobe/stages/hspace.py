@@ -29,7 +29,7 @@ from diffprobe.interventions.hspace import (
 )
 from diffprobe.interventions.hspace.clip import ClipScorer, load_clip
 from diffprobe.interventions.hspace.deltas import ConstantDelta, FreeDelta, build_delta
-from diffprobe.interventions.hspace.process import SITE, _conditioning, schedule
+from diffprobe.interventions.hspace.process import SITE
 from diffprobe.interventions.hspace.training import (
     TrainConfig,
     choose_timesteps,
@@ -68,7 +68,9 @@ def to_uint8(pixels: torch.Tensor, size: int = 64) -> np.ndarray:
     return ((pixels + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def invert(model, images: np.ndarray, steps: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def invert(
+    model, images: np.ndarray, steps: int, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, x_T) in denoiser space of uint8 images (items, H, W, 3)."""
     with torch.no_grad():
         x0 = model.encode_images(images)
@@ -119,10 +121,10 @@ def train(model, out: str | Path, *, source: str, target: str, kind: str = "conv
     """Train a Δh source (conv, transformer, free) on ``items`` inverted images of the
     ``source`` colour; writes ``delta.safetensors`` and ``train.json``."""
     check_texts(source, target)
-    out = claim_output(out, HSPACE_KIND, overwrite=overwrite)
     config = config or TrainConfig()
     scorer = load_clip(clip)
     shape = h_shape(model)
+    out = claim_output(out, HSPACE_KIND, overwrite=overwrite)
     data = source_images(source, items, seed=seed)
     x0, x_T = invert(model, data.images, config.steps, progress)
     curve = None
@@ -209,10 +211,10 @@ def evaluate(model, deltas: Sequence[str | Path], out: str | Path, *, source: st
     check_texts(source, target)
     if not deltas:
         raise HSpaceError("give at least one Δh file (--delta)")
-    out = claim_output(out, HSPACE_KIND, overwrite=overwrite)
     began = time.perf_counter()
     shape = h_shape(model)
     loaded = [load_delta(path, shape) for path in deltas]
+    out = claim_output(out, HSPACE_KIND, overwrite=overwrite)
     sources = [source_ for source_, _ in loaded]
     info = loaded[0][1]
     train_steps = info.get("train_steps")
@@ -243,8 +245,9 @@ def evaluate(model, deltas: Sequence[str | Path], out: str | Path, *, source: st
         probability = torch.softmax(100 * embeddings @ colour_texts.T, dim=1)
         row = {
             "strength": float(strength),
-            "s_dir": float(np.mean(s_dir_metric(embeddings.numpy(), original_emb, text_target,
-                                                text_source))),  # fmt: skip
+            "s_dir": float(
+                np.mean(s_dir_metric(embeddings.numpy(), original_emb, text_target, text_source))
+            ),  # fmt: skip
             "target_colour": float(np.mean(read["colour"] == target_index)),
             "source_colour": float(np.mean(read["colour"] == shapes.COLOUR_NAMES.index(source))),
             "shape_kept": float(np.mean(read["shape"] == read_original["shape"])),
@@ -252,28 +255,41 @@ def evaluate(model, deltas: Sequence[str | Path], out: str | Path, *, source: st
             "shape_true": float(np.mean(read["shape"] == data.factors["shape"])),
             "quadrant_true": float(np.mean(read["quadrant"] == data.factors["quadrant"])),
             "clip_target_probability": float(probability[:, target_index].mean())
-            if target_index is not None else None,
+            if target_index is not None
+            else None,
             "psnr_to_original": psnr(original_u8, edited),
             "frechet_clip": frechet_distance(original_emb, embeddings.numpy()),
-            "kid_clip": kernel_inception_distance(original_emb, embeddings.numpy(),
-                                                  subsets=10)[0],  # fmt: skip
+            "kid_clip": kernel_inception_distance(original_emb, embeddings.numpy(), subsets=10)[
+                0
+            ],  # fmt: skip
         }
         rows.append(row)
     xs = np.array([r["strength"] for r in rows])
     result = {
-        "model": model.name, "deltas": [str(p) for p in deltas], "delta_info": info,
-        "source": source, "target": target, "items": items, "steps": steps,
-        "t_edit": t_edit, "t_boost": t_boost, "clip": clip, "templates": list(scorer.templates),
+        "model": model.name,
+        "deltas": [str(p) for p in deltas],
+        "delta_info": info,
+        "source": source,
+        "target": target,
+        "items": items,
+        "steps": steps,
+        "t_edit": t_edit,
+        "t_boost": t_boost,
+        "clip": clip,
+        "templates": list(scorer.templates),
         "feature_extractor": f"{clip} image embeddings (dim {original_emb.shape[1]})",
         "rows": rows,
-        "linearity": {key: linearity(xs, np.array([r[key] for r in rows]))
-                      for key in ("s_dir", "target_colour", "clip_target_probability")
-                      if rows[0][key] is not None and len(rows) >= 3},  # fmt: skip
+        "linearity": {
+            key: linearity(xs, np.array([r[key] for r in rows]))
+            for key in ("s_dir", "target_colour", "clip_target_probability")
+            if rows[0][key] is not None and len(rows) >= 3
+        },  # fmt: skip
         "seconds": time.perf_counter() - began,
     }
     if 0.0 in [float(s) for s in strengths]:
         result["reconstruction_psnr_at_0"] = rows[[float(s) for s in strengths].index(0.0)][
-            "psnr_to_original"]
+            "psnr_to_original"
+        ]
     write_json(out / "eval.json", result)
     edit_grid(np.stack([original_u8, *grid], 1)[: min(items, 8)],
               ["original", *[f"α={s:g}" for s in strengths]], out / "grid.png",
@@ -282,10 +298,3 @@ def evaluate(model, deltas: Sequence[str | Path], out: str | Path, *, source: st
                                                           "quadrant_kept")},
                   out / "metrics.png", title=f"{model.name}: {source} → {target}")  # fmt: skip
     return result
-
-
-def _unused(*_: Any) -> None:  # keep imports used by type checkers honest
-    return None
-
-
-_ = (schedule, _conditioning)

@@ -230,7 +230,7 @@ def train_tiny_ddpm(
         check_config(info, config.to_json(), checkpoints)
         unet.load_state_dict({k[len("model."):]: v for k, v in flat.items()
                               if k.startswith("model.")})  # fmt: skip
-        ema = {k[len("ema."):]: v.to(device_) for k, v in flat.items() if k.startswith("ema.")}
+        ema = {k[len("ema.") :]: v.to(device_) for k, v in flat.items() if k.startswith("ema.")}
         restore_optimizer(optimizer, flat, info)
         first = info["step"]
         log("train-tiny-ddpm", f"resuming at step {first}", progress)

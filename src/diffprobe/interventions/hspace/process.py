@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffprobe.hooks.edits import Apply
 from diffprobe.hooks.editing import edit as edit_context
+from diffprobe.hooks.edits import Apply
 from diffprobe.interventions.hspace.deltas import HSpaceError
 
 __all__ = [
@@ -113,6 +113,25 @@ def h_shape(model: Any, size: int | None = None) -> tuple[int, int, int]:
     return tuple(int(s) for s in cache.last(site).shape[-3:])
 
 
+def check_input(model: Any, x: torch.Tensor) -> None:
+    """x in denoiser space: (items, in_channels, height, width), a size the UNet can halve
+    down to its mid block."""
+    config = model.denoiser.config
+    levels = len(getattr(config, "block_out_channels", (0,)))
+    multiple = 2 ** (levels - 1)
+    if (
+        x.dim() != 4
+        or x.shape[1] != config.in_channels
+        or x.shape[-1] % multiple
+        or (x.shape[-2] % multiple)
+    ):
+        raise HSpaceError(
+            f"input of shape {tuple(x.shape)} for {model.name}: expected (items, "
+            f"{config.in_channels}, height, width) in denoiser space with height and width "
+            f"multiples of {multiple}; encode images with model.encode_images first"
+        )
+
+
 def _conditioning(model: Any, prompts: Sequence[str] | None, items: int, cfg: bool = False):
     prompts = [""] * items if prompts is None else list(prompts)
     if len(prompts) == 1 and items > 1:
@@ -158,6 +177,19 @@ class HSpaceEdit:
                               "Δh sources; give one per source")  # fmt: skip
 
     def delta(self, h: torch.Tensor, timestep: torch.Tensor, test_steps: int) -> torch.Tensor:
+        for source in self.sources:
+            expected = tuple(getattr(source, "shape", ()))
+            channel_vector = len(expected) == 3 and expected[1:] == (1, 1)
+            if (
+                expected
+                and tuple(h.shape[1:]) != expected
+                and not (channel_vector and h.shape[1] == expected[0])
+            ):
+                raise HSpaceError(
+                    f"the input gives h of shape {tuple(h.shape[1:])} at the mid block, but the "
+                    f"Δh was made for {expected}: invert and sample images of the size the Δh "
+                    "was trained at (the model's native size)"
+                )
         coefficients = self.coefficients or [1.0] * len(self.sources)
         scale = self.strength * (self.train_steps / test_steps if self.train_steps else 1.0)
         total = torch.zeros_like(h)
@@ -227,6 +259,7 @@ def sample(model: Any, x_T: torch.Tensor, *, steps: int = 40,
     returns x_0 in denoiser space. Noise of the boost phase is drawn per step from a CPU
     generator seeded by ``(seed, step)``."""
     plan = schedule(model, steps)
+    check_input(model, x_T)
     cond = _conditioning(model, prompts, len(x_T), cfg=_uses_cfg(guidance_scale))
     x = x_T
     for index, timestep in enumerate(tqdm(plan.timesteps, desc="h-space", disable=not progress)):
@@ -259,6 +292,7 @@ def ddim_invert(model: Any, x0: torch.Tensor, *, steps: int = 40,
     to x_T at the schedule's first timestep; ε at each step is evaluated at the previous,
     less noisy point (the usual approximation, exact as steps → ∞)."""
     plan = schedule(model, steps)
+    check_input(model, x0)
     cond = _conditioning(model, prompts, len(x0), cfg=_uses_cfg(guidance_scale))
     ascending = plan.timesteps[::-1]
     x = x0
