@@ -60,7 +60,7 @@ class CLIPConfig:
     intermediate_size: int = 128
     projection_dim: int = 64
     text_max_length: int = 16
-    steps: int = 2_000
+    steps: int = 700
     batch_size: int = 64
     learning_rate: float = 2e-3
     warmup_steps: int = 50
