@@ -195,7 +195,7 @@ def train_tiny_clip(
     from transformers import CLIPImageProcessor
 
     from diffprobe.data import shapes
-    from diffprobe.train.tiny import build_tokenizer, caption_corpus
+    from diffprobe.train.tokenizer import build_tokenizer, caption_corpus
 
     began = time.perf_counter()
     config = config or CLIPConfig()

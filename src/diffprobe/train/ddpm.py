@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffprobe.io import claim_output, write_bytes, write_json
+from diffprobe.train.common import learning_rate_factor
 
 __all__ = ["DDPM_KIND", "DDPMConfig", "downsample", "train_tiny_ddpm"]
 
@@ -114,13 +114,6 @@ def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
     """CPU generator for one step of one training stream: independent of device and resume."""
     words = np.random.SeedSequence([seed, stream, step]).generate_state(2)
     return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
-
-
-def learning_rate_factor(step: int, steps: int, warmup: int, final_fraction: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def log(tag: str, message: str, progress: bool) -> None:
