@@ -188,10 +188,19 @@ def test_s_dir_frechet_kid_linearity_on_planted_data():
     rng = np.random.default_rng(0)
     original = rng.normal(size=(50, 8))
     text_source, text_target = np.eye(8)[0], np.eye(8)[1]
-    edited = original / np.linalg.norm(original, axis=1, keepdims=True) + 5 * (
-        text_target - text_source
-    )
-    assert s_dir(edited, original, text_target, text_source).mean() > 0.95
+    edited = original + rng.normal(size=(50, 8))
+    got = s_dir(edited, original, text_target, text_source)
+    for i in (0, 17):  # the definition written out for single items
+        unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+        delta = unit(unit(edited[i]) - unit(original[i]))
+        assert got[i] == pytest.approx(delta @ unit(text_target - text_source))
+    # an image moved from the source concept onto the target concept scores 1, the reverse −1
+    assert s_dir(text_target[None], text_source[None], text_target, text_source)[
+        0
+    ] == pytest.approx(1)
+    assert s_dir(text_source[None], text_target[None], text_target, text_source)[
+        0
+    ] == pytest.approx(-1)
     a = rng.normal(size=(400, 4))
     b = rng.normal(size=(400, 4)) + np.array([2.0, 0, 0, 0])
     # Fréchet distance of two Gaussians with equal covariance: the squared mean shift
