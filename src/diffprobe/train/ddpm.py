@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from diffprobe.io import claim_output, write_bytes, write_json
 from diffprobe.train.common import learning_rate_factor
 
-__all__ = ["DDPM_KIND", "DDPMConfig", "downsample", "train_tiny_ddpm"]
+__all__ = ["DDPM_KIND", "DDPMConfig", "downsample", "export_pipeline", "train_tiny_ddpm"]
 
 DDPM_KIND = "train-tiny-ddpm"
 _ENTRIES = ("checkpoints", "pipeline", "pipeline.partial", "metrics.json")
@@ -301,3 +301,30 @@ def train_tiny_ddpm(
     write_json(out_dir / "metrics.json", metrics)
     log("train-tiny-ddpm", f"wrote {pipeline_dir}", progress)
     return pipeline_dir
+
+
+def export_pipeline(out_dir: str | Path, config: DDPMConfig | None = None) -> Path:
+    """Write ``out_dir/pipeline`` from the EMA weights of the latest checkpoint (a run stopped
+    early, e.g. killed), without loading the training data."""
+    from diffusers import DDPMPipeline
+
+    config = config or DDPMConfig()
+    out_dir = Path(out_dir)
+    found = latest_state(out_dir / "checkpoints", "ddpm")
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {out_dir / 'checkpoints'}")
+    flat, info = found
+    check_config(info, config.to_json(), out_dir / "checkpoints")
+    unet = build_unet(config)
+    unet.load_state_dict({k[len("ema."):]: v for k, v in flat.items() if k.startswith("ema.")},
+                         strict=False)  # fmt: skip
+    staging = out_dir / "pipeline.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe = DDPMPipeline(unet=unet.to(getattr(torch, config.save_dtype)),
+                        scheduler=build_scheduler(config))  # fmt: skip
+    pipe.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(out_dir / "pipeline", ignore_errors=True)
+    os.replace(staging, out_dir / "pipeline")
+    write_json(out_dir / "metrics.json", {"exported_from_step": info["step"],
+                                          "config": config.to_json()})  # fmt: skip
+    return out_dir / "pipeline"
