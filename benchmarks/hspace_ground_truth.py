@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--strengths", default="-2,-1,0,0.5,1,1.5,2")
     parser.add_argument("--t-edit", type=int, default=None)
     parser.add_argument("--runs", default=None)
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
 
     import torch
@@ -38,21 +41,28 @@ def main() -> None:
 
     torch.set_num_threads(1)
     runs = Path(args.runs or f"runs/hspace-gt-{args.model}")
-    if runs.exists():
-        shutil.rmtree(runs)
     model = diffprobe.load(args.model)
     strengths = [float(v) for v in args.strengths.split(",")]
+    out = Path(f"benchmarks/results/hspace_{args.model}.json")
     results = {"model": args.model, "items": args.items, "steps": args.steps, "methods": {}}
+    if out.exists():  # methods measured by an earlier call stay
+        results["methods"] = json.loads(out.read_text()).get("methods", {})
     for method in args.methods.split(","):
         began = time.perf_counter()
         folder = runs / method
+        for old in (folder, runs / f"{method}-eval"):
+            shutil.rmtree(old, ignore_errors=True)
         if method == "mean-difference":
             make_direction(model, folder, source="red", target="blue", items=args.train_items,
                            steps=args.steps, progress=False)  # fmt: skip
             train_info = json.loads((folder / "direction.json").read_text())
         else:
-            optimizer, lr = ("sgd", 0.5) if method == "conv" else ("adamw", 1e-3)
-            config = TrainConfig(steps=args.steps, optimizer=optimizer, learning_rate=lr)
+            config = TrainConfig(
+                steps=args.steps,
+                optimizer=args.optimizer,
+                learning_rate=args.lr,
+                epochs=args.epochs,
+            )
             train(model, folder, source="red", target="blue", kind=method,
                   items=args.train_items, config=config, t_edit=args.t_edit, t_boost=-1,
                   progress=True)  # fmt: skip
@@ -71,7 +81,6 @@ def main() -> None:
                                                            "quadrant_kept", "s_dir",
                                                            "frechet_clip")}),
               json.dumps(result["linearity"]), flush=True)  # fmt: skip
-        out = Path(f"benchmarks/results/hspace_{args.model}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1, default=str))
 

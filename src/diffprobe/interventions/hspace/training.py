@@ -2,7 +2,8 @@
 
 Loss at one timestep t ≥ t_edit (Asyrp ``diffusion_latent.py: run_training``):
 
-    L = λ_CLIP · −log((1 + cos(ΔI, ΔT)) / 2) + λ_recon · cos(E_T(src), E_T(trg)) · |P_t^edit − P_t^ref|₁
+    L = λ_CLIP · −log((1 + cos(ΔI, ΔT)) / 2) + λ_recon · w · |P_t^edit − P_t^ref|₁,
+    w = cos(E_T(src), E_T(trg)) when positive (Asyrp), else 1
 
 with ΔI = E_I(P_t^edit) − E_I(x_0) (x_0 the real image the chain was inverted from), ΔT the unit
 target − source text direction averaged over prompt templates, P_t^edit the predicted x0 from
@@ -69,6 +70,10 @@ def train_delta(model: Any, source: nn.Module, x0: torch.Tensor, x_T: torch.Tens
     plan = schedule(model, config.steps)
     delta_text = scorer.direction(source_text, target_text)
     text_cos = float(scorer.concept(source_text) @ scorer.concept(target_text))
+    # Asyrp weighs the L1 term by cos(E_T(src), E_T(trg)), positive for real CLIPs; a small
+    # CLIP can place the two texts apart (tiny-clip: red vs blue −0.39), where that factor would
+    # reward leaving the reference: it is then 1.
+    recon_weight = text_cos if text_cos > 0 else 1.0
     parameters = [p for p in source.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(parameters, lr=config.learning_rate)
@@ -100,7 +105,7 @@ def train_delta(model: Any, source: nn.Module, x0: torch.Tensor, x_T: torch.Tens
                     p_ref = decode(model, predicted_x0(x, eps, alpha, plan.clip_sample))
                 clip_term = directional_loss(scorer.images(p_edit) - reference, delta_text).mean()
                 recon = (p_edit - p_ref).abs().mean()
-                loss = config.lambda_clip * clip_term + config.lambda_recon * text_cos * recon
+                loss = config.lambda_clip * clip_term + config.lambda_recon * recon_weight * recon
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -120,6 +125,7 @@ def train_delta(model: Any, source: nn.Module, x0: torch.Tensor, x_T: torch.Tens
     seconds = time.perf_counter() - began
     return {"seconds": seconds, "optimizer_steps": len(history),
             "seconds_per_step": seconds / max(1, len(history)), "text_cosine": text_cos,
+            "recon_weight": config.lambda_recon * recon_weight,
             "history": history, "edited_timesteps": [t for _, t in edited]}  # fmt: skip
 
 
