@@ -23,6 +23,10 @@ def train_tiny_ddpm_command(
     device: str = "cpu",
     resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint")] = True,
     minutes: Minutes = None,
+    steps: Annotated[
+        int | None, typer.Option(help="training steps (default: the recipe's)")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch (default: the recipe's)")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Train diffprobe's `tiny-ddpm` pixel DDPM on the shapes world (fixed seed, resumable)."""
@@ -34,7 +38,7 @@ def train_tiny_ddpm_command(
     parse_device(device)
     check_output(out, DDPM_KIND)
     train_tiny_ddpm(out, seed=seed, device=device, resume=resume, progress=not quiet,
-                    minutes=minutes)  # fmt: skip
+                    minutes=minutes, steps=steps, batch_size=batch_size, threads=None)  # fmt: skip
 
 
 def train_tiny_clip_command(

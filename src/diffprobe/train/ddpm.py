@@ -182,6 +182,8 @@ def train_tiny_ddpm(
     config: DDPMConfig | None = None,
     threads: int | None = 1,
     minutes: float | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
 ) -> Path:
     """Train ``tiny-ddpm`` into ``out_dir/pipeline`` (``DDPMPipeline.save_pretrained``).
 
@@ -197,6 +199,8 @@ def train_tiny_ddpm(
 
     began = time.perf_counter()
     config = config or DDPMConfig()
+    overrides = {"steps": steps, "batch_size": batch_size}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     out_dir = claim_output(out_dir, DDPM_KIND, entries=_ENTRIES)
     checkpoints = out_dir / "checkpoints"
     device_ = torch.device(device)
