@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--label", default="", help="suffix of the result key and folders")
     args = parser.parse_args()
 
     import torch
@@ -49,8 +50,9 @@ def main() -> None:
         results["methods"] = json.loads(out.read_text()).get("methods", {})
     for method in args.methods.split(","):
         began = time.perf_counter()
-        folder = runs / method
-        for old in (folder, runs / f"{method}-eval"):
+        key = f"{method}{args.label}"
+        folder = runs / key
+        for old in (folder, runs / f"{key}-eval"):
             shutil.rmtree(old, ignore_errors=True)
         if method == "mean-difference":
             make_direction(model, folder, source="red", target="blue", items=args.train_items,
@@ -69,15 +71,21 @@ def main() -> None:
             train_info = json.loads((folder / "train.json").read_text())
             train_info.pop("history", None)
         t_edit = args.t_edit if args.t_edit is not None else train_info.get("t_edit", 0)
-        result = evaluate(model, [folder / "delta.safetensors"], runs / f"{method}-eval",
+        result = evaluate(model, [folder / "delta.safetensors"], runs / f"{key}-eval",
                           source="red", target="blue", strengths=strengths, items=args.items,
                           steps=args.steps, t_edit=t_edit, t_boost=-1, progress=False)  # fmt: skip
         result["train"] = {k: v for k, v in train_info.items() if k not in ("curve",)}
         result["curve"] = train_info.get("curve")
         result["wall_seconds"] = time.perf_counter() - began
-        results["methods"][method] = result
+        result["train_options"] = {
+            "optimizer": args.optimizer,
+            "lr": args.lr,
+            "epochs": args.epochs,
+            "train_items": args.train_items,
+        }
+        results["methods"][key] = result
         at_one = next(r for r in result["rows"] if r["strength"] == 1.0)
-        print(method, json.dumps({k: at_one[k] for k in ("target_colour", "shape_kept",
+        print(key, json.dumps({k: at_one[k] for k in ("target_colour", "shape_kept",
                                                            "quadrant_kept", "s_dir",
                                                            "frechet_clip")}),
               json.dumps(result["linearity"]), flush=True)  # fmt: skip
