@@ -45,8 +45,8 @@ def _options(
 # One module per group of commands, each with a ``register(app)`` function, in the order
 # ``diffprobe --help`` lists them.
 _COMMAND_MODULES = (
-    "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "attribution",
-    "dream", "train", "demo",
+    "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "dream",
+    "attribution", "train", "train_extra", "hspace", "demo", "report",
 )  # fmt: skip
 
 
