@@ -89,8 +89,9 @@ def test_shell_examples_parse_as_extract_commands():
     assert len(documented) >= 2
     for argv in documented:
         context = command.make_context("extract", list(argv))
-        assert context.params["shard"] in ("1/4", "5/8")
-        assert context.params["sites"] == ["unet.mid_block unet.up_blocks.1"]
+        # the sharding examples, and the single-process reference of the torchrun comparison
+        assert context.params["shard"] in ("1/4", "5/8") or "--threads" in argv, argv
+        assert context.params["sites"] in (["unet.mid_block unet.up_blocks.1"], ["unet.mid_block"])
 
 
 def test_embedded_python_script_compiles():

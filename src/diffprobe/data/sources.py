@@ -267,8 +267,9 @@ def read_things_concepts(root: Path) -> list[dict]:
     table = things_concepts_path(root)
     if table is None:
         raise DataError(
-            f"{root} is not a THINGS root: neither {Path(root) / THINGS_CONCEPT_TABLES[0]} nor "
-            f"{Path(root) / THINGS_CONCEPT_TABLES[1]} exists; a THINGS root holds "
+            f"{root} is not a THINGS root: its concept table is missing (neither "
+            f"{Path(root) / THINGS_CONCEPT_TABLES[0]} nor {Path(root) / THINGS_CONCEPT_TABLES[1]} "
+            "exists); a THINGS root holds "
             "concepts/things_concepts.tsv (or things_concepts.tsv: a uniqueID column, one row per "
             "concept), images/ and triplets/"
         )
