@@ -144,11 +144,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(views.top_items(
                 query.get("run"), query.get("stage"), query.get("site", ""),
                 query.get("condition", ""), _int(query.get("channel")), _int(query.get("noise")),
+                window=query.get("window") or None,
             ))  # fmt: skip
         if raw == "/api/dreams":
             return self._json(views.dreams(_int(query.get("channel")), query.get("site")))
         if raw == "/api/priors":
-            return self._json(views.priors(_int(query.get("channel"))))
+            return self._json(views.priors(_int(query.get("channel")), query.get("site") or None))
         if raw == "/api/item.png":
             png = views.item_png(query.get("run"), query.get("stage"), query.get("item"))
             return self._send(200, png, "image/png", cache=True)

@@ -26,6 +26,8 @@ from diffprobe.data.anomaly_labels import (
 )
 from diffprobe.io import write_json
 
+ACTIVITY = "features"  # an activity run of ``diffprobe features capture``
+ANALYSIS = "features-analysis"  # its analysis (``diffprobe features analyse``)
 LABELS = "labels"  # the folder of label files inside an anomaly stage
 LABEL_TABLE = "table.npz"  # the same labels as a table (diffprobe anomalies --labels reads both)
 SCORES = "label_scores.json"  # beside labels/: that folder holds only label files and the table
@@ -87,6 +89,8 @@ class Views:
                          "figures": [prefix + f for f in figures]}  # fmt: skip
                 if stage.kind == "extract":
                     entry["levels"] = _noise_count(stage.path)
+                elif stage.kind == ACTIVITY:
+                    entry["levels"] = _timestep_count(stage.path)
                 stages.append(entry)
             out.append({"id": index, "name": ref.root.name, "path": str(ref.root),
                         "stages": stages})  # fmt: skip
@@ -252,15 +256,21 @@ class Views:
                                   "timesteps": steps})  # fmt: skip
         return found
 
-    def priors(self, channel: int) -> list[dict]:
+    def priors(self, channel: int, site: str | None = None) -> list[dict]:
         """Prior images of ``channel`` in every steer stage (``diffprobe steer --prior``:
-        ``<site>/channel_0003/images/prior_image_J.png``, and ``baseline/images``)."""
+        ``<site>/channel_0003/images/prior_image_J.png``, and ``baseline/images``), of ``site``
+        only where given."""
+        from diffprobe.extract.store import site_key
+
         found = []
+        pattern = f"{site_key(site) if site else '*'}/channel_{channel:04d}/images"
         for index, ref in enumerate(self.runs):
             for stage in ref.stages:
                 if stage.kind != "steer":
                     continue
-                for folder in sorted(stage.path.glob(f"*/channel_{channel:04d}/images")):
+                for folder in sorted(stage.path.glob(pattern)):
+                    if folder.is_symlink() or folder.parent.is_symlink():
+                        continue
                     images = sorted(folder.glob("*.png"))[:16]
                     found.append({"run": index, "stage": stage.name,
                                   "folder": folder.parent.relative_to(stage.path).as_posix(),
@@ -279,8 +289,10 @@ class Views:
 
     def feature_axes(self, run: Any, stage: Any) -> dict:
         ref, found = self.stage(run, stage)
+        if found.kind == ACTIVITY:
+            return self._activity_axes(ref, found)
         if found.kind != "extract":
-            raise Refused(404, "features are read from an extraction run")
+            raise Refused(404, "features are read from an extraction run or an activity run")
         store = self._store(ref, found)
         levels = [g.get("noise_level", g.get("timestep")) for g in store.info["noise"]]
         return {"sites": store.sites, "conditions": store.conditions, "noise": store.noise_keys,
@@ -291,6 +303,10 @@ class Views:
         """Mean activation of every channel at every noise level, (noise, channels), over the
         run's items (spatial features are averaged over positions first)."""
         ref, found = self.stage(run, stage)
+        if found.kind == ACTIVITY:
+            return self._activity_profile(ref, found, site, condition)
+        if found.kind != "extract":
+            raise Refused(404, "features are read from an extraction run or an activity run")
         store = self._store(ref, found)
         if site not in store.sites or condition not in store.conditions:
             raise Refused(404, "no such site or condition in the run")
@@ -303,8 +319,10 @@ class Views:
                 "channels": int(values.shape[2])}  # fmt: skip
 
     def top_items(self, run: Any, stage: Any, site: str, condition: str, channel: int,
-                  noise: int, k: int = 8) -> list[dict]:  # fmt: skip
+                  noise: int, k: int = 8, window: str | None = None) -> list[dict]:  # fmt: skip
         ref, found = self.stage(run, stage)
+        if found.kind == ACTIVITY:
+            return self._activity_top(ref, found, site, condition, channel, noise, k, window)
         self.activity(run, stage, site, condition)
         values = ref.cache[("activity", found.name, site, condition)]
         if not (0 <= channel < values.shape[2] and 0 <= noise < values.shape[0]):
@@ -315,6 +333,146 @@ class Views:
         return [{"item": int(i), "id": manifest[i]["id"], "value": round(float(column[i]), 5),
                  "caption": manifest[i].get("caption") or manifest[i].get("label") or ""}
                 for i in order]  # fmt: skip
+
+    # ------------------------------------------------------------- activity runs
+
+    def _activity_run(self, ref: RunRef, stage: StageRef):
+        from diffprobe.extract.generation import ActivityError, open_activity
+
+        key = ("activity-run", stage.name)
+        if key not in ref.cache:
+            try:
+                ref.cache[key] = open_activity(stage.path)
+            except ActivityError as err:
+                raise Refused(404, str(err)) from None
+        return ref.cache[key]
+
+    def _analysis_of(self, activity: StageRef) -> tuple[int, StageRef] | None:
+        """The ``features analyse`` stage (in any served run) whose analysis.json names this
+        activity run; the newest-named first where there are several."""
+        import json
+
+        target = activity.path.resolve()
+        for index, ref in enumerate(self.runs):
+            for stage in ref.stages:
+                if stage.kind != ANALYSIS:
+                    continue
+                try:
+                    named = json.loads((stage.path / "analysis.json").read_text()).get("run")
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if named and Path(named).resolve() == target:
+                    return index, stage
+        return None
+
+    def _analysis_json(self, ref: RunRef, stage: StageRef, name: str) -> dict:
+        import json
+
+        key = ("analysis-json", stage.name, name)
+        if key not in ref.cache:
+            try:
+                ref.cache[key] = json.loads((stage.path / name).read_text())
+            except (OSError, ValueError):
+                ref.cache[key] = {}
+        return ref.cache[key]
+
+    def _activity_axes(self, ref: RunRef, stage: StageRef) -> dict:
+        run = self._activity_run(ref, stage)
+        transforms = run.info.get("transforms") or {}
+        units = {}
+        for site in run.sites:
+            name = str(transforms.get(site) or "")
+            units[site] = ("SAE feature" if "sae" in name.lower() else "feature") if name else (
+                "channel"
+            )
+        analysis = self._analysis_of(stage)
+        windows = []
+        if analysis is not None:
+            info = self._analysis_json(self.runs[analysis[0]], analysis[1], "analysis.json")
+            windows = [f"t{lo:g}-{hi:g}" for lo, hi in info.get("windows", [])]
+        return {
+            "kind": ACTIVITY, "sites": run.sites, "conditions": run.branches,
+            "noise": [f"t{t:g}" for t in run.timesteps], "levels": run.timesteps.tolist(),
+            "axis": "timestep", "units": units, "transforms": transforms,
+            "items": len(run.items), "complete": run.complete,
+            "analysis": None if analysis is None else {"run": analysis[0],
+                                                       "stage": analysis[1].name},
+            "windows": ["overall", *windows] if analysis is not None else [],
+        }  # fmt: skip
+
+    def _activity_values(self, ref: RunRef, stage: StageRef, site: str, branch: str):
+        run = self._activity_run(ref, stage)
+        if site not in run.sites or branch not in run.branches:
+            raise Refused(404, "no such site or branch in the activity run")
+        key = ("activity", stage.name, site, branch)
+        if key not in ref.cache:
+            from diffprobe.extract.generation import ActivityError
+
+            try:  # a capture still running shows what is stored so far
+                values = run.get(site, branch, allow_incomplete=True)
+            except ActivityError as err:
+                raise Refused(404, str(err)) from None
+            ref.cache[key] = np.transpose(values, (1, 0, 2))  # (timesteps, items, channels)
+        return run, ref.cache[key]
+
+    def _activity_profile(self, ref: RunRef, stage: StageRef, site: str, branch: str) -> dict:
+        """Mean over items per stored timestep, and the analysis' peaks (timesteps on the
+        interpolated grid) and active ranges of every channel where an analysis names the run."""
+        run, values = self._activity_values(ref, stage, site, branch)
+        out = {"noise": [f"t{t:g}" for t in run.timesteps],
+               "mean": values.mean(axis=1).T.round(5).tolist(),
+               "channels": int(values.shape[2]), "peaks": None, "active": None}  # fmt: skip
+        analysis = self._analysis_of(stage)
+        if analysis is not None:
+            owner = self.runs[analysis[0]]
+            info = self._analysis_json(owner, analysis[1], "analysis.json")
+            if site in info.get("sites", []) and info.get("branch") == branch:
+                peaks = self._analysis_json(owner, analysis[1], "activity_peaks.json").get(site, {})
+                active = self._analysis_json(owner, analysis[1], "active_timesteps.json")
+                out["peaks"] = [[p.get("timestep") for p in peaks.get(str(c), [])]
+                                for c in range(out["channels"])]  # fmt: skip
+                out["active"] = [active.get(site, {}).get(str(c), [])
+                                 for c in range(out["channels"])]  # fmt: skip
+                out["profile"] = info.get("profile")
+        return out
+
+    def _activity_top(self, ref: RunRef, stage: StageRef, site: str, branch: str, channel: int,
+                      noise: int, k: int, window: str | None) -> list[dict]:  # fmt: skip
+        """The top items of a channel: at stored timestep ``noise`` (argsort of the stored
+        activity), or from the analysis' ``top_examples.json`` for ``window`` (``overall`` or
+        ``t<low>-<high>``). Each with its generated image (a path inside the served run)."""
+        run, values = self._activity_values(ref, stage, site, branch)
+        if not (0 <= channel < values.shape[2] and 0 <= noise < values.shape[0]):
+            raise Refused(404, "no such channel or timestep")
+        base = stage.path.relative_to(ref.root)
+        if window:
+            analysis = self._analysis_of(stage)
+            if analysis is None:
+                raise Refused(404, "no analysis of this activity run is served")
+            owner = self.runs[analysis[0]]
+            found = self._analysis_json(owner, analysis[1], "top_examples.json")
+            listed = found.get(site, {}).get(str(channel), {}).get(window)
+            if listed is None:
+                raise Refused(404, f"the analysis has no top examples {window!r} of this channel")
+            rows = [(int(r["item"]), float(r["value"])) for r in listed]
+        else:
+            column = values[noise, :, channel]
+            order = np.argsort(-column, kind="stable")[:k]
+            rows = [(int(i), float(column[i])) for i in order]
+        out = []
+        for item, value in rows:
+            if not 0 <= item < len(run.items):
+                continue
+            entry = run.items[item]
+            image = entry.get("image")
+            try:  # run.json is data: its image path must lie inside the run like any request
+                image_ok = bool(image) and inside(stage.path, str(image), decoded=True).is_file()
+            except Refused:
+                image_ok = False
+            out.append({"item": item, "id": entry.get("id", str(item)), "value": round(value, 5),
+                        "caption": f"{entry.get('prompt', '')} · seed {entry.get('seed')}",
+                        "image": (base / image).as_posix() if image_ok else None})  # fmt: skip
+        return out
 
     def item_png(self, run: Any, stage: Any, item: Any) -> bytes:
         """The image of one item of an extraction run: shapes-world items are drawn again,
@@ -340,6 +498,15 @@ class Views:
         image = manifest_images([entry], kind, int(store.info["image_size"]))[0]
         Image.fromarray(image).resize((128, 128), Image.NEAREST).save(out, format="PNG")
         return out.getvalue()
+
+
+def _timestep_count(run: Path) -> int:
+    import json
+
+    try:
+        return len(json.loads((run / "run.json").read_text()).get("timesteps") or [])
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _noise_count(run: Path) -> int:

@@ -40,8 +40,11 @@ def _integers(text: str, option: str, minimum: int = 0) -> list[int]:
     return values
 
 
-def _timesteps(text: str, peaks: Path | None, targets: list[int]) -> dict[int, list[float]]:
-    """'0,500' or '0,peaks' (with --peaks FILE: {"target": [t, ...]}) -> target -> timesteps."""
+def _timesteps(
+    text: str, peaks: Path | None, targets: list[int], site: str = ""
+) -> dict[int, list[float]]:
+    """'0,500' or '0,peaks' (with --peaks: the folder of ``diffprobe features analyse``, its
+    ``activity_peaks.json``, or a JSON object {"target": [t, ...]}) -> target -> timesteps."""
     words = [w for w in text.replace(" ", "").split(",") if w]
     if not words:
         raise _error(f"--timesteps {text!r}: expected timesteps such as 0,500 or 0,peaks")
@@ -70,12 +73,9 @@ def _timesteps(text: str, peaks: Path | None, targets: list[int]) -> dict[int, l
             f"--timesteps {text!r} asks for activity peaks: pass --peaks FILE, a JSON object "
             'of target -> timesteps such as {"3": [420, 780]}'
         )
-    try:
-        found = json.loads(Path(peaks).expanduser().read_text())
-    except (OSError, ValueError) as err:
-        raise _error(f"--peaks {peaks}: not a readable JSON file ({err})") from None
-    if not isinstance(found, dict):
-        raise _error(f"--peaks {peaks}: expected a JSON object of target -> timesteps")
+    from diffprobe.stages.dream import read_peaks
+
+    found = read_peaks(peaks, site)
     for target in targets:
         values = found.get(str(target), [])
         if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
@@ -118,7 +118,11 @@ def dream_command(
         str, typer.Option(help="timesteps to dream at: 0,500; 'peaks' reads --peaks")
     ] = "0",
     peaks: Annotated[
-        Path | None, typer.Option(help='JSON of target -> activity peaks, {"3": [420]}')
+        Path | None,
+        typer.Option(
+            help="activity peaks: a `features analyse` folder or its activity_peaks.json "
+            '(the --site entry is read), or JSON of target -> timesteps {"3": [420]}'
+        ),
     ] = None,
     seeds: Annotated[str, typer.Option(help="seeds, one dream per target each: 0,1,2")] = "0",
     steps: Annotated[int, typer.Option(help="optimisation steps")] = 100,
@@ -147,7 +151,11 @@ def dream_command(
     ] = True,
     prompt: Annotated[str, typer.Option(help="conditioning prompt")] = "",
     prior: Annotated[
-        Path | None, typer.Option(help="safetensors of start latents (steer --prior)")
+        Path | None,
+        typer.Option(
+            help="start latents: a `steer --prior` folder (each channel starts from its own "
+            "prior latents), one of its latents folders, or a safetensors file"
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="dreams per render")] = 16,
     size: Annotated[int | None, typer.Option(help="image size (default: native)")] = None,
@@ -176,7 +184,7 @@ def dream_command(
     targets = _integers(channel if channel is not None else feature,
                         "--channel" if channel is not None else "--feature")  # fmt: skip
     seed_list = _integers(seeds, "--seeds")
-    table = _timesteps(timesteps, peaks, targets)
+    table = _timesteps(timesteps, peaks, targets, site)
     use_sae = sae is not None
     settings = DreamSettings(
         steps=steps, lr=lr, weight_decay=weight_decay, snapshot_every=snapshot_every,
@@ -207,13 +215,15 @@ def dream_command(
     loaded = load(model, dtype=dtype, device=device)
     start = None
     if prior is not None:
-        from diffprobe.interventions.dream import input_shape, load_prior
+        from diffprobe.interventions.dream import input_shape
+        from diffprobe.stages.dream import read_priors
 
-        start = load_prior(prior, input_shape(loaded, size))
+        start = read_priors(prior, site, targets, input_shape(loaded, size))
     dream_targets(
         loaded, site, targets, table, seed_list, out, sae=loaded_sae, prior=start,
         settings=settings, batch_size=batch_size, size=size, overwrite=overwrite,
         progress=not quiet, sae_path=str(sae) if sae else None,
+        prior_source=str(prior) if prior is not None else None,
     )  # fmt: skip
     typer.echo(str(out / "dream.json"))
 

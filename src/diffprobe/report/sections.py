@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from diffprobe.report import feature_sections
 from diffprobe.report.discover import Stage, read_json
 from diffprobe.report.html import esc, figure_png, image, key_values, table
 
@@ -25,7 +26,7 @@ TITLES = {
     "features": "Features: activity run",
     "features-analysis": "Features: activity over timesteps, top channels",
     "sae": "Sparse autoencoder",
-    "dream": "Deep dream and steering",
+    "dream": "Deep dream",
     "steer": "Steering",
     "hspace": "h-space editing",
     "attribution": "Attribution maps",
@@ -243,11 +244,14 @@ def hand_labels(stage: Stage) -> str:
 def features_analysis(stage: Stage) -> str:
     """``diffprobe features analyse``: the channels × timesteps overview per site, the top
     channels by max activation (``channels.csv``) with their profiles and top examples."""
+    from diffprobe.extract.store import site_key
+
     folder = stage.path
     parts = [_where(stage)]
     info = read_json(folder / "analysis.json")
     if isinstance(info, dict):
-        shown = {k: info.get(k) for k in ("sites", "branch", "profile", "top_k", "examples",
+        shown = {"activity run": info.get("run")}
+        shown |= {k: info.get(k) for k in ("sites", "branch", "profile", "top_k", "examples",
                                           "grid_end", "threshold", "peaks")}  # fmt: skip
         shown["timesteps"] = len(info.get("timesteps", []))
         parts.append(key_values(shown, limit=20))
@@ -255,8 +259,7 @@ def features_analysis(stage: Stage) -> str:
     for site_folder in sorted(p for p in (folder / "plots").glob("*") if p.is_dir()):
         parts.append(f"<h3>Activity overview: {esc(site_folder.name)}</h3>")
         parts.append(_images(site_folder, ["heatmap.png"]))
-        mine = [r for r in rows if site_folder.name in (r.get("site", ""),
-                r.get("site", "").replace("/", "_"))] or rows  # fmt: skip
+        mine = [r for r in rows if site_key(r.get("site", "")) == site_folder.name]
         top = sorted(mine, key=lambda r: -_number(r.get("max_activation")))[:10]
         if top:
             parts.append("<h3>Top channels by max activation</h3>" + table(top))
@@ -266,26 +269,6 @@ def features_analysis(stage: Stage) -> str:
     if not rows and not (folder / "plots").is_dir():
         parts.append(generic(stage))
     return "".join(parts)
-
-
-def dream(stage: Stage) -> str:
-    """``diffprobe dream``: settings, the initial → final objective per dream, and the grid of
-    each dreamed channel or SAE feature (rows timestep × seed, columns optimisation steps)."""
-    folder = stage.path
-    parts = [_where(stage)]
-    info = read_json(folder / "dream.json")
-    if isinstance(info, dict):
-        shown = {k: v for k, v in info.items() if not isinstance(v, (list, dict))}
-        parts.append(key_values(shown, limit=25))
-    rows = read_rows(folder / "summary.csv")
-    if rows:
-        parts.append("<h3>Objective before and after</h3>" + table(rows, limit=15))
-    targets = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "grid.png").is_file())
-    for target in targets[:8]:
-        parts.append(image(target / "grid.png", f"{target.name}: dream progress"))
-    if len(targets) > 8:
-        parts.append(f"<p class='where'>{len(targets) - 8} more targets in the folder</p>")
-    return "".join(parts) if rows or targets else generic(stage)
 
 
 def hspace(stage: Stage) -> str:
@@ -423,7 +406,9 @@ BUILDERS: dict[str, Callable[[Stage], str]] = {
     "lens": lens,
     "sae": sae,
     "features-analysis": features_analysis,
-    "dream": dream,
+    "features": feature_sections.features_run,
+    "dream": feature_sections.dream,
+    "steer": feature_sections.steer,
     "hspace": hspace,
     "attribution": attribution,
 }

@@ -83,6 +83,104 @@ class DreamSettings:
         return objective
 
 
+def read_peaks(path: str | Path, site: str) -> dict:
+    """``--peaks``: target -> list of timesteps, read from the folder of ``diffprobe features
+    analyse`` (its ``activity_peaks.json``), that file itself (``{site: {channel: [{"timestep",
+    "height"}, ...]}}``: the ``site`` entry is read), or a plain JSON object ``{"3": [420,
+    780]}``. Returns the raw lists (the caller checks the values)."""
+    import json
+
+    path = Path(path).expanduser()
+    file = path / "activity_peaks.json" if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        raise dr.DreamError(
+            f"--peaks {path}: a folder without activity_peaks.json; give the folder of "
+            "diffprobe features analyse or a JSON file"
+        )
+    try:
+        found = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise dr.DreamError(f"--peaks {path}: not a readable JSON file ({err})") from None
+    if not isinstance(found, dict):
+        raise dr.DreamError(f"--peaks {path}: expected a JSON object of target -> timesteps")
+    if found and all(isinstance(v, dict) for v in found.values()):  # features analyse: by site
+        if site not in found:
+            raise dr.DreamError(
+                f"--peaks {path}: no peaks of site '{site}'; the analysis has "
+                f"{', '.join(sorted(found))}"
+            )
+        found = found[site]
+    table = {}
+    for target, values in found.items():
+        if isinstance(values, list):
+            values = [v["timestep"] if isinstance(v, dict) and "timestep" in v else v
+                      for v in values]  # fmt: skip
+        table[str(target)] = values
+    return table
+
+
+def _prior_files(folder: Path) -> list[Path]:
+    """``prior_latent_J.safetensors`` (or any ``*.safetensors``) of a folder, J in order."""
+    files = list(folder.glob("*.safetensors"))
+
+    def number(path: Path) -> tuple:
+        tail = path.stem.rsplit("_", 1)[-1]
+        return (0, int(tail), path.name) if tail.isdigit() else (1, 0, path.name)
+
+    return sorted(files, key=number)
+
+
+def _stack_priors(folder: Path, shape: Sequence[int]) -> torch.Tensor:
+    files = _prior_files(folder)
+    if not files:
+        raise dr.DreamError(f"--prior {folder}: no .safetensors latents in the folder")
+    return torch.cat([dr.load_prior(f, shape) for f in files])
+
+
+def read_priors(
+    path: str | Path, site: str, targets: Sequence[int], shape: Sequence[int]
+) -> torch.Tensor | dict[int, torch.Tensor]:
+    """``--prior``: start latents for the dreams, read from
+
+    - the output folder of ``diffprobe steer --prior`` (``steer.json`` beside
+      ``<site>/channel_NNNN/latents/prior_latent_J.safetensors``): target -> its own channel's
+      latents (J in order), or, where the folder steered a direction of the site (an SAE decoder
+      row: ``<site>/direction``), those latents for every target;
+    - one steered folder of it (``channel_0003`` or its ``latents``): those latents for all;
+    - a safetensors file (:func:`~diffprobe.interventions.dream.load_prior`)."""
+    from diffprobe.extract.store import site_key
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return dr.load_prior(path, shape)
+    if (path / "steer.json").is_file():
+        folder = path / site_key(site)
+        steered = sorted(p.name for p in folder.glob("*") if (p / "latents").is_dir())
+        if not steered:
+            raise dr.DreamError(
+                f"--prior {path}: no prior latents of site '{site}' (run diffprobe steer "
+                "--prior with this --site)"
+            )
+        if any((folder / f"channel_{t:04d}").is_dir() for t in targets):
+            missing = [t for t in targets if not (folder / f"channel_{t:04d}" / "latents").is_dir()]
+            if missing:
+                raise dr.DreamError(
+                    f"--prior {path}: no prior latents of channel {missing[0]} of '{site}'; it "
+                    f"has {', '.join(steered)}"
+                )
+            return {t: _stack_priors(folder / f"channel_{t:04d}" / "latents", shape)
+                    for t in targets}  # fmt: skip
+        if (folder / "direction" / "latents").is_dir():
+            return _stack_priors(folder / "direction" / "latents", shape)
+        raise dr.DreamError(
+            f"--prior {path}: none of the dreamt targets ({', '.join(map(str, targets))}) was "
+            f"steered at '{site}'; it has {', '.join(steered)}"
+        )
+    if (path / "latents").is_dir():
+        return _stack_priors(path / "latents", shape)
+    return _stack_priors(path, shape)
+
+
 def site_width(model: Any, site: str, timestep: float, size: int | None = None) -> int:
     """Channels of ``site`` (one no-grad pass, stopped after it); :class:`DreamError` when a
     denoiser pass does not reach it."""
@@ -115,19 +213,20 @@ def dream_targets(
     out: str | Path,
     *,
     sae: Any = None,
-    prior: torch.Tensor | None = None,
+    prior: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
     settings: DreamSettings | None = None,
     batch_size: int = 16,
     size: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     sae_path: str | None = None,
+    prior_source: str | None = None,
 ) -> dict[str, Any]:
     """Dream every target (channel, or SAE feature with ``sae``) of ``site`` at each of its
     ``timesteps[target]``, once per seed, ``batch_size`` dreams per render; write ``out``.
 
-    ``prior``: start latents (n, C, h, w); dream j of a target starts from ``prior[j % n]``
-    instead of seeded noise. Returns the ``dream.json`` payload."""
+    ``prior``: start latents (n, C, h, w), or target -> such latents (:func:`read_priors`);
+    dream j of a target starts from ``prior[j % n]`` instead of seeded noise. Returns the ``dream.json`` payload."""
     from tqdm.auto import tqdm
 
     settings = settings or DreamSettings()
@@ -161,7 +260,10 @@ def dream_targets(
             chunk_targets = [target for target, _ in chunk]
             chunk_seeds = [seed for _, seed in chunk]
             if prior is not None:
-                init = torch.stack([prior[seeds.index(s) % len(prior)] for s in chunk_seeds])
+                starts = [prior[target] if isinstance(prior, Mapping) else prior
+                          for target, _ in chunk]  # fmt: skip
+                init = torch.stack([p[seeds.index(s) % len(p)]
+                                    for p, s in zip(starts, chunk_seeds, strict=True)])  # fmt: skip
             else:
                 init = dr.noise_init(shape, chunk_seeds)
             activation = _activation(site, chunk_targets, sae)
@@ -196,6 +298,7 @@ def dream_targets(
         "model": getattr(model, "name", None), "site": site, "kind": kind, "targets": list(targets),
         "timesteps": {str(k): [float(t) for t in v] for k, v in timesteps.items()},
         "seeds": list(seeds), "sae": sae_path, "prior": prior is not None,
+        "prior_from": prior_source,
         "settings": vars(settings), "objective": repr(settings.objective(_activation(
             site, list(targets[:1]), sae))), "leaves": result.leaves,
         "weights": result.weights, "summary": summary, "files": files, "versions": versions(),

@@ -47,8 +47,9 @@ function figure(run, rel) {
   return h("img", { class: "figure", src: fileURL(run, rel), alt: rel, title: rel });
 }
 function stagesOf(kind) {
+  const kinds = Array.isArray(kind) ? kind : [kind];
   const out = [];
-  for (const run of RUNS) for (const st of run.stages) if (st.kind === kind) out.push([run, st]);
+  for (const run of RUNS) for (const st of run.stages) if (kinds.includes(st.kind)) out.push([run, st]);
   return out;
 }
 function stagePicker(kind, route, current) {
@@ -57,13 +58,13 @@ function stagePicker(kind, route, current) {
   const sel = h("select", { id: "stage-select", onchange: (e) => { location.hash = `${route}/${e.target.value}`; } },
     found.map(([run, st]) => h("option", { value: `${run.id}/${st.id}` }, `${run.name}/${st.name}`)));
   if (current) sel.value = current;
-  return h("label", {}, `${kind} stage `, sel);
+  return h("label", {}, `${Array.isArray(kind) ? "run" : kind + " stage"} `, sel);
 }
 function choose(kind, route, args) {
   const found = stagesOf(kind);
   if (!found.length) {
     page().replaceChildren(h("div", { class: "card" }, h("h2", {}, route.slice(1)),
-      h("p", { class: "muted" }, `No ${kind} stage in the runs given to diffprobe inspect.`)));
+      h("p", { class: "muted" }, `No ${[kind].flat().join(" or ")} stage in the runs given to diffprobe inspect.`)));
     return null;
   }
   if (args.length >= 2) return [Number(args[0]), Number(args[1])];
@@ -83,50 +84,72 @@ function runsPage() {
   page().replaceChildren(...cards);
 }
 function link(st, run) {
-  const to = { extract: "features", anomalies: "anomalies", align: "alignment", lens: "lens" }[st.kind];
+  const to = { extract: "features", features: "features", anomalies: "anomalies", align: "alignment", lens: "lens" }[st.kind];
   return to ? h("a", { href: `#${to}/${run.id}/${st.id}` }, `open in ${to} →`) : "";
 }
 
 // ---------------------------------------------------------------- features
 
-const feat = { channel: 0, noise: 0, tab: "top" };
+// Extraction runs (mean over items per noise level) and activity runs of `diffprobe features
+// capture` (mean over items per stored timestep; peaks, active ranges and top examples from its
+// `features analyse` folder where one is served; the generated images as thumbnails).
+const FEATURE_KINDS = ["extract", "features"];
+const feat = { channel: 0, noise: 0, tab: "top", window: "" };
 async function featuresPage(args) {
-  const picked = choose("extract", "#features", args);
+  const picked = choose(FEATURE_KINDS, "#features", args);
   if (!picked) return;
   const [run, stage] = picked;
   const axes = await getJSON(`/api/features?run=${run}&stage=${stage}`);
-  if (feat.key !== `${run}/${stage}`) Object.assign(feat, { key: `${run}/${stage}`, site: axes.sites[0], condition: axes.conditions[0], channel: 0, noise: 0 });
+  const activity = axes.kind === "features";
+  if (feat.key !== `${run}/${stage}`) Object.assign(feat, { key: `${run}/${stage}`, site: axes.sites[0], condition: axes.conditions[0], channel: 0, noise: 0, window: "" });
+  const unit = (axes.units && axes.units[feat.site]) || "channel";
   const siteSel = h("select", { id: "site", onchange: (e) => { feat.site = e.target.value; feat.channel = 0; featuresPage(args); } }, axes.sites.map((x) => h("option", { value: x }, x)));
   siteSel.value = feat.site;
   const condSel = h("select", { id: "condition", onchange: (e) => { feat.condition = e.target.value; featuresPage(args); } }, axes.conditions.map((x) => h("option", { value: x }, x)));
   condSel.value = feat.condition;
   const act = await getJSON(`/api/activity?run=${run}&stage=${stage}&site=${encodeURIComponent(feat.site)}&condition=${encodeURIComponent(feat.condition)}`);
   feat.channel = Math.max(0, Math.min(feat.channel, act.channels - 1));
+  feat.noise = Math.max(0, Math.min(feat.noise, axes.levels.length - 1));
   const chan = h("input", { id: "channel", type: "number", min: 0, max: act.channels - 1, value: feat.channel,
     onchange: (e) => { feat.channel = Number(e.target.value); featuresPage(args); } });
-  const controls = h("div", { class: "controls" }, stagePicker("extract", "#features", `${run}/${stage}`),
-    h("label", {}, "site ", siteSel), h("label", {}, "condition ", condSel),
+  const controls = h("div", { class: "controls" }, stagePicker(FEATURE_KINDS, "#features", `${run}/${stage}`),
+    h("label", {}, "site ", siteSel), h("label", {}, activity ? "branch " : "condition ", condSel),
     h("button", { id: "prev", onclick: () => { feat.channel = Math.max(0, feat.channel - 1); featuresPage(args); } }, "◀ previous"),
-    h("label", {}, "channel ", chan, ` of ${act.channels}`),
+    h("label", {}, `${unit} `, chan, h("span", { id: "unit-count" }, ` of ${act.channels} (${unit}s)`)),
     h("button", { id: "next", onclick: () => { feat.channel = Math.min(act.channels - 1, feat.channel + 1); featuresPage(args); } }, "next ▶"));
   const profile = act.mean[feat.channel];
-  const peaks = peaksOf(profile);
-  const chart = activityChart(axes.levels, profile, peaks, feat.noise, (i) => { feat.noise = i; featuresPage(args); });
-  const peakButtons = h("div", { class: "controls" }, "peaks: ", peaks.map((i) => h("button", { class: "peak", onclick: () => { feat.noise = i; featuresPage(args); } }, `go to p=${axes.levels[i]}`)));
-  const top = await getJSON(`/api/top?run=${run}&stage=${stage}&site=${encodeURIComponent(feat.site)}&condition=${encodeURIComponent(feat.condition)}&channel=${feat.channel}&noise=${feat.noise}`);
-  const tabs = h("div", { class: "controls tabs" }, ["top", "priors", "dream"].map((t) => h("button", { class: t === feat.tab ? "on" : "", onclick: () => { feat.tab = t; featuresPage(args); } },
-    { top: "Dataset examples", priors: "Channel priors", dream: "Dream results" }[t])));
+  const nearest = (t) => axes.levels.reduce((best, v, i) => (Math.abs(v - t) < Math.abs(axes.levels[best] - t) ? i : best), 0);
+  // peaks: the analysis' (timesteps on its interpolated grid) where served, else local maxima
+  const analysed = act.peaks ? act.peaks[feat.channel] : null;
+  const peaks = analysed ? analysed.map(nearest) : peaksOf(profile);
+  const name = activity ? "t" : "p";
+  const chart = activityChart(axes.levels, profile, peaks, feat.noise, (i) => { feat.noise = i; featuresPage(args); },
+    { xlabel: activity ? "timestep t (denoising runs left to right)" : "noise level p (fraction of the schedule)", peakValues: analysed, unit });
+  const peakButtons = h("div", { class: "controls", id: "peaks" }, analysed ? `peaks (analysis, ${act.profile || "profile"}): ` : "peaks: ",
+    (analysed || peaks.map((i) => axes.levels[i])).map((v, k) => h("button", { class: "peak", onclick: () => { feat.noise = peaks[k]; featuresPage(args); } }, `go to ${name}=${v}`)),
+    analysed && !analysed.length ? h("span", { class: "muted" }, "none found") : "");
+  const active = act.active ? act.active[feat.channel] : null;
+  const activeLine = active ? h("div", { class: "where", id: "active" }, "active timesteps: " + (active.length ? active.map(([a, b]) => (a === b ? `${a}` : `${a}–${b}`)).join(", ") : "none")) : "";
+  const windowed = activity && feat.window && axes.windows.includes(feat.window);
+  const top = await getJSON(`/api/top?run=${run}&stage=${stage}&site=${encodeURIComponent(feat.site)}&condition=${encodeURIComponent(feat.condition)}&channel=${feat.channel}&noise=${feat.noise}` + (windowed ? `&window=${encodeURIComponent(feat.window)}` : ""));
+  const windowSel = activity && axes.windows.length ? h("label", {}, "top examples ", h("select", { id: "window", onchange: (e) => { feat.window = e.target.value; featuresPage(args); } },
+    h("option", { value: "" }, `at ${name} = ${axes.levels[feat.noise]}`), axes.windows.map((w) => h("option", { value: w }, w === "overall" ? "overall (mean over timesteps)" : `window ${w.slice(1)}`)))) : "";
+  if (windowSel) windowSel.querySelector("select").value = windowed ? feat.window : "";
+  const tabs = h("div", { class: "controls tabs" }, ["top", "priors", "dream"].map((t) => h("button", { class: t === feat.tab ? "on" : "", id: `tab-${t}`, onclick: () => { feat.tab = t; featuresPage(args); } },
+    { top: "Dataset examples", priors: `${unit[0].toUpperCase() + unit.slice(1)} priors`, dream: "Dream results" }[t])));
   let body;
   if (feat.tab === "top") {
-    body = h("div", { class: "thumbs", id: "top-examples" }, top.map((t) => h("figure", {},
-      h("img", { class: "thumb", src: `/api/item.png?run=${run}&stage=${stage}&item=${t.item}`, alt: t.id }),
-      h("figcaption", {}, `${t.caption || t.id}`, h("br"), `act ${fmt(t.value)}`))));
+    const src = (t) => (t.image ? fileURL(run, t.image) : `/api/item.png?run=${run}&stage=${stage}&item=${t.item}`);
+    body = h("div", {}, windowSel, h("div", { class: "thumbs", id: "top-examples" }, top.map((t) => h("figure", {},
+      h("img", { class: "thumb", src: src(t), alt: t.id }),
+      h("figcaption", {}, `${t.caption || t.id}`, h("br"), `act ${fmt(t.value)}`)))));
   } else {
-    body = await dreamTab(feat.tab, feat.channel, feat.site);
+    body = await dreamTab(feat.tab, feat.channel, feat.site, unit);
   }
-  page().replaceChildren(h("div", { class: "card" }, h("h2", {}, `Feature browser: ${feat.site} channel ${feat.channel}`),
-    controls, h("div", { class: "row" }, h("div", {}, h("h3", {}, "Activity profile (mean over items)"), chart, peakButtons),
-      h("div", {}, h("h3", {}, `At noise level p = ${axes.levels[feat.noise]}: top ${top.length} of ${axes.items} items`), tabs, body))));
+  const where = windowed ? (feat.window === "overall" ? "overall" : `in window ${feat.window.slice(1)}`) : `at ${activity ? "timestep t" : "noise level p"} = ${axes.levels[feat.noise]}`;
+  page().replaceChildren(h("div", { class: "card" }, h("h2", { id: "feature-title" }, `Feature browser: ${feat.site} ${unit} ${feat.channel}`),
+    controls, h("div", { class: "row" }, h("div", {}, h("h3", {}, `Activity profile (mean over ${axes.items} items)`), chart, peakButtons, activeLine),
+      h("div", {}, h("h3", {}, `${where}: top ${top.length} of ${axes.items} items`), tabs, body))));
 }
 function peaksOf(values) {
   const out = [];
@@ -136,38 +159,45 @@ function peaksOf(values) {
   }
   return out;
 }
-function activityChart(levels, values, peaks, current, onPick) {
+function activityChart(levels, values, peaks, current, onPick, opts) {
+  opts = opts || {};
   const W = 480, H = 260, L = 80, R = 14, T = 16, B = 44;
   const lo = Math.min(0, ...values), hi = Math.max(...values, lo + 1e-6);
-  const x = (i) => L + 12 + ((W - L - R - 24) * (levels[i] - levels[0])) / Math.max(1e-9, levels[levels.length - 1] - levels[0]);
+  const span = levels[levels.length - 1] - levels[0];
+  const xv = (v) => L + 12 + ((W - L - R - 24) * (v - levels[0])) / (Math.abs(span) < 1e-9 ? 1 : span);
+  const x = (i) => xv(levels[i]);
   const y = (v) => T + (H - T - B) * (1 - (v - lo) / (hi - lo));
   const svg = s("svg", { width: W, height: H, id: "profile", role: "img" });
   svg.append(s("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: "#555" }), s("line", { x1: L, x2: L, y1: T, y2: H - B, stroke: "#555" }));
   for (const v of [lo, (lo + hi) / 2, hi]) svg.append(s("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end", "font-size": 11 }, v.toPrecision(3)));
-  levels.forEach((p, i) => svg.append(s("text", { x: x(i), y: H - B + 15, "text-anchor": "middle", "font-size": 11 }, String(p))));
-  svg.append(s("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", "font-size": 12 }, "noise level p (fraction of the schedule)"));
-  svg.append(s("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle", "font-size": 12, transform: `rotate(-90 14 ${(T + H - B) / 2})` }, "mean activation"));
-  svg.append(s("line", { x1: x(current), x2: x(current), y1: T, y2: H - B, stroke: "#d33", "stroke-dasharray": "4 3" }));
+  const every = Math.max(1, Math.ceil(levels.length / 10)); // at most ~10 tick labels
+  levels.forEach((p, i) => { if (i % every === 0 || i === levels.length - 1) svg.append(s("text", { x: x(i), y: H - B + 15, "text-anchor": "middle", "font-size": 11 }, String(p))); });
+  svg.append(s("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", "font-size": 12 }, opts.xlabel || "noise level p (fraction of the schedule)"));
+  svg.append(s("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle", "font-size": 12, transform: `rotate(-90 14 ${(T + H - B) / 2})` }, `mean activation of the ${opts.unit || "channel"}`));
+  for (const v of opts.peakValues || []) svg.append(s("line", { class: "peak-line", x1: xv(v), x2: xv(v), y1: T, y2: H - B, stroke: "#e08a00", "stroke-width": 2, "stroke-dasharray": "6 3" }));
+  svg.append(s("line", { x1: x(current), x2: x(current), y1: T, y2: H - B, stroke: "#d33", "stroke-dasharray": "4 3", id: "current" }));
   svg.append(s("polyline", { points: values.map((v, i) => `${x(i)},${y(v)}`).join(" "), fill: "none", stroke: "#1f5f99", "stroke-width": 2 }));
   values.forEach((v, i) => {
     const dot = s("circle", { cx: x(i), cy: y(v), r: peaks.includes(i) ? 6 : 4, fill: peaks.includes(i) ? "#e08a00" : "#1f5f99", style: "cursor:pointer" });
     dot.addEventListener("click", () => onPick(i));
     svg.append(dot);
   });
-  return h("div", {}, svg, h("div", { class: "legend" }, h("span", {}, "● orange: peaks"), h("span", {}, "dashed red: current noise level (click a point)")));
+  const peakText = opts.peakValues ? "orange dashed lines: the analysis' activity peaks (dots: the nearest stored step)" : "● orange: peaks";
+  return h("div", {}, svg, h("div", { class: "legend" }, h("span", {}, peakText), h("span", {}, "dashed red: current step (click a point)")));
 }
-async function dreamTab(tab, channel, site) {
+async function dreamTab(tab, channel, site, unit) {
+  unit = unit || "channel";
   // Priors: `diffprobe steer --prior` images of this channel; dreams: `diffprobe dream` results
   // with the optimisation-progress slider over the snapshots and the stats of each step.
   const box = h("div", { id: `${tab}-tab` });
   if (tab === "priors") {
-    const found = await getJSON(`/api/priors?channel=${channel}`);
-    if (!found.length) return h("p", { class: "muted", id: "priors-empty" }, `No prior images of channel ${channel} (diffprobe steer --prior writes them).`);
+    const found = await getJSON(`/api/priors?channel=${channel}&site=${encodeURIComponent(site)}`);
+    if (!found.length) return h("p", { class: "muted", id: "priors-empty" }, `No prior images of ${site} ${unit} ${channel} (diffprobe steer --prior writes them).`);
     for (const f of found) box.append(h("h3", {}, `${f.stage}/${f.folder}`), h("div", { class: "thumbs" }, f.images.map((p) => h("img", { class: "thumb", src: fileURL(f.run, p), alt: p }))));
     return box;
   }
   const found = await getJSON(`/api/dreams?channel=${channel}&site=${encodeURIComponent(site)}`);
-  if (!found.length) return h("p", { class: "muted", id: "dream-empty" }, `No dream results for ${site} channel ${channel} (diffprobe dream writes them).`);
+  if (!found.length) return h("p", { class: "muted", id: "dream-empty" }, `No dream results for ${site} ${unit} ${channel} (diffprobe dream writes them).`);
   for (const d of found) {
     box.append(h("h3", {}, `${d.stage}/${d.folder}` + (d.site ? ` (${d.site})` : "")));
     for (const t of d.timesteps) {
