@@ -1,3 +1,4 @@
+import json
 import os
 import tempfile
 
@@ -73,3 +74,58 @@ def demo_like_run(tmp_path_factory, sd_model) -> "os.PathLike":
     lens(sd_model, "a red circle", layers="0,-1", seeds=[0], steps=2, size=32,
          progress=False).save(root / "lens")  # fmt: skip
     return root
+
+
+@pytest.fixture(scope="session")
+def features_like_run(tmp_path_factory, sd_model) -> dict:
+    """The feature stages chained on the dummy SD pipeline (seconds): an activity run (3 prompts
+    × 2 seeds, 4 DDIM steps, CFG; ``unet.mid_block`` as channels, ``unet.up_blocks.1`` through
+    an SAE-like encoder named ``TopKSAE.encode``), its ``features analyse`` folder, a ``steer
+    --prior`` folder for two channels with activity peaks, and a 2-step dream of those channels
+    at 0 and their peaks (``read_peaks``) from their priors (``read_priors``). Used by
+    tests/test_features_join.py and test_browser.py."""
+    from diffprobe import features
+    from diffprobe.cli.dream import _timesteps
+    from diffprobe.stages.dream import DreamSettings, dream_targets, read_priors
+
+    root = tmp_path_factory.mktemp("features_like") / "study"
+    site, sae_site = "unet.mid_block", "unet.up_blocks.1"
+    weights = {}
+
+    def encode(tokens):  # an SAE encoder's shape: (items, tokens, C) -> (items, tokens, 12)
+        if "w" not in weights:
+            weights["w"] = torch.randn(tokens.shape[-1], 12, generator=torch.Generator()
+                                       .manual_seed(0))  # fmt: skip
+        return torch.relu(tokens @ weights["w"].to(tokens))
+
+    plan = features.ActivityPlan(size=32, sites=[site, sae_site], seeds=[0, 1], steps=4,
+                                 guidance_scale=5.0, chunk_items=4)  # fmt: skip
+    prompts = ["a red circle", "a blue square", "a green star"]
+    run = features.capture_activity(sd_model, prompts, plan, root / "activity",
+                                    transforms={sae_site: encode},
+                                    transform_names={sae_site: "TopKSAE.encode"},
+                                    batch_size=6, progress=False)  # fmt: skip
+    analysis = features.analyse_activity(run, root / "analysis", examples=3, top_k=4,
+                                         windows=[(0, 500)], peak_distance=50,
+                                         plot_channels=1)  # fmt: skip
+    peaks = json.loads((analysis / "activity_peaks.json").read_text())[site]
+    targets = [int(c) for c, found in peaks.items() if found][:2]
+    prior = features.steer_to_folder(
+        sd_model, [features.Steer(site, channel=c, strength=2.0) for c in targets],
+        root / "prior", prompts=[""], seeds=[1024, 1111], steps=2, guidance_scale=1.0, size=32,
+        prior=True, progress=False,
+    )  # fmt: skip
+    table = _timesteps("0,peaks", analysis, targets, site)
+    starts = read_priors(prior, site, targets, dream_shape(sd_model))
+    dream_targets(sd_model, site, targets, table, [0, 1], root / "dream", prior=starts,
+                  settings=DreamSettings(steps=2, snapshot_every=1), size=32,
+                  progress=False, prior_source=str(prior))  # fmt: skip
+    return {"root": root, "run": run, "analysis": analysis, "prior": prior,
+            "dream": root / "dream", "site": site, "sae_site": sae_site, "targets": targets,
+            "table": table}  # fmt: skip
+
+
+def dream_shape(model, size: int = 32):
+    from diffprobe.interventions.dream import input_shape
+
+    return input_shape(model, size)

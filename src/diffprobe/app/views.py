@@ -381,10 +381,8 @@ class Views:
         transforms = run.info.get("transforms") or {}
         units = {}
         for site in run.sites:
-            name = str(transforms.get(site) or "")
-            units[site] = ("SAE feature" if "sae" in name.lower() else "feature") if name else (
-                "channel"
-            )
+            name = str(transforms.get(site) or "").lower()
+            units[site] = "channel" if not name else "SAE feature" if "sae" in name else "feature"
         analysis = self._analysis_of(stage)
         windows = []
         if analysis is not None:

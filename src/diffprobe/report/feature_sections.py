@@ -81,6 +81,10 @@ def features_run(stage: Stage) -> str:
                     "features (transformed)") if site in transforms else "channels"
              for site in info.get("sites", [])}  # fmt: skip
     prompts = info.get("prompts") if isinstance(info.get("prompts"), dict) else {}
+    stored = "none yet"
+    if timesteps:
+        stored = f"{len(timesteps)}: {timesteps[0]:g} … {timesteps[-1]:g} (generation order)"
+    unfinished = " (incomplete: run the capture command again)"
     rows = {
         "model": {k: model.get(k) for k in ("name", "family", "dtype") if k in model},
         "prompts": prompts.get("description") or prompts.get("count"),
@@ -91,12 +95,10 @@ def features_run(stage: Stage) -> str:
         "guidance": schedule.get("guidance_scale"),
         "CFG": schedule.get("cfg"),
         "image size": schedule.get("image_size"),
-        "stored timesteps": f"{len(timesteps)}: {timesteps[0]:g} … {timesteps[-1]:g} "
-        "(generation order)" if timesteps else "none yet",
+        "stored timesteps": stored,
         "branches": info.get("branches"),
         "reductions": info.get("reductions"),
-        "chunks done": f"{done} of {chunks}" + ("" if done == chunks else " (incomplete: run "
-                                                 "the capture command again)"),  # fmt: skip
+        "chunks done": f"{done} of {chunks}" + ("" if done == chunks else unfinished),
     }
     site_rows = [{"site": s, "stored as": units[s], "transform": transforms.get(s, "")}
                  for s in info.get("sites", [])]  # fmt: skip
@@ -119,7 +121,8 @@ def _strength(value) -> str:
     if isinstance(value, dict) and "values" in value:
         values = [v for v in value["values"] if isinstance(v, (int, float))]
         if values:
-            return f"per timestep (--relative × max activation): {min(values):.3g} … {max(values):.3g}"
+            span = f"{min(values):.3g} … {max(values):.3g}"
+            return f"per timestep (--relative × max activation): {span}"
     return "" if value is None else str(value)
 
 
@@ -219,6 +222,9 @@ def _objective_curves(folder: Path, kind: str, targets: list[int]) -> bytes | No
     axis = figure.subplots()
     for label, points in list(curves.items())[:20]:
         axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("optimisation step")
     axis.set_ylabel("objective (total, maximised)")
     axis.set_title("deep dream: objective during the optimisation", fontsize=10)
@@ -247,9 +253,9 @@ def dream(stage: Stage) -> str:
         shown["objective (maximised)"] = _objective_text(info)
         timesteps = info.get("timesteps")
         if isinstance(timesteps, dict):
+            listed = [(k, v) for k, v in list(timesteps.items())[:8] if isinstance(v, list)]
             shown["timesteps per target"] = "; ".join(
-                f"{kind} {k}: {', '.join(f'{float(t):g}' for t in v)}"
-                for k, v in list(timesteps.items())[:8] if isinstance(v, list)
+                f"{kind} {k}: {', '.join(f'{float(t):g}' for t in v)}" for k, v in listed
             )
         seeds = info.get("seeds")
         shown["seeds"] = seeds
