@@ -240,3 +240,79 @@ def test_page_through_features(recorder, inspector):
     assert all(i["width"] > 0 for i in images)
     assert recorder.errors == []
     _loopback_only(recorder.requests, inspector)
+
+
+@pytest.fixture(scope="module")
+def feature_inspector(features_like_run):
+    """The inspector over the feature stages chained on the dummy pipeline: an activity run
+    (channels and SAE-like latents), its analysis, steered priors and a dream."""
+    from diffprobe.app.server import make_server, serve_in_thread, url_of
+    from diffprobe.app.views import RunRef, StageRef
+    from diffprobe.report.discover import find_stages
+
+    stages = find_stages(features_like_run["root"])
+    refs = [RunRef(stages[0].root, [StageRef(s.kind, s.path, s.name) for s in stages])]
+    server = make_server(refs, "127.0.0.1", 0)
+    serve_in_thread(server)
+    yield url_of(server)
+    server.shutdown()
+    server.server_close()
+
+
+def _wait_text(page, selector: str, text: str) -> None:
+    for _ in range(200):
+        found = page.query_selector(selector)
+        if found is not None and text in found.inner_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{selector} never showed {text!r}")
+
+
+def test_page_through_features_of_an_activity_run(recorder, feature_inspector, features_like_run):
+    f = features_like_run
+    page = recorder.page
+    _open(recorder, feature_inspector, "features")
+    assert page.eval_on_selector("#stage-select", "e => e.selectedOptions[0].text").endswith(
+        "activity"
+    )
+    peaks = json.loads((f["analysis"] / "activity_peaks.json").read_text())[f["site"]]
+    profiles = []
+    for channel in range(3):
+        if channel:
+            page.click("#next")
+        _wait_text(page, "#feature-title", f"channel {channel}")
+        profiles.append(page.get_attribute("#profile polyline", "points"))
+        # the analysis' peaks of this channel are drawn, one line each
+        assert len(page.query_selector_all("#profile line.peak-line")) == len(peaks[str(channel)])
+        # the top examples are the run's generated images, served from inside the run
+        thumbs = page.eval_on_selector_all("#top-examples img", "e => e.map(i => i.src)")
+        assert len(thumbs) == 6 and all("/files/0/activity/images/" in t for t in thumbs)
+    assert len(set(profiles)) == 3
+    page.click("#prev")
+    _wait_text(page, "#feature-title", "channel 1")
+    # the analysis' overall top examples
+    listed = json.loads((f["analysis"] / "top_examples.json").read_text())
+    page.select_option("#window", "overall")
+    _wait_text(page, "#top-title", "overall: top 3")
+    thumbs = page.eval_on_selector_all("#top-examples img", "e => e.map(i => i.src)")
+    expected = [r["item"] for r in listed[f["site"]]["1"]["overall"]]
+    assert [int(t.rsplit("/", 1)[1].split(".")[0]) for t in thumbs] == expected
+    # SAE latents captured as channels are labelled SAE features
+    page.select_option("#site", f["sae_site"])
+    _wait_text(page, "#feature-title", f"{f['sae_site']} SAE feature 0")
+    assert "of 12" in page.inner_text("#unit-count")
+    # a dreamt channel: the dream tab with its optimisation-progress slider, and its priors
+    page.select_option("#site", f["site"])
+    target = f["targets"][0]
+    page.fill("#channel", str(target))
+    page.dispatch_event("#channel", "change")
+    _wait_text(page, "#feature-title", f"channel {target}")
+    page.click("#tab-dream")
+    page.wait_for_selector("#dream-tab input.progress")
+    assert len(page.query_selector_all("#dream-tab input.progress")) == len(f["table"][target])
+    page.click("#tab-priors")
+    page.wait_for_selector("#priors-tab img")
+    images = recorder.images_loaded()
+    assert images and all(i["width"] > 0 for i in images), images
+    assert recorder.errors == []
+    _loopback_only(recorder.requests, feature_inspector)

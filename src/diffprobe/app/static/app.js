@@ -149,7 +149,7 @@ async function featuresPage(args) {
   const where = windowed ? (feat.window === "overall" ? "overall" : `in window ${feat.window.slice(1)}`) : `at ${activity ? "timestep t" : "noise level p"} = ${axes.levels[feat.noise]}`;
   page().replaceChildren(h("div", { class: "card" }, h("h2", { id: "feature-title" }, `Feature browser: ${feat.site} ${unit} ${feat.channel}`),
     controls, h("div", { class: "row" }, h("div", {}, h("h3", {}, `Activity profile (mean over ${axes.items} items)`), chart, peakButtons, activeLine),
-      h("div", {}, h("h3", {}, `${where}: top ${top.length} of ${axes.items} items`), tabs, body))));
+      h("div", {}, h("h3", { id: "top-title" }, `${where}: top ${top.length} of ${axes.items} items`), tabs, body))));
 }
 function peaksOf(values) {
   const out = [];
