@@ -125,3 +125,23 @@ def test_dream_of_sae_features_writes_its_folder(sae_folders, cli):
     assert info["settings"]["moment"] == 0.5 and info["settings"]["sigma"] == 0
     assert "sae_feature" in info["leaves"][0] and "moment" in info["leaves"]
     assert (sae_folders / "work" / "dreams" / "feature_00040" / "grid.png").is_file()
+
+
+def test_dream_refuses_features_outputs_that_do_not_fit(sandbox, refused):
+    """--peaks and --prior take the folders of ``features analyse`` and ``steer --prior``;
+    a folder of the wrong kind, another site's analysis, or a prior folder without the dreamt
+    channel is one line naming it."""
+    work = sandbox / "work"
+    (work / "empty").mkdir()
+    refused(dream("--timesteps", "0,peaks", "--peaks", "empty"), ["--peaks", "empty",
+            "activity_peaks.json"])  # fmt: skip
+    (work / "analysis").mkdir()
+    (work / "analysis" / "activity_peaks.json").write_text(
+        json.dumps({"unet.mid_block": {"0": [{"timestep": 501, "height": 0.5}]}})
+    )
+    refused(dream("--timesteps", "0,peaks", "--peaks", "analysis"),
+            ["--peaks", "analysis", "unet.up_blocks.1", "unet.mid_block"])  # fmt: skip
+    prior = work / "prior"
+    (prior / "unet.up_blocks.1" / "channel_0003" / "latents").mkdir(parents=True)
+    (prior / "steer.json").write_text("{}")
+    refused(dream("--channel", "0", "--prior", "prior"), ["--prior", "prior", "channel_0003"])

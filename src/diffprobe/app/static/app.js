@@ -208,8 +208,10 @@ async function dreamTab(tab, channel, site, unit) {
       const stats = h("div", { class: "where" });
       const show = (i) => {
         img.src = fileURL(d.run, shots[i]);
-        const row = (t.stats || []).find((r) => r.step === step(shots[i])) || (t.stats || [])[i];
-        stats.textContent = `step ${step(shots[i])}` + (row ? " · " + Object.entries(row).filter(([k]) => k !== "step").map(([k, v]) => `${k} ${fmt(v)}`).join(" · ") : "");
+        // the snapshots are seed 0's; its stats row of step k holds the objective at snapshot k
+        // (the last snapshot, after the last update, has none)
+        const row = (t.stats || []).find((r) => r.step === step(shots[i]) && (r.seed === undefined || r.seed === 0));
+        stats.textContent = `step ${step(shots[i])}` + (row ? " · " + Object.entries(row).filter(([k]) => k !== "step").map(([k, v]) => `${k} ${fmt(v)}`).join(" · ") : " · after the last update (no stats row)");
       };
       const slider = h("input", { type: "range", class: "progress", min: 0, max: shots.length - 1, value: shots.length - 1, oninput: (e) => show(Number(e.target.value)) });
       show(shots.length - 1);
