@@ -159,3 +159,27 @@ def test_report_sections_of_the_feature_stages(features_like_run):
         assert (f["dream"] / f"channel_{target:04d}" / "grid.png").read_bytes() in pictures
     rows = dream.split("Activation at the start and the end")[1].count("<tr>") - 1
     assert rows == sum(len(v) for v in f["table"].values()) * 2  # timesteps × 2 seeds
+
+
+def test_capture_with_an_sae_stores_its_latents_as_sae_features(tmp_path, monkeypatch):
+    """``features capture --sae``: the SAE's dense ReLU pre-activations at the site are stored
+    as the channels (16 latents, not the site's 128 channels; that a transform's output equals
+    it applied to a hand capture is tests/test_features.py's transform test); the run names the
+    SAE, and the inspector and the report label them SAE features."""
+    from diffprobe.cli import main
+    from diffprobe.report.build import build_report
+    from diffprobe.sae import TopKSAE
+    from diffprobe.sae.formats import save_sae
+
+    monkeypatch.chdir(tmp_path)
+    save_sae(TopKSAE(128, 16, 4, seed=0), tmp_path / "sae")  # unet.mid_block of tiny: 128
+    main(["features", "capture", "--model", "tiny", "--prompts", "shapes:2", "--seeds", "0",
+          "--sites", "unet.mid_block", "--steps", "2", "--guidance", "1", "--sae", "sae",
+          "--out", "study/run", "--quiet"])  # fmt: skip
+    run = open_activity(tmp_path / "study" / "run")
+    values = run.get("unet.mid_block")
+    assert values.shape == (2, 2, 16) and (values >= 0).all() and values.max() > 0
+    assert run.info["transforms"] == {"unet.mid_block": "TopKSAE.pre_acts (sae)"}
+    views, ids = _views(tmp_path / "study")
+    assert views.feature_axes(0, ids["features"])["units"] == {"unet.mid_block": "SAE feature"}
+    assert "SAE features" in build_report([tmp_path / "study"])

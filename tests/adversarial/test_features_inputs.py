@@ -40,6 +40,16 @@ CAPTURE_CASES = {
     "zero steps": (capture("--steps", "0"), ["--steps 0"]),
     "bad shard": (capture("--shard", "3/2"), ["--shard 3/2"]),
     "duplicate site": (capture("--sites", "unet.mid_block", "unet.mid_block"), ["twice"]),
+    "sae site without an sae": (capture("--sae-site", "unet.mid_block"), ["--sae-site", "--sae"]),
+    "sae folder missing": (capture("--sae", "nosae"), ["nosae"]),
+    "sae site not captured": (
+        capture("--sae", "nosae", "--sae-site", "unet.up_blocks.1"),
+        ["--sae-site", "unet.up_blocks.1", "unet.mid_block"],
+    ),
+    "sae with several sites": (
+        capture("--sites", "unet.mid_block", "unet.up_blocks.1", "--sae", "nosae"),
+        ["--sae", "--sae-site"],
+    ),
 }
 
 

@@ -50,13 +50,24 @@ def capture_command(
     chunk_items: Annotated[int, typer.Option(help="items per store chunk (the resume unit)")] = 16,
     store_dtype: Annotated[str, typer.Option(help="float32 or float16")] = "float32",
     shard: Annotated[str, typer.Option(help="i/n: this process fills every n-th chunk")] = "0/1",
+    sae: Annotated[
+        Path | None,
+        typer.Option(help="store this SAE's latents (dense ReLU pre-activations) as the channels"),
+    ] = None,
+    sae_site: Annotated[
+        str | None, typer.Option(help="the site the SAE reads (default: the only --sites entry)")
+    ] = None,
+    hookpoint: Annotated[
+        str | None, typer.Option(help="subfolder of a multi-hookpoint SAE folder")
+    ] = None,
     dtype: str = "fp32",
     device: str = "cpu",
     overwrite: Annotated[bool, typer.Option(help="replace an earlier, different capture")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Generate every prompt x seed and record, per site, timestep and CFG branch, each
-    channel's activation reduced over space/tokens into RUN (printed)."""
+    channel's activation reduced over space/tokens into RUN (printed). With --sae, the SAE's
+    latents at --sae-site are stored instead of its channels (labelled SAE features)."""
     setup(quiet)
     from diffprobe.extract.plan import check_batching, parse_shard
     from diffprobe.features import ActivityPlan, capture_activity, read_prompts
@@ -81,10 +92,39 @@ def capture_command(
     parse_dtype(dtype)
     parse_device(device)
     check_output(out, "features", overwrite=overwrite)
+    transforms, names = _sae_transform(sae, sae_site, hookpoint, plan.sites, device)
     loaded = load(model, dtype=dtype, device=device)
     root = capture_activity(loaded, prompts, plan, out, batch_size=batch_size,
-                            shard=shard_range, overwrite=overwrite, progress=not quiet)  # fmt: skip
+                            shard=shard_range, overwrite=overwrite, progress=not quiet,
+                            transforms=transforms, transform_names=names)  # fmt: skip
     typer.echo(str(root))
+
+
+def _sae_transform(sae, site, hookpoint, sites, device):
+    """({site: encoder}, {site: name}) for ``--sae``; empty without it."""
+    from diffprobe.features import ActivityError
+
+    if sae is None:
+        if site is not None or hookpoint is not None:
+            raise ActivityError("--sae-site and --hookpoint go with --sae PATH")
+        return None, None
+    if site is None:
+        if len(sites) != 1:
+            raise ActivityError(f"--sae {sae}: name the site it reads with --sae-site (one of "
+                                f"{', '.join(sites)})")  # fmt: skip
+        site = sites[0]
+    if site not in sites:
+        raise ActivityError(f"--sae-site {site}: not among --sites ({', '.join(sites)})")
+    from diffprobe.sae import load_sae
+
+    loaded = load_sae(sae, hookpoint=hookpoint, device=device)
+
+    def encode(tokens):  # (items, tokens, channels) -> (items, tokens, d_sae)
+        loaded.check_d_in(tokens.shape[-1], site)
+        return loaded.pre_acts(tokens.to(loaded.dtype)).float()
+
+    name = f"{type(loaded).__name__}.pre_acts ({sae}{'/' + hookpoint if hookpoint else ''})"
+    return {site: encode}, {site: name}
 
 
 def analyse_command(
