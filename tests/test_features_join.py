@@ -41,6 +41,7 @@ def test_dream_reads_the_analysis_peaks(features_like_run):
         read_peaks(f["analysis"], "unet.down_blocks.0")
     dreamt = json.loads((f["dream"] / "dream.json").read_text())
     assert dreamt["timesteps"] == {str(t): v for t, v in f["table"].items()}
+    assert dreamt["objective"] == "channel(unet.mid_block) − 0.5·total_variation − 0.5·range(3)"
 
 
 def test_each_dream_starts_from_its_own_channels_prior(features_like_run, sd_model):

@@ -180,7 +180,9 @@ def steer(stage: Stage) -> str:
 # ------------------------------------------------------------------ deep dream
 
 
-def _objective_text(info: dict) -> str:
+def objective_text(info: dict) -> str:
+    """``channel(site) − 0.5·total_variation − 0.5·range(3)`` from a dream's leaves and
+    weights ("" where they do not pair up)."""
     leaves, weights = info.get("leaves"), info.get("weights")
     if isinstance(leaves, list) and isinstance(weights, list) and len(leaves) == len(weights):
         terms = []
@@ -250,7 +252,7 @@ def dream(stage: Stage) -> str:
         shown = {k: info.get(k) for k in ("model", "site", "kind", "sae", "prior", "prior_from")
                  if info.get(k) is not None}  # fmt: skip
         shown["targets"] = info.get("targets")
-        shown["objective (maximised)"] = _objective_text(info)
+        shown["objective (maximised)"] = objective_text(info)
         timesteps = info.get("timesteps")
         if isinstance(timesteps, dict):
             listed = [(k, v) for k, v in list(timesteps.items())[:8] if isinstance(v, list)]

@@ -36,6 +36,7 @@ from diffprobe.io import (
     write_json,
 )
 from diffprobe.report.dream import dream_grid
+from diffprobe.report.feature_sections import objective_text
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +300,9 @@ def dream_targets(
         "timesteps": {str(k): [float(t) for t in v] for k, v in timesteps.items()},
         "seeds": list(seeds), "sae": sae_path, "prior": prior is not None,
         "prior_from": prior_source,
-        "settings": vars(settings), "objective": repr(settings.objective(_activation(
-            site, list(targets[:1]), sae))), "leaves": result.leaves,
+        "settings": vars(settings),
+        "objective": objective_text({"leaves": result.leaves, "weights": result.weights}),
+        "leaves": result.leaves,
         "weights": result.weights, "summary": summary, "files": files, "versions": versions(),
     }  # fmt: skip
     write_csv(out / "summary.csv", summary, [kind, "timestep", "seed", "initial", "final",
