@@ -108,8 +108,9 @@ def test_inspector_views_read_the_activity_run_and_its_analysis(features_like_ru
     assert path.read_bytes() == activity.image_path(top[0]["item"]).read_bytes()
     sae = views.activity(run, stage, f["sae_site"], "cond")
     assert sae["channels"] == 12 and sae["peaks"] is not None
-    dreams = views.dreams(channel, f["site"])
+    dreams = views.dreams(channel, f["site"], "channel")
     assert [d["folder"] for d in dreams] == [f"channel_{channel:04d}"]
+    assert views.dreams(channel, f["site"], "feature") == []  # SAE-feature dreams only
     assert len(dreams[0]["timesteps"]) == len(f["table"][channel])
     assert views.priors(channel, f["site"])[0]["images"]
 

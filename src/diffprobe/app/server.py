@@ -147,7 +147,8 @@ class Handler(BaseHTTPRequestHandler):
                 window=query.get("window") or None,
             ))  # fmt: skip
         if raw == "/api/dreams":
-            return self._json(views.dreams(_int(query.get("channel")), query.get("site")))
+            return self._json(views.dreams(_int(query.get("channel")), query.get("site"),
+                                           query.get("kind") or None))  # fmt: skip
         if raw == "/api/priors":
             return self._json(views.priors(_int(query.get("channel")), query.get("site") or None))
         if raw == "/api/item.png":

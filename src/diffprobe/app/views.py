@@ -218,11 +218,12 @@ class Views:
     def _relative(self, index: int, path: Path) -> str:
         return path.relative_to(self.runs[index].root).as_posix()
 
-    def dreams(self, channel: int, site: str | None = None) -> list[dict]:
+    def dreams(self, channel: int, site: str | None = None, kind: str | None = None) -> list[dict]:
         """Dream results of ``channel`` in every dream stage (layout of ``diffprobe dream``:
         ``channel_0003/`` or ``feature_00003/`` holding ``grid.png`` and per timestep
         ``seed_S.png``, ``stats.json`` and ``snapshots/seed_S_step_NNNN.png``), of ``site`` only
-        where given (the site ``dream.json`` names)."""
+        where given (the site ``dream.json`` names), of channels or SAE features only where
+        ``kind`` (``channel`` or ``feature``) is given."""
         import json
 
         found = []
@@ -236,7 +237,8 @@ class Views:
                     dreamed = None
                 if site and dreamed and dreamed != site:
                     continue
-                for name in (f"channel_{channel:04d}", f"feature_{channel:05d}"):
+                names = {"channel": f"channel_{channel:04d}", "feature": f"feature_{channel:05d}"}
+                for name in [v for k, v in names.items() if kind in (None, k)]:
                     folder = stage.path / name
                     if not folder.is_dir() or folder.is_symlink():
                         continue

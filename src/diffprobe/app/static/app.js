@@ -196,7 +196,7 @@ async function dreamTab(tab, channel, site, unit) {
     for (const f of found) box.append(h("h3", {}, `${f.stage}/${f.folder}`), h("div", { class: "thumbs" }, f.images.map((p) => h("img", { class: "thumb", src: fileURL(f.run, p), alt: p }))));
     return box;
   }
-  const found = await getJSON(`/api/dreams?channel=${channel}&site=${encodeURIComponent(site)}`);
+  const found = await getJSON(`/api/dreams?channel=${channel}&site=${encodeURIComponent(site)}&kind=${unit === "channel" ? "channel" : "feature"}`);
   if (!found.length) return h("p", { class: "muted", id: "dream-empty" }, `No dream results for ${site} ${unit} ${channel} (diffprobe dream writes them).`);
   for (const d of found) {
     box.append(h("h3", {}, `${d.stage}/${d.folder}` + (d.site ? ` (${d.site})` : "")));
