@@ -169,12 +169,20 @@ def test_capture_with_an_sae_stores_its_latents_as_sae_features(tmp_path, monkey
     it applied to a hand capture is tests/test_features.py's transform test); the run names the
     SAE, and the inspector and the report label them SAE features."""
     from diffprobe.cli import main
+    from diffprobe.cli.features import _sae_transform
+    from diffprobe.features import ActivityError
     from diffprobe.report.build import build_report
     from diffprobe.sae import TopKSAE
     from diffprobe.sae.formats import save_sae
 
     monkeypatch.chdir(tmp_path)
     save_sae(TopKSAE(128, 16, 4, seed=0), tmp_path / "sae")  # unet.mid_block of tiny: 128
+    with pytest.raises(ActivityError, match="--sae sae: name the site it reads with --sae-site"):
+        _sae_transform("sae", None, None, ["unet.mid_block", "unet.up_blocks.1"], "cpu")
+    delta = TopKSAE(128, 16, 4, seed=0, metadata={"site_semantics": "delta"})
+    save_sae(delta, tmp_path / "delta")
+    with pytest.raises(ActivityError, match="reads the site's delta"):
+        _sae_transform("delta", "unet.mid_block", None, ["unet.mid_block"], "cpu")
     main(["features", "capture", "--model", "tiny", "--prompts", "shapes:2", "--seeds", "0",
           "--sites", "unet.mid_block", "--steps", "2", "--guidance", "1", "--sae", "sae",
           "--out", "study/run", "--quiet"])  # fmt: skip

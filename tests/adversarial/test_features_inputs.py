@@ -46,9 +46,9 @@ CAPTURE_CASES = {
         capture("--sae", "nosae", "--sae-site", "unet.up_blocks.1"),
         ["--sae-site", "unet.up_blocks.1", "unet.mid_block"],
     ),
-    "sae with several sites": (
+    "sae missing, several sites": (
         capture("--sites", "unet.mid_block", "unet.up_blocks.1", "--sae", "nosae"),
-        ["--sae", "--sae-site"],
+        ["nosae"],
     ),
 }
 

@@ -108,16 +108,25 @@ def _sae_transform(sae, site, hookpoint, sites, device):
         if site is not None or hookpoint is not None:
             raise ActivityError("--sae-site and --hookpoint go with --sae PATH")
         return None, None
-    if site is None:
-        if len(sites) != 1:
-            raise ActivityError(f"--sae {sae}: name the site it reads with --sae-site (one of "
-                                f"{', '.join(sites)})")  # fmt: skip
-        site = sites[0]
-    if site not in sites:
+    if site is not None and site not in sites:
         raise ActivityError(f"--sae-site {site}: not among --sites ({', '.join(sites)})")
     from diffprobe.sae import load_sae
 
     loaded = load_sae(sae, hookpoint=hookpoint, device=device)
+    metadata = getattr(loaded, "metadata", None) or {}
+    if site is None:
+        trained = metadata.get("site")
+        if trained in sites or len(sites) == 1:
+            site = trained if trained in sites else sites[0]
+        else:
+            raise ActivityError(f"--sae {sae}: name the site it reads with --sae-site (one of "
+                                f"{', '.join(sites)})")  # fmt: skip
+    semantics = metadata.get("site_semantics") or "output"
+    if semantics != "output":
+        raise ActivityError(
+            f"--sae {sae}: the SAE reads the site's {semantics}, but features capture "
+            "stores latents of the site's output; use an SAE trained on the output"
+        )
 
     def encode(tokens):  # (items, tokens, channels) -> (items, tokens, d_sae)
         loaded.check_d_in(tokens.shape[-1], site)
