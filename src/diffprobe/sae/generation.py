@@ -137,11 +137,13 @@ def generation_source(
     seed: int = 0,
     batch_items: int = 16,
     progress: bool = False,
+    keep_in_memory: bool = False,
 ) -> IterableSource:
     """A training / evaluation source streamed from generation (no activation on disk): every
     token of every timestep of ``prompts``' generations, grouped by timestep, with the SAE
     metadata (model, site, branch, timesteps, scheduler, site semantics) filled in. Each epoch
-    generates again (the same vectors: fixed seeds)."""
+    generates again (the same vectors: fixed seeds); with ``keep_in_memory`` the first pass's
+    vectors are kept in memory (never on disk) and replayed by later epochs instead."""
     _check(site, semantics, branch)
     prompts = list(prompts)
     if not prompts:
@@ -149,10 +151,15 @@ def generation_source(
     guidance = model.default_guidance_scale if guidance_scale is None else guidance_scale
     cfg = model.generation_uses_cfg(guidance)
 
+    kept: list[list] = []  # [the first complete pass] once there is one
+
     def batches() -> Iterator[tuple[Tensor, float]]:
-        return generation_batches(model, site, prompts, semantics=semantics, branch=branch,
+        if keep_in_memory and kept:
+            return iter(kept[0])
+        stream = generation_batches(model, site, prompts, semantics=semantics, branch=branch,
                                   steps=steps, guidance_scale=guidance, seed=seed,
                                   batch_items=batch_items, progress=progress)  # fmt: skip
+        return _keeping(stream, kept) if keep_in_memory else stream
 
     source = IterableSource(batches, name=f"generations of {model.name or 'model'} at {site}")
     timesteps = generation_timesteps(model, steps)
@@ -181,6 +188,14 @@ def generation_source(
     describe = {"kind": "generation", **source.metadata, "prompts_sha": _digest(prompts)}
     source.describe = lambda: describe  # type: ignore[method-assign]
     return source
+
+
+def _keeping(stream: Iterator, kept: list) -> Iterator:
+    elements = []
+    for element in stream:
+        elements.append(element)
+        yield element
+    kept[:] = [elements]  # only a complete pass is replayed
 
 
 def _digest(prompts: list[str]) -> str:
@@ -367,3 +382,53 @@ def top_examples(activity: np.ndarray, feature: int, n: int = 8) -> list[tuple[i
     order = np.argsort(values, axis=None)[::-1][:n]
     return [(int(i), int(t), float(values[i, t]))
             for i, t in zip(*np.unravel_index(order, values.shape), strict=True)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------- spliced-in test
+
+
+def _images(model: Any, prompts: list[str], steps: int, guidance: Any, seed: int, batch: int):
+    out = [model.generate(chunk, steps=steps, guidance_scale=guidance, seed=seed + i)
+           for i, chunk in enumerate(_chunks(prompts, batch))]  # fmt: skip
+    return (np.concatenate(out) * 255).round().astype(np.uint8)
+
+
+def splice_test(
+    model: Any,
+    sae: TopKSAE,
+    site: str,
+    prompts: Sequence[str],
+    *,
+    steps: int = 20,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_items: int = 16,
+    branch: str | None = None,
+    factors: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Generate ``prompts`` three times: plainly, with the SAE's reconstruction in place of the
+    site's value (``branch`` None: both CFG halves), and with reconstruction + error, which
+    must give the plain images exactly. Returns ``pixel_mse`` of the reconstruction's images
+    against the plain ones (pixels in [0, 1]), ``error_kept_identical`` and
+    ``error_kept_max_abs`` (in 8-bit levels); with shapes-world ``factors`` also the attribute
+    reader's accuracy on the plain and reconstructed images."""
+    prompts = list(prompts)
+    plain = _images(model, prompts, steps, guidance_scale, seed, batch_items)
+    with sae_edit(model, sae, site, keep_error=True, branch=branch):
+        kept = _images(model, prompts, steps, guidance_scale, seed, batch_items)
+    with sae_edit(model, sae, site, keep_error=False, branch=branch):
+        recon = _images(model, prompts, steps, guidance_scale, seed, batch_items)
+    result: dict[str, Any] = {
+        "items": len(prompts),
+        "error_kept_identical": bool(np.array_equal(kept, plain)),
+        "error_kept_max_abs": int(np.abs(kept.astype(np.int16) - plain).max()),
+        "pixel_mse": float(((recon / 255.0 - plain / 255.0) ** 2).mean()),
+    }
+    if factors is not None:
+        from diffprobe.data.attributes import attribute_accuracy
+
+        for name, images in (("plain", plain), ("reconstruction", recon)):
+            scores = attribute_accuracy(images, factors)
+            result[f"attributes_{name}"] = {k: v for k, v in scores.items()
+                                            if isinstance(v, float) and v == v}  # fmt: skip
+    return result
