@@ -65,11 +65,12 @@ def _prompts(spec: str | None):
 def _generation(model, prompts, site, semantics, branch, steps, guidance, seed, batch_items,
                 device, dtype, quiet, keep=False):  # fmt: skip
     from diffprobe.loading import load
-    from diffprobe.sae.generation import generation_source
+    from diffprobe.sae.generation import check_generation_options, generation_source
     from diffprobe.sae.model import SAEError, check_size
 
     if not site:
         raise SAEError(f"--model {model} needs --site SITE, e.g. unet.up_blocks.1")
+    check_generation_options(site, semantics or "output", branch)
     check_size("--steps", steps)
     check_size("--batch-items", batch_items)
     captions, factors = _prompts(prompts)

@@ -35,13 +35,14 @@ SEMANTICS = ("output", "input", "delta")
 BRANCHES = ("cond", "uncond", "both")
 
 
-def _check(site: str, semantics: str, branch: str) -> None:
+def check_generation_options(site: str, semantics: str, branch: str) -> None:
+    """One clear error for an unknown site semantics or branch, or a site with an element."""
     if semantics not in SEMANTICS:
         raise SAEError(
-            f"site semantics {semantics!r} for '{site}'; expected one of {', '.join(SEMANTICS)}"
+            f"--site-semantics {semantics!r} for '{site}'; expected one of {', '.join(SEMANTICS)}"
         )
     if branch not in BRANCHES:
-        raise SAEError(f"branch {branch!r}; expected one of {', '.join(BRANCHES)}")
+        raise SAEError(f"--branch {branch!r}; expected one of {', '.join(BRANCHES)}")
     if ":" in site:
         raise SAEError(
             f"site '{site}' names an element; give the module ('unet.up_blocks.1') and "
@@ -113,7 +114,7 @@ def generation_batches(
     denoiser call of every chunk: the site's value (per ``semantics``) on ``branch``."""
     from tqdm.auto import tqdm
 
-    _check(site, semantics, branch)
+    check_generation_options(site, semantics, branch)
     chunks = _chunks(prompts, batch_items)
     bar = tqdm(total=len(prompts), disable=not progress, desc="generate", unit="img",
                file=sys.stderr)  # fmt: skip
@@ -144,7 +145,7 @@ def generation_source(
     metadata (model, site, branch, timesteps, scheduler, site semantics) filled in. Each epoch
     generates again (the same vectors: fixed seeds); with ``keep_in_memory`` the first pass's
     vectors are kept in memory (never on disk) and replayed by later epochs instead."""
-    _check(site, semantics, branch)
+    check_generation_options(site, semantics, branch)
     prompts = list(prompts)
     if not prompts:
         raise SAEError("generation_source needs at least one prompt")
