@@ -144,3 +144,39 @@ def test_delta_on_a_block_that_changes_shape_is_one_clear_error(sd_model):
                                 **GEN))  # fmt: skip
     with pytest.raises(SAEError, match="site semantics"):
         generation_source(sd_model, SITE, PROMPTS, semantics="difference")
+
+
+def test_sae_transform_in_the_features_capture_stores_mean_codes(sd_model, tmp_path):
+    from diffprobe.extract.generation import ActivityPlan, generate_batch, reducer
+    from diffprobe.features import open_activity
+    from diffprobe.sae.generation import capture_sae_activity, sae_transform
+
+    sae = _sae(64)
+    plan = ActivityPlan(sites=[SITE], seeds=[0], **GEN)
+    _, latents, _ = generate_batch(sd_model, PROMPTS[:2], [0, 0], plan,
+                                   {SITE: reducer(("mean",), sae_transform(sae))}, ["cond"])  # fmt: skip
+    _, raw, _ = generate_batch(sd_model, PROMPTS[:2], [0, 0], plan, {SITE: lambda v: v}, ["cond"])
+    maps = raw[SITE, "cond"]  # (items, timesteps, C, H, W)
+    tokens = maps.flatten(3).transpose(2, 3)  # (items, timesteps, H*W, C)
+    expected = sae.encode(tokens).mean(2)
+    torch.testing.assert_close(latents[SITE, "cond"][:, :, 0], expected, atol=1e-5, rtol=1e-5)
+    run = open_activity(capture_sae_activity(sd_model, PROMPTS[:2], plan, tmp_path / "act",
+                                             {SITE: sae}, progress=False))  # fmt: skip
+    assert run.get(SITE).shape == (2, 2, 256)
+
+
+def test_steering_through_the_features_api_equals_steer_feature(sd_model):
+    from diffprobe.features import steer
+    from diffprobe.interventions.sae_steer import sae_feature_steer
+
+    sae = _sae(64)
+    timesteps = [t for _, t in generation_batches(sd_model, SITE, PROMPTS[:1], **GEN)]
+    max_activation = np.array([0.004, 0.002])
+    spec = sae_feature_steer(sae, SITE, 7, max_activation, timesteps)  # scale 500
+    ours = steer(sd_model, PROMPTS[:1], spec, seed=0, **GEN)
+    with steer_feature(sd_model, sae, SITE, 7,
+                       steering_strengths(max_activation, timesteps, 500)):  # fmt: skip
+        theirs = sd_model.generate(PROMPTS[:1], seed=0, **GEN)
+    plain = sd_model.generate(PROMPTS[:1], seed=0, **GEN)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert np.abs(ours - plain).max() > 1e-3

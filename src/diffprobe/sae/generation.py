@@ -433,3 +433,40 @@ def splice_test(
             result[f"attributes_{name}"] = {k: v for k, v in scores.items()
                                             if isinstance(v, float) and v == v}  # fmt: skip
     return result
+
+
+# ---------------------------------------------------- on the features API (capture_activity)
+
+
+def sae_transform(sae: TopKSAE) -> Callable[[Tensor], Tensor]:
+    """A capture transform for :func:`diffprobe.features.capture_activity`: ``(items, tokens,
+    channels) -> (items, tokens, d_sae)`` dense TopK codes, so the activity run stores the
+    SAE's latents (mean over tokens: SAeUron's concept score) as its "channels"."""
+
+    def encode(tokens: Tensor) -> Tensor:
+        sae.check_d_in(int(tokens.shape[-1]))
+        with torch.no_grad():
+            codes = sae.encode(tokens.to(device=sae.device, dtype=sae.dtype))
+        return codes.to(tokens.device)
+
+    return encode
+
+
+def capture_sae_activity(model: Any, prompts: Any, plan: Any, out: Any, saes: dict, **kwargs):
+    """:func:`diffprobe.features.capture_activity` with ``saes`` (site -> TopKSAE) encoding
+    their sites: the run's arrays for those sites hold latents, named ``sae:<layout>:<path>``
+    in its run.json. Only SAEs of the site's output can be read from a capture (an SAE of
+    ``delta`` needs output - input: train and splice it with :func:`generation_source`)."""
+    from diffprobe.extract.generation import capture_activity
+
+    for site, sae in saes.items():
+        if sae.metadata.get("site_semantics", "output") != "output":
+            raise SAEError(
+                f"the SAE for '{site}' reads the site's {sae.metadata['site_semantics']}; "
+                "activity captures read outputs only"
+            )
+    names = {site: f"sae:{sae.source.get('layout', 'memory')}:{sae.source.get('path', id(sae))}"
+             for site, sae in saes.items()}  # fmt: skip
+    transforms = {site: sae_transform(sae) for site, sae in saes.items()}
+    return capture_activity(model, prompts, plan, out, transforms=transforms,
+                            transform_names=names, **kwargs)  # fmt: skip
