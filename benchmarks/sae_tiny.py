@@ -45,16 +45,13 @@ FACTORS = ("colour", "shape", "quadrant")
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """ROC AUC of ``scores`` (items, ...) for the boolean ``positive`` (items,), ties halved
-    (Mann-Whitney U over average ranks), for every trailing index at once."""
-    from scipy.stats import rankdata
+    """ROC AUC of ``scores`` (items, ...) for the boolean ``positive`` (items,), for every
+    trailing index at once (the features analysis's ``selectivity_auc``)."""
+    from diffprobe.analysis.activity import selectivity_auc
 
-    ranks = rankdata(scores, axis=0)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return np.full(scores.shape[1:], np.nan)
-    u = ranks[positive].sum(0) - n_pos * (n_pos + 1) / 2
-    return u / (n_pos * n_neg)
+    scores = np.asarray(scores)
+    flat = selectivity_auc(scores.reshape(len(scores), -1), positive)
+    return flat.reshape(scores.shape[1:])
 
 
 def load_model(device: str):
