@@ -231,8 +231,12 @@ def main(argv=None) -> dict:
             chosen = next(r for r in rows if r["factor"] == factor and r["value"] == int(value))
         else:
             chosen = rows[0]
-        summary.setdefault("steer", {})[f"{chosen['factor']}:{chosen['value']}"] = stage_steer(
-            args, model, chosen)  # fmt: skip
+        key = f"{chosen['factor']}:{chosen['value']}"
+        result = stage_steer(args, model, chosen)
+        earlier = summary.setdefault("steer", {}).get(key, {})
+        if earlier.get("prompts") == result["prompts"]:  # the same prompts: keep earlier scales
+            result["scales"] = {**earlier.get("scales", {}), **result["scales"]}
+        summary["steer"][key] = result
     from diffprobe.io import write_json
 
     write_json(args.out, summary)
