@@ -171,16 +171,17 @@ def stage_steer(args, model, chosen: dict) -> dict:
               "scales": {}}  # fmt: skip
     for scale in args.scales:
         strengths = steering_strengths(data["max_activation"][:, feature], data["timesteps"], scale)
-        with steer_feature(model, sae, args.site, feature, strengths):
+        branch = None if args.steer_branch == "both" else args.steer_branch
+        with steer_feature(model, sae, args.site, feature, strengths, branch=branch):
             steered = _generate(model, prompts, args.steps)
         read = read_attributes(steered)[factor]
-        result["scales"][str(scale)] = {
+        result["scales"][str(scale) + ("" if branch is None else f"@{branch}")] = {
             "rate": float(np.mean(read == value)),
             "stated_accuracy": float(np.mean(read == pool.factors[factor][others])),
             "pixel_mse": float(((steered / 255.0 - baseline / 255.0) ** 2).mean()),
             "max_strength": max(strengths.values()),
         }
-        print(factor, value, scale, result["scales"][str(scale)], file=sys.stderr)
+        print(factor, value, scale, branch, file=sys.stderr)
     return result
 
 
