@@ -203,6 +203,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=64)
     parser.add_argument("--scales", type=float, nargs="+", default=[500.0])
     parser.add_argument(
+        "--steer-branch",
+        default="both",
+        choices=["both", "cond"],
+        help="CFG halves the steering edits (cond: amplified by the guidance)",
+    )
+    parser.add_argument(
         "--target",
         default=None,
         help="factor:value index to steer, e.g. "
