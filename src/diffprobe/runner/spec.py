@@ -5,6 +5,7 @@ stage."""
 
 from __future__ import annotations
 
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +140,11 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise SpecError(f"spec {path} does not exist; pass a YAML experiment file "
                         "(examples/demo.yaml is one)")  # fmt: skip
     text = path.read_text(encoding="utf-8")
+    # ${VAR} and ~ in values: one spec serves several machines (THINGS_ROOT=... diffprobe run)
+    expanded = os.path.expandvars(text)
     try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        node = yaml.compose(expanded)
+        raw = yaml.safe_load(expanded)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -1,0 +1,104 @@
+"""``diffprobe run``: the spec, the plan and its hashes, dry runs of the examples, and that
+editing one stage's parameters reruns that stage and its dependants only (docs/runner.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from runner_util import ROOT, TINY_SPEC, done_markers, results, write_spec
+
+from diffprobe.runner import load_spec
+from diffprobe.runner.api import describe, run
+from diffprobe.runner.execute import plan_run
+from diffprobe.runner.plan import order
+
+EXAMPLES = ["demo", "things-alignment-sd15", "features-sd15", "hspace-ddpm"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_pass_a_dry_run(name, tmp_path, monkeypatch):
+    for variable in ("THINGS_ROOT", "IMAGE_FOLDER", "CELEBA_FOLDER"):
+        monkeypatch.setenv(variable, str(tmp_path))
+    lines = []
+    root = run(ROOT / "examples" / f"{name}.yaml", tmp_path / "run", dry_run=True,
+               echo=lines.append)  # fmt: skip
+    text = "\n".join(lines)
+    spec = load_spec(ROOT / "examples" / f"{name}.yaml")
+    for stage in spec.stages:
+        assert f"  {stage} " in text
+    assert f"{len(spec.stages) + 1} of {len(spec.stages) + 1} stages to run" in text
+    assert not root.exists()  # a dry run writes nothing
+
+
+def test_demo_spec_is_the_demo_study():
+    from diffprobe.stages.demo import ANOMALY_SITES, CAPTURE_SITES, DEMO_GRID_SITES, DEMO_NOISE
+
+    spec = load_spec(ROOT / "examples" / "demo.yaml")
+    stages = spec.stages
+    assert stages["extract"].params.sites == DEMO_GRID_SITES
+    assert stages["extract"].params.noise_levels == DEMO_NOISE
+    assert stages["capture"].params.sites == CAPTURE_SITES
+    assert stages["anomaly_run"].params.sites == list(ANOMALY_SITES)
+    assert [c.name for c in stages["extract"].params.conditions] == ["empty", "label"]
+    assert stages["align"].params.best.folds == 5
+
+
+def test_hashes_follow_the_spec_parts_each_stage_depends_on(tmp_path):
+    base = {s.name: s.hash for s in order(load_spec(write_spec(tmp_path / "a")))}
+    edited = TINY_SPEC.replace("k: 4", "k: 3")
+    changed = {s.name: s.hash for s in order(load_spec(write_spec(tmp_path / "b", edited)))}
+    assert [n for n in base if base[n] != changed[n]] == ["sae_train", "sae_eval"]
+    moved = TINY_SPEC.replace("model: {name: tiny}", "model: {name: tiny, device: cuda}")
+    assert {s.name: s.hash for s in order(load_spec(write_spec(tmp_path / "c", moved)))} == base
+    grid = TINY_SPEC.replace("[0.1, 0.5]", "[0.1, 0.6]")
+    regrid = {s.name: s.hash for s in order(load_spec(write_spec(tmp_path / "d", grid)))}
+    assert [n for n in base if base[n] != regrid[n]] == ["extract", "sae_train", "sae_eval"]
+
+
+def test_order_puts_inputs_first(tmp_path):
+    text = TINY_SPEC.replace("  sae_eval: {device: cpu}\n", "")
+    text = text.replace("stages:\n", "stages:\n  sae_eval: {device: cpu}\n")
+    names = [s.name for s in order(load_spec(write_spec(tmp_path, text)))]
+    assert names.index("sae_eval") > names.index("sae_train") > names.index("extract")
+    assert names[0] == "data"
+
+
+def test_yaml_variables_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITEMS", "shapes:5")
+    spec = load_spec(write_spec(tmp_path, TINY_SPEC.replace('"shapes:8:0"', "${ITEMS}")))
+    assert spec.data.source == "shapes:5"
+
+
+@pytest.mark.slow
+def test_editing_one_stage_reruns_it_and_its_dependants_only(tmp_path):
+    spec = write_spec(tmp_path / "spec")
+    out = tmp_path / "run"
+    run(spec, out, progress=False)
+    first = done_markers(out)
+    assert sorted(first) == ["data", "extract", "sae_eval", "sae_train", "sites"]
+    before = results(out)
+    # nothing changed: nothing is redone
+    run(spec, out, progress=False)
+    assert done_markers(out) == first
+    # the SAE's k changed: the SAE and its evaluation are redone, the extraction is not
+    spec.write_text(TINY_SPEC.replace("k: 4", "k: 2"))
+    assert "done" in describe(load_spec(spec), out)
+    plan = {s.name: s.status for s in plan_run(load_spec(spec), out)}
+    assert plan == {"data": "done", "sites": "done", "extract": "done", "sae_train": "stale",
+                    "sae_eval": "stale"}  # fmt: skip
+    run(spec, out, progress=False)
+    second = done_markers(out)
+    assert [n for n in first if first[n] != second[n]] == ["sae_eval", "sae_train"]
+    after = results(out)
+    for key in before:
+        if key.startswith("extract/"):
+            assert (before[key] == after[key]).all()
+    assert after["sae/sae_weights.safetensors/W_dec"].shape != before[
+        "sae/sae_weights.safetensors/W_dec"].shape or not (
+        after["eval"] == before["eval"]).all()  # fmt: skip
+    # --from forces that stage and every later one
+    run(spec, out, force_from="extract", progress=False)
+    third = done_markers(out)
+    assert [n for n in second if second[n] != third[n]] == ["extract", "sae_eval", "sae_train"]
+    assert (Path(out) / "run.json").is_file()
