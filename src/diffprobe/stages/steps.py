@@ -162,7 +162,9 @@ def extract(ctx: StageContext, params: ExtractParams) -> dict:
                 shard=ctx.shard, captions_file=params.captions,
                 progress=ctx.progress)  # fmt: skip
     after = done_chunks(ctx.folder)
-    return {"chunks_computed": len(after - before), "chunks_done": len(after)}
+    index, count = ctx.shard
+    mine = {k for k in after - before if k % count == index}  # not another shard's, beside us
+    return {"chunks_computed": len(mine), "chunks_done": len(after)}
 
 
 def extract_units(ctx: StageContext, params: ExtractParams) -> tuple[int | None, int]:
