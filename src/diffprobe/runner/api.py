@@ -74,7 +74,11 @@ def run(
         echo(describe(spec, root, force_from))
         return root
     options = Options(executor=executor, force_from=force_from, progress=progress)
+    if "SLURM_JOB_ID" in os.environ and executor == "local":
+        options.executor = f"slurm job {os.environ['SLURM_JOB_ID']}"
     began = time.perf_counter()
+    # measured before the run (and not written): what the closing line reports
+    already = sum(s.status == "done" for s in plan_run(spec, root, force_from))
     if emit:
         folder = emit_sbatch(spec, root, options, cluster or Cluster())
         echo(f"wrote {folder}/prepare.sbatch, shards.sbatch, finish.sbatch; submit all three "
@@ -92,7 +96,6 @@ def run(
     else:
         plan = run_local(spec, root, options, stop_at_sharded=phase == "unsharded")
     if int(os.environ.get("RANK", "0")) == 0:
-        done = sum(s.status == "done" for s in plan)
-        echo(f"run {root}: {len(plan)} stages, {len(plan) - done} run now, {done} already done; "
-             f"wall time {time.perf_counter() - began:.0f} s")  # fmt: skip
+        echo(f"run {root}: {len(plan)} stages, {len(plan) - already} run now, {already} "
+             f"already done; wall time {time.perf_counter() - began:.0f} s")  # fmt: skip
     return root

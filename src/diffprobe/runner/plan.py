@@ -57,7 +57,12 @@ def now() -> str:
 
 
 def host() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform()}
+    """Where this process runs (with its SLURM job or torchrun rank where it has one)."""
+    found = {"host": socket.gethostname(), "pid": os.getpid(), "platform": platform.platform()}
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "RANK"):
+        if key in os.environ:
+            found[key.lower()] = os.environ[key]
+    return found
 
 
 def _digest(payload: dict) -> str:
@@ -166,7 +171,7 @@ class RunFolder:
     def mark_shard(self, stage: PlannedStage, shard: tuple[int, int], record: dict) -> None:
         i, n = shard
         write_json(self.markers / f"{stage.name}.shard-{i}-of-{n}.json",
-                   {"hash": stage.hash, **record})  # fmt: skip
+                   {"hash": stage.hash, **record, "versions": versions(), **host()})  # fmt: skip
 
     def mark_done(self, stage: PlannedStage, record: dict) -> None:
         started = self.started(stage.name) or {}
