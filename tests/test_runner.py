@@ -102,3 +102,24 @@ def test_editing_one_stage_reruns_it_and_its_dependants_only(tmp_path):
     third = done_markers(out)
     assert [n for n in second if second[n] != third[n]] == ["extract", "sae_eval", "sae_train"]
     assert (Path(out) / "run.json").is_file()
+
+
+def test_emit_sbatch_writes_an_array_script(tmp_path):
+    import subprocess
+
+    from diffprobe.runner.slurm import Cluster
+
+    spec = write_spec(tmp_path / "spec")
+    out = tmp_path / "run"
+    run(spec, out, emit=True, cluster=Cluster(shards=3, partition="gpu", gpus_per_task=1,
+                                              time=30, array_parallelism=2), echo=print)  # fmt: skip
+    folder = out / "slurm"
+    shards = (folder / "shards.sbatch").read_text()
+    assert "#SBATCH --array=0-2%2" in shards and "#SBATCH --partition=gpu" in shards
+    assert "#SBATCH --gpus-per-task=1" in shards and "#SBATCH --requeue" in shards
+    assert f"--out {out.resolve()} --shard ${{SLURM_ARRAY_TASK_ID}}/3" in shards
+    assert "--phase unsharded" in (folder / "prepare.sbatch").read_text()
+    submit = (folder / "submit.sh").read_text()
+    assert "afterok:$prepare shards.sbatch" in submit and "afterok:$shards finish.sbatch" in submit
+    for name in ("prepare.sbatch", "shards.sbatch", "finish.sbatch", "submit.sh"):
+        subprocess.run(["bash", "-n", str(folder / name)], check=True)  # valid shell
