@@ -64,8 +64,13 @@ def test_kill_9_at_random_points_then_rerun(tmp_path):
     _run(spec, out)
     assert_identical(results(out), expected)
     assert recomputed == 0
-    record = {"trials": TRIALS, "uninterrupted_s": round(whole, 1), "completed_runs": runs + 1,
-              "stages_done_after_each_kill": killed_in, "recomputed_chunks": recomputed}
+    record = {
+        "trials": TRIALS,
+        "uninterrupted_s": round(whole, 1),
+        "completed_runs": runs + 1,
+        "stages_done_after_each_kill": killed_in,
+        "recomputed_chunks": recomputed,
+    }
     print(json.dumps(record))
 
 

@@ -98,5 +98,7 @@ def test_slurm_array_equals_local_and_survives_scancel(cluster, tmp_path):
     assert len(after) == 8
     assert {k: after[k] for k in stamps} == stamps
     assert_identical(results(out), expected)
-    print(f"cancelled task 0 of array {array} with chunks {sorted(cancelled_with)} done; "
-          f"rerun filled {sorted(set(after) - set(stamps))}")
+    print(
+        f"cancelled task 0 of array {array} with chunks {sorted(cancelled_with)} done; "
+        f"rerun filled {sorted(set(after) - set(stamps))}"
+    )

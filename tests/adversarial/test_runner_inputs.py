@@ -18,22 +18,35 @@ stages:
 """
 
 CASES = {
-    "misspelt stage key": (GOOD.replace("noise_levels", "noise_lvels"),
-                           ["spec.yaml:6", "noise_lvels", "did you mean 'noise_levels'"]),
-    "misspelt top-level key": (GOOD.replace("stages:", "stages:\n").replace("data:", "dta:"),
-                               ["spec.yaml:2", "dta", "did you mean 'data'"]),
-    "misspelt model key": (GOOD.replace("{name: tiny}", "{nme: tiny}"),
-                           ["spec.yaml:1", "model.nme", "did you mean 'name'"]),
-    "unknown stage": (GOOD.replace("sae_train:", "sae_trian:"),
-                      ["spec.yaml:7", "sae_trian", "did you mean 'sae_train'"]),
+    "misspelt stage key": (
+        GOOD.replace("noise_levels", "noise_lvels"),
+        ["spec.yaml:6", "noise_lvels", "did you mean 'noise_levels'"],
+    ),
+    "misspelt top-level key": (
+        GOOD.replace("stages:", "stages:\n").replace("data:", "dta:"),
+        ["spec.yaml:2", "dta", "did you mean 'data'"],
+    ),
+    "misspelt model key": (
+        GOOD.replace("{name: tiny}", "{nme: tiny}"),
+        ["spec.yaml:1", "model.nme", "did you mean 'name'"],
+    ),
+    "unknown stage": (
+        GOOD.replace("sae_train:", "sae_trian:"),
+        ["spec.yaml:7", "sae_trian", "did you mean 'sae_train'"],
+    ),
     "stage reading a missing stage": (
         GOOD.replace("  extract:\n", "  grid:\n    stage: extract\n"),
-        ["spec.yaml:8", "sae_train", "'extract'", "input: to one of grid"]),
+        ["spec.yaml:8", "sae_train", "'extract'", "input: to one of grid"],
+    ),
     "stage reading a stage of the wrong kind": (
-        GOOD + "  sae_eval: {input: extract}\n", ["spec.yaml:8", "sae_train stage", "extract"]),
+        GOOD + "  sae_eval: {input: extract}\n",
+        ["spec.yaml:8", "sae_train stage", "extract"],
+    ),
     "wrong type": (GOOD.replace("[0.1]", "[zero]"), ["spec.yaml:6", "noise_levels.0", "zero"]),
-    "missing THINGS root": (GOOD.replace('source: "shapes:4"', "things: /no/such/things"),
-                            ["spec.yaml:2", "data.things", "/no/such/things", "does not exist"]),
+    "missing THINGS root": (
+        GOOD.replace('source: "shapes:4"', "things: /no/such/things"),
+        ["spec.yaml:2", "data.things", "/no/such/things", "does not exist"],
+    ),
     "not yaml": ("model: [tiny\n", ["spec.yaml", "not valid YAML"]),
     "no stages": ("model: {name: tiny}\nstages: {}\n", ["spec.yaml:2", "no stages"]),
 }
@@ -72,3 +85,12 @@ def test_cluster_flag_without_the_slurm_executor(sandbox, refused):
 def test_unknown_executor(sandbox, refused):
     (sandbox / "work" / "spec.yaml").write_text(GOOD)
     refused(["run", "spec.yaml", "--executor", "ray"], ["--executor 'ray'", "local, slurm"])
+
+
+def test_an_optional_stage_this_diffprobe_lacks(sandbox, refused):
+    import importlib.util
+
+    if importlib.util.find_spec("diffprobe.report.build") is not None:
+        pytest.skip("this diffprobe has the report stage")
+    (sandbox / "work" / "spec.yaml").write_text(GOOD + "  report: {}\n")
+    refused(["run", "spec.yaml"], ["spec.yaml:8", "report", "diffprobe.report.build"])

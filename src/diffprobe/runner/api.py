@@ -30,7 +30,9 @@ def describe(spec: ExperimentSpec, root: Path, force_from: str | None = None) ->
     for s in plan:
         status = s.status
         if s.kind.sharded and s.shards_done and status != "done":
-            status += " (" + ", ".join(f"{len(i)}/{n} shards" for n, i in s.shards_done.items()) + ")"
+            status += (
+                " (" + ", ".join(f"{len(i)}/{n} shards" for n, i in s.shards_done.items()) + ")"
+            )
         rows.append((s.name, s.kind.name, status, units(spec, root, s),
                      ", ".join(s.depends_on) or "-"))  # fmt: skip
     widths = [max(len(r[c]) for r in rows) for c in range(5)]

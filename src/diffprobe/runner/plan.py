@@ -83,6 +83,9 @@ def order(spec: ExperimentSpec) -> list[PlannedStage]:
         needs = list(dict.fromkeys(inputs.values()))
         if "data" in stage.kind.uses and stage.name != "data":
             needs.insert(0, "data")
+        if stage.kind.last:
+            needs = ["data", *(n for n in entries if n != stage.name and not
+                               entries[n].kind.last)]  # fmt: skip
         planned[stage.name] = PlannedStage(stage.name, stage.kind, stage.params, needs, inputs)
     ordered: list[PlannedStage] = []
     placed: set[str] = set()

@@ -8,6 +8,7 @@ its own for any stage.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,17 +31,21 @@ class StageKind:
     """Split into shards (``--shard i/n``, torchrun ranks, SLURM array tasks)."""
     units: str | None = None
     """``"module:function"`` giving (units in all, units done) for ``--dry-run``."""
+    requires: str | None = None
+    """A module the stage needs beyond its own (an optional stage is refused without it)."""
+    last: bool = False
+    """Reads every other stage of the spec (a report): runs after them, redone when any is."""
     help: str = ""
 
     def function(self) -> Callable:
         return _resolve(self.call)
 
     def available(self) -> bool:
+        """Whether this diffprobe has the module the stage needs (optional stages)."""
         try:
-            self.function()
-        except (ImportError, AttributeError):
+            return importlib.util.find_spec(self.requires or self.call.split(":")[0]) is not None
+        except ImportError:
             return False
-        return True
 
 
 def _resolve(reference: str) -> Callable:
@@ -74,5 +79,9 @@ STAGES: dict[str, StageKind] = {
                   help="a TopK SAE on a run's tokens"),
         StageKind("sae_eval", p.SAEEvalParams, S + "sae_eval", {"input": "sae_train"}, uses=(),
                   help="FVU, L0, dead fraction of a trained SAE"),
+        # optional: needs diffprobe.report.build (the report branch)
+        StageKind("report", p.ReportParams, S + "report", uses=(), last=True,
+                  requires="diffprobe.report.build",
+                  help="one self-contained HTML report of every stage"),
     ]
 }  # fmt: skip

@@ -174,6 +174,10 @@ def load_spec(path: str | Path) -> ExperimentSpec:
             what = "stage kind" if loc[-1] == "stage" else "stage"
             raise _fail(path, lines, loc, f"{_dotted(loc)}: unknown {what} '{kind_name}'; "
                         f"{hint} (or name its kind with `stage: KIND`)")  # fmt: skip
+        if not kind.available():
+            raise _fail(path, lines, loc, f"{_dotted(loc)}: the {kind_name} stage needs "
+                        f"{kind.requires}, which this diffprobe does not have; "
+                        "update diffprobe or leave the stage out")  # fmt: skip
         if name == "data" and kind_name != "data":
             raise _fail(path, lines, loc, "stages.data: the name 'data' is the data stage's")
         try:

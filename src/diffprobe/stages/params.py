@@ -245,6 +245,12 @@ class SAEEvalParams(Params):
     device: str = "auto"
 
 
+class ReportParams(Params):
+    """One self-contained HTML report of the run folder (``diffprobe report``)."""
+
+    title: str | None = None
+
+
 def dumped(params: BaseModel) -> dict[str, Any]:
     """The parameters as plain JSON values (what a stage's hash is computed over)."""
     return params.model_dump(mode="json")

@@ -25,6 +25,7 @@ from diffprobe.stages.params import (
     LensParams,
     ModelSpec,
     NoParams,
+    ReportParams,
     SAEEvalParams,
     SAETrainParams,
     SamplesParams,
@@ -290,3 +291,12 @@ def sae_eval(ctx: StageContext, params: SAEEvalParams) -> dict:
                           progress=ctx.progress)  # fmt: skip
     write_json(ctx.folder / "evaluation.json", result.as_dict())
     return {"fvu": result.fvu, "l0": result.l0, "dead_fraction": result.dead_fraction}
+
+
+def report(ctx: StageContext, params: ReportParams) -> dict:
+    """The HTML report of every stage of the run folder (``diffprobe report RUN``)."""
+    from diffprobe.report.build import write_report
+
+    path = write_report([ctx.root], ctx.folder / "report.html", overwrite=True,
+                        title=params.title)  # fmt: skip
+    return {"report": str(path)}
