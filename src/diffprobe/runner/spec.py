@@ -121,6 +121,8 @@ def _explain(error: dict, model: type[BaseModel], prefix: tuple) -> str:
     message = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f" (given {given!r})"
+    if str(given) in message:
+        shown = ""
     return f"{key}: {message}{shown}"
 
 
