@@ -123,3 +123,30 @@ def test_emit_sbatch_writes_an_array_script(tmp_path):
     assert "afterok:$prepare shards.sbatch" in submit and "afterok:$shards finish.sbatch" in submit
     for name in ("prepare.sbatch", "shards.sbatch", "finish.sbatch", "submit.sh"):
         subprocess.run(["bash", "-n", str(folder / name)], check=True)  # valid shell
+
+
+@pytest.mark.slow
+def test_shards_run_apart_then_the_coordinator_marks_the_stage_done(tmp_path):
+    """What the emitted sbatch scripts do: `--shard i/n` tasks, then a plain run that finds all
+    n shard markers and marks the stage done without computing a chunk again."""
+    from runner_util import chunk_stamps
+
+    text = TINY_SPEC.split("  sae_train:")[0].replace(
+        "  sites: {model: sd1.5, size: 64, components: [unet]}\n", "")  # fmt: skip
+    spec = write_spec(tmp_path / "spec", text)
+    out = tmp_path / "run"
+    run(spec, out, shard=(1, 2), progress=False)  # extract waits for the data stage: nothing
+    assert not (out / "extract").exists()
+    run(spec, out, phase="unsharded", progress=False)  # the data stage, then stop
+    assert sorted(done_markers(out)) == ["data"]
+    for index in (1, 0):
+        run(spec, out, shard=(index, 2), progress=False)
+    stamps = chunk_stamps(out)
+    assert len(stamps) == 4
+    run(spec, out, progress=False)
+    assert chunk_stamps(out) == stamps
+    import json
+
+    extract = json.loads((out / "markers" / "extract.done.json").read_text())
+    assert {i: s["result"]["chunks_computed"] for i, s in extract["shards"].items()} == {
+        "0": 2, "1": 2}  # fmt: skip

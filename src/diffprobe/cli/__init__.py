@@ -45,7 +45,15 @@ def _options(
 # One module per group of commands, each with a ``register(app)`` function, in the order
 # ``diffprobe --help`` lists them.
 _COMMAND_MODULES = (
-    "models", "extract", "align", "anomalies", "lens", "sae", "train", "demo", "run"
+    "models",
+    "extract",
+    "align",
+    "anomalies",
+    "lens",
+    "sae",
+    "train",
+    "demo",
+    "run",
 )
 
 
