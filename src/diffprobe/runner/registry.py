@@ -79,7 +79,13 @@ STAGES: dict[str, StageKind] = {
                   help="a TopK SAE on a run's tokens"),
         StageKind("sae_eval", p.SAEEvalParams, S + "sae_eval", {"input": "sae_train"}, uses=(),
                   help="FVU, L0, dead fraction of a trained SAE"),
-        # optional: needs diffprobe.report.build (the report branch)
+        # optional stages: available where their module is (the features, report branches)
+        StageKind("features_capture", p.FeaturesCaptureParams, S + "features_capture",
+                  uses=("model", "data"), sharded=True, requires="diffprobe.features",
+                  help="channel activity over timesteps during generation (sharded)"),
+        StageKind("features_analyse", p.FeaturesAnalyseParams, S + "features_analyse",
+                  {"input": "features_capture"}, uses=(), requires="diffprobe.features",
+                  help="active timesteps, peaks, top examples per channel"),
         StageKind("report", p.ReportParams, S + "report", uses=(), last=True,
                   requires="diffprobe.report.build",
                   help="one self-contained HTML report of every stage"),

@@ -245,6 +245,42 @@ class SAEEvalParams(Params):
     device: str = "auto"
 
 
+class FeaturesCaptureParams(Params):
+    """Activity of channels over the denoising timesteps of generation (``diffprobe features
+    capture``): sharded by chunks of ``chunk_items`` (prompt, seed) items."""
+
+    sites: list[str] = Field(min_length=1)
+    prompts: str | None = Field(None, description="prompt file or shapes:N (default: data.prompts)")
+    seeds: list[int] = [0]
+    steps: int = Field(25, ge=1)
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    reductions: list[Literal["mean", "max"]] = ["mean"]
+    branches: Literal["cond", "uncond", "both"] = "cond"
+    size: int | None = None
+    chunk_items: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
+    store_dtype: Literal["float32", "float16"] = "float32"
+
+
+class FeaturesAnalyseParams(Params):
+    """Per-channel activity over timesteps, active timesteps, peaks and top examples of a
+    features_capture stage (``diffprobe features analyse``)."""
+
+    input: str = "features_capture"
+    sites: list[str] | None = None
+    branch: str | None = None
+    top_k: int = Field(20, ge=1)
+    examples: int = Field(9, ge=1)
+    windows: list[tuple[float, float]] = []
+    profile: Literal["frequency", "mean", "max"] = "frequency"
+    threshold: float = 0.0
+    peak_height: float = 0.0
+    peak_distance: int = Field(100, ge=1)
+    peak_count: int = Field(3, ge=1)
+    plot_channels: int = Field(8, ge=0)
+
+
 class ReportParams(Params):
     """One self-contained HTML report of the run folder (``diffprobe report``)."""
 

@@ -22,6 +22,8 @@ from diffprobe.stages.params import (
     CaptureParams,
     DataSpec,
     ExtractParams,
+    FeaturesAnalyseParams,
+    FeaturesCaptureParams,
     LensParams,
     ModelSpec,
     NoParams,
@@ -300,3 +302,35 @@ def report(ctx: StageContext, params: ReportParams) -> dict:
     path = write_report([ctx.root], ctx.folder / "report.html", overwrite=True,
                         title=params.title)  # fmt: skip
     return {"report": str(path)}
+
+
+def features_capture(ctx: StageContext, params: FeaturesCaptureParams) -> dict:
+    """One shard of the activity capture during generation (``diffprobe features capture``)."""
+    from diffprobe.features import ActivityPlan, capture_activity
+
+    prompts = params.prompts or ctx.data.prompts
+    if prompts is None:
+        raise StageError("features_capture needs prompts: set prompts: (a prompt file or "
+                         "shapes:N) on the stage, or data.prompts")  # fmt: skip
+    plan = ActivityPlan(sites=list(params.sites), seeds=list(params.seeds), steps=params.steps,
+                        guidance_scale=params.guidance_scale,
+                        negative_prompt=params.negative_prompt,
+                        reductions=tuple(params.reductions), branches=params.branches,
+                        size=params.size, chunk_items=params.chunk_items,
+                        store_dtype=params.store_dtype)  # fmt: skip
+    capture_activity(ctx.model(), prompts, plan, ctx.folder, batch_size=params.batch_size,
+                     shard=ctx.shard, progress=ctx.progress)  # fmt: skip
+    return {}
+
+
+def features_analyse(ctx: StageContext, params: FeaturesAnalyseParams) -> dict:
+    """The timestep analysis of a features_capture stage (``diffprobe features analyse``)."""
+    from diffprobe.features import analyse_activity
+
+    analyse_activity(ctx.inputs["input"], ctx.folder, sites=params.sites, branch=params.branch,
+                     top_k=params.top_k, examples=params.examples,
+                     windows=[tuple(w) for w in params.windows], profile=params.profile,
+                     threshold=params.threshold, peak_height=params.peak_height,
+                     peak_distance=params.peak_distance, peak_count=params.peak_count,
+                     plot_channels=params.plot_channels)  # fmt: skip
+    return {}
