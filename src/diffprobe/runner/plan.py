@@ -79,7 +79,8 @@ def order(spec: ExperimentSpec) -> list[PlannedStage]:
     if "data" not in entries:
         planned["data"] = PlannedStage("data", STAGES["data"], NoParams(), [], {})
     for stage in entries.values():
-        inputs = {f: getattr(stage.params, f) for f in stage.kind.depends_on}
+        inputs = {f: getattr(stage.params, f) for f in stage.kind.depends_on
+                  if getattr(stage.params, f) is not None}  # fmt: skip
         needs = list(dict.fromkeys(inputs.values()))
         if "data" in stage.kind.uses and stage.name != "data":
             needs.insert(0, "data")

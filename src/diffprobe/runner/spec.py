@@ -200,6 +200,8 @@ def _check_references(path: Path, lines: dict, stages: dict[str, StageSpec]) -> 
     for stage in stages.values():
         for field, needed in stage.kind.depends_on.items():
             target = getattr(stage.params, field)
+            if target is None:  # an optional input, not given
+                continue
             loc = ("stages", stage.name, field)
             if target not in stages:
                 same_kind = [s.name for s in stages.values() if s.kind.name == needed]

@@ -281,6 +281,41 @@ class FeaturesAnalyseParams(Params):
     plot_channels: int = Field(8, ge=0)
 
 
+class DreamParams(Params):
+    """Deep dream of channels (or, with ``sae``, the latents of a sae_train stage) at a site
+    (``diffprobe dream``; the loop's defaults are the thesis')."""
+
+    site: str
+    targets: list[int] = Field(min_length=1)
+    timesteps: list[float] = [500.0]
+    seeds: list[int] = [0]
+    sae: str | None = Field(None, description="a sae_train stage: dream its latents")
+    steps: int = Field(100, ge=1)
+    lr: float = 0.05
+    tv: float = 0.5
+    renoise: bool = True
+    spectral: bool = True
+    prompt: str = ""
+    batch_size: int = Field(16, ge=1)
+    size: int | None = None
+
+
+class AttributionParams(Params):
+    """Cross-attention attribution maps of generated prompts (``diffprobe attribution``)."""
+
+    prompts: list[str] = Field(min_length=1)
+    words: list[str] | None = None
+    seed: int = 0
+    steps: int = Field(25, ge=1)
+    guidance_scale: float | None = None
+    size: int | None = None
+    layers: list[str] | None = None
+    timesteps: list[str] | None = None
+    store: bool = False
+    masks: Literal["reader"] | None = None
+    threshold: float = Field(0.4, gt=0, lt=1)
+
+
 class ReportParams(Params):
     """One self-contained HTML report of the run folder (``diffprobe report``)."""
 

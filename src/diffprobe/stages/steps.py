@@ -19,8 +19,10 @@ from diffprobe.io import write_json
 from diffprobe.stages.params import (
     AlignParams,
     AnomaliesParams,
+    AttributionParams,
     CaptureParams,
     DataSpec,
+    DreamParams,
     ExtractParams,
     FeaturesAnalyseParams,
     FeaturesCaptureParams,
@@ -334,3 +336,38 @@ def features_analyse(ctx: StageContext, params: FeaturesAnalyseParams) -> dict:
                      peak_distance=params.peak_distance, peak_count=params.peak_count,
                      plot_channels=params.plot_channels)  # fmt: skip
     return {}
+
+
+def dream(ctx: StageContext, params: DreamParams) -> dict:
+    """Deep dream of channels or SAE latents at a site (``diffprobe dream``)."""
+    from diffprobe.stages.dream import DreamSettings, dream_targets
+
+    sae, sae_path = None, None
+    if params.sae is not None:
+        from diffprobe.sae.formats import load_sae
+
+        sae_path = str(ctx.inputs["sae"])
+        sae = load_sae(sae_path)
+    settings = DreamSettings(steps=params.steps, lr=params.lr, tv=params.tv,
+                             renoise=params.renoise, spectral=params.spectral,
+                             prompt=params.prompt)  # fmt: skip
+    dream_targets(ctx.model(), params.site, list(params.targets),
+                  {t: list(params.timesteps) for t in params.targets}, list(params.seeds),
+                  ctx.folder, sae=sae, settings=settings, batch_size=params.batch_size,
+                  size=params.size, progress=ctx.progress, sae_path=sae_path)  # fmt: skip
+    return {}
+
+
+def attribution(ctx: StageContext, params: AttributionParams) -> dict:
+    """Per-word attribution maps of generated prompts (``diffprobe attribution``)."""
+    from diffprobe.stages.attribution_run import run_attribution
+
+    prompts = list(params.prompts)
+    folder = run_attribution(ctx.model(), prompts, ctx.folder, words=params.words,
+                             seeds=[params.seed + i for i in range(len(prompts))],
+                             steps=params.steps, guidance_scale=params.guidance_scale,
+                             size=params.size, layers=params.layers,
+                             timesteps=params.timesteps, store=params.store,
+                             masks=params.masks, threshold=params.threshold,
+                             progress=ctx.progress)  # fmt: skip
+    return {"folder": str(folder)}
