@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +24,9 @@ def capture(
     *,
     stop_early: bool = False,
     detach: bool = True,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    | Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+    | None = None,
     to: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     branch_layout: Any = AUTO,
@@ -45,7 +47,8 @@ def capture(
     autograd graph, so a loss on captured values can be back-propagated to the denoiser's inputs
     (under ``torch.enable_grad``, through ``model.denoise``; ``generate`` runs without grad).
     ``reduce`` maps each value before it is stored (e.g. a spatial mean on the device, so only
-    the pooled vector is kept); ``to`` and ``dtype`` move and cast it.
+    the pooled vector is kept), or a mapping site -> function to map each site its own way (a
+    site missing from it is stored as it is); ``to`` and ``dtype`` move and cast it.
     """
     session = HookSession(model, branch_layout, stop_early=stop_early)
     cache = cache if cache is not None else Cache()
@@ -60,8 +63,9 @@ def capture(
         )
         if detach:
             value = value.detach()
-        if reduce is not None:
-            value = reduce(value)
+        reducer = reduce.get(site.full) if isinstance(reduce, Mapping) else reduce
+        if reducer is not None:
+            value = reducer(value)
         moved = value.to(device=to, dtype=dtype) if (to is not None or dtype is not None) else value
         if moved is value or moved.data_ptr() == value.data_ptr():
             # the module may reuse or modify its output buffer later: keep our own copy

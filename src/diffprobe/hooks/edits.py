@@ -16,12 +16,15 @@ Each edit names a site and computes a new value from the old one:
 ``value``, ``factor``, ``min`` and ``max`` are numbers or tensors: a 1-D tensor is a channel
 vector (broadcast over space for (items, channels, height, width) maps, over tokens for
 (items, tokens, channels)); any other tensor must broadcast to the edited value, (items, ...)
-of one CFG branch.
+of one CFG branch. They may also be a :class:`TimestepProfile`: a number per denoiser timestep
+(linearly interpolated between the given timesteps), optionally times a vector, as steering
+with a strength relative to each timestep's maximum activation needs.
 
 Every edit takes the same keyword restrictions, all optional:
 
 - ``window``: :class:`NoiseWindow` ``(low, high)`` in noise levels or :class:`TimestepWindow`
-  ``(low, high)`` in the denoiser's timestep units, both inclusive: only denoiser calls inside;
+  ``(low, high)`` in the denoiser's timestep units, both inclusive, or :class:`TimestepSet`
+  ``(timesteps)``, a set of timesteps: only denoiser calls inside;
 - ``mask``: bool (or 0/1) ``(height, width)`` for spatial maps, ``(tokens,)`` for token
   sequences (or ``(height, width)`` when tokens = height × width, row-major): only there;
 - ``branch``: ``"cond"`` or ``"uncond"``: only that CFG half (without CFG the single pass
@@ -108,7 +111,76 @@ class TimestepWindow:
         return t is not None and self.low <= t <= self.high
 
 
-Window = NoiseWindow | TimestepWindow
+@dataclass(frozen=True)
+class TimestepSet:
+    """Denoiser calls whose timestep argument is one of ``timesteps`` (within ``tolerance``,
+    in the denoiser's own units): e.g. a channel's active timesteps, or the scheduler steps
+    nearest its activity peaks."""
+
+    timesteps: tuple[float, ...]
+    tolerance: float = 0.5
+
+    def __post_init__(self) -> None:
+        values = (
+            list(self.timesteps) if isinstance(self.timesteps, (list, tuple, np.ndarray)) else None
+        )
+        if not values or any(
+            isinstance(v, bool) or not isinstance(v, (numbers.Real, np.number)) for v in values
+        ):
+            raise EditError(
+                f"TimestepSet({self.timesteps!r}): give a non-empty list of denoiser timesteps"
+            )
+        object.__setattr__(self, "timesteps", tuple(sorted(float(v) for v in values)))
+        if not (isinstance(self.tolerance, numbers.Real) and self.tolerance >= 0):
+            raise EditError(f"TimestepSet: tolerance={self.tolerance!r} must be a number >= 0")
+
+    def contains(self, state: CallState) -> bool:
+        t = state.timestep
+        if t is None:
+            return False
+        index = int(np.searchsorted(self.timesteps, t))
+        near = self.timesteps[max(index - 1, 0) : index + 1]
+        return any(abs(t - v) <= self.tolerance for v in near)
+
+
+Window = NoiseWindow | TimestepWindow | TimestepSet
+
+
+@dataclass(frozen=True, eq=False)
+class TimestepProfile:
+    """An edit operand that depends on the denoiser call's timestep: ``values`` (numbers) at
+    ``timesteps``, linearly interpolated between them and held constant beyond the ends
+    (``numpy.interp``), times ``vector`` when given (a direction, e.g. an SAE decoder row).
+
+    ``Add(site, TimestepProfile(ts, 50 * max_activation, vector=direction))`` adds at each call
+    the direction scaled by that call's strength."""
+
+    timesteps: tuple[float, ...]
+    values: tuple[float, ...]
+    vector: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        ts = np.asarray(self.timesteps, dtype=np.float64).reshape(-1)
+        vs = np.asarray(self.values, dtype=np.float64).reshape(-1)
+        if ts.size == 0 or ts.size != vs.size or not np.isfinite(ts).all():
+            raise EditError(
+                f"TimestepProfile: {ts.size} timesteps and {vs.size} values; give as many "
+                "values as timesteps, at least one, all finite"
+            )
+        order = np.argsort(ts)
+        object.__setattr__(self, "timesteps", tuple(ts[order].tolist()))
+        object.__setattr__(self, "values", tuple(vs[order].tolist()))
+        if self.vector is not None:
+            object.__setattr__(self, "vector", torch.as_tensor(self.vector))
+
+    def at(self, timestep: float | None, where: str) -> Any:
+        if timestep is None:
+            raise EditError(
+                f"{where}: a TimestepProfile needs a denoiser call's timestep; this forward is "
+                "not a denoiser call"
+            )
+        scale = float(np.interp(timestep, self.timesteps, self.values))
+        return scale if self.vector is None else self.vector * scale
 
 
 # -- the edits -----------------------------------------------------------------------------------
@@ -142,6 +214,8 @@ def channel_axis(value: torch.Tensor) -> int:
 
 
 def _as_tensor_or_number(edit: SiteEdit, name: str, given: Any) -> Any:
+    if isinstance(given, TimestepProfile):
+        return given
     if isinstance(given, np.ndarray):
         return torch.as_tensor(given)
     if isinstance(given, torch.Tensor) or (
@@ -213,7 +287,9 @@ class SiteEdit:
                 f"{self.kind} at '{self.site}': branch must be None, 'cond' or 'uncond', "
                 f"not {self.branch!r}"
             )
-        if self.window is not None and not isinstance(self.window, (NoiseWindow, TimestepWindow)):
+        if self.window is not None and not isinstance(
+            self.window, (NoiseWindow, TimestepWindow, TimestepSet)
+        ):
             pair = isinstance(self.window, tuple) and len(self.window) == 2
             low, high = self.window if pair else ("low", "high")
             raise EditError(
@@ -240,9 +316,17 @@ class SiteEdit:
             return True
         return branch == "none" and self.branch == "cond"
 
-    def fit(self, name: str, operand: Any, like: torch.Tensor) -> Any:
-        """``operand`` (a number or tensor) made to broadcast onto ``like``, or an error naming
-        the site, the expected and the given shapes."""
+    def fit(
+        self, name: str, operand: Any, like: torch.Tensor, context: EditContext | None = None
+    ) -> Any:
+        """``operand`` (a number, tensor or :class:`TimestepProfile`, resolved at the call's
+        timestep) made to broadcast onto ``like``, or an error naming the site, the expected and
+        the given shapes."""
+        if isinstance(operand, TimestepProfile):
+            timestep = (
+                context.state.timestep if context is not None and context.in_denoiser else None
+            )
+            operand = operand.at(timestep, f"{self.kind} at '{self.site}'")
         if not isinstance(operand, torch.Tensor):
             return operand
         operand = operand.to(device=like.device, dtype=like.dtype)
@@ -279,7 +363,7 @@ class Add(SiteEdit):
         object.__setattr__(self, "value", _as_tensor_or_number(self, "value", self.value))
 
     def transform(self, value: torch.Tensor, context: EditContext) -> torch.Tensor:
-        return value + self.fit("value", self.value, value)
+        return value + self.fit("value", self.value, value, context)
 
 
 @dataclass(frozen=True, eq=False)
@@ -293,7 +377,7 @@ class Scale(SiteEdit):
         object.__setattr__(self, "factor", _as_tensor_or_number(self, "factor", self.factor))
 
     def transform(self, value: torch.Tensor, context: EditContext) -> torch.Tensor:
-        return value * self.fit("factor", self.factor, value)
+        return value * self.fit("factor", self.factor, value, context)
 
 
 @dataclass(frozen=True, eq=False)
@@ -307,7 +391,7 @@ class Replace(SiteEdit):
         object.__setattr__(self, "value", _as_tensor_or_number(self, "value", self.value))
 
     def transform(self, value: torch.Tensor, context: EditContext) -> torch.Tensor:
-        new = self.fit("value", self.value, value)
+        new = self.fit("value", self.value, value, context)
         if not isinstance(new, torch.Tensor):
             return torch.full_like(value, new)
         return new.expand_as(value).clone()
@@ -343,7 +427,7 @@ class Clamp(SiteEdit):
             raise EditError(f"Clamp at '{self.site}': min={self.min} exceeds max={self.max}")
 
     def transform(self, value: torch.Tensor, context: EditContext) -> torch.Tensor:
-        bounds = [None if b is None else self.fit(n, b, value) for n, b in self._bounds()]
+        bounds = [None if b is None else self.fit(n, b, value, context) for n, b in self._bounds()]
         if any(isinstance(b, torch.Tensor) for b in bounds):
             # torch.clamp takes a tensor bound only with the other one a tensor (or None) too
             bounds = [None if b is None else torch.as_tensor(b).to(value) for b in bounds]

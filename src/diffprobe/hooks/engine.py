@@ -48,6 +48,8 @@ from diffprobe.hooks.edits import (
     Replace,
     Scale,
     SiteEdit,
+    TimestepProfile,
+    TimestepSet,
     TimestepWindow,
 )
 from diffprobe.hooks.session import (
@@ -87,6 +89,8 @@ __all__ = [
     "SiteView",
     "StopEarlyError",
     "StopForward",
+    "TimestepProfile",
+    "TimestepSet",
     "TimestepWindow",
     "capture",
     "catch_stop",

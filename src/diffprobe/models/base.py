@@ -509,13 +509,14 @@ class Model:
         *,
         steps: int = 25,
         guidance_scale: float | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         size: int | None = None,
         output_type: str = "np",
         **pipeline_kwargs: Any,
     ) -> Any:
         """The native pipeline's generation, seeded by ``seed``; returns (items, H, W, 3) floats
-        in [0, 1] for ``output_type="np"``. ``guidance_scale`` defaults to the family's
+        in [0, 1] for ``output_type="np"``. ``seed`` may be one seed per prompt: image ``i`` then
+        equals ``generate(prompts[i], seed=seed[i])`` up to batch rounding. ``guidance_scale`` defaults to the family's
         :attr:`default_guidance_scale`. The pipeline runs under its own ``torch.no_grad``:
         for gradients call :meth:`denoise`. Refused inside ``capture(..., stop_early=True)``."""
         if guidance_scale is None:
@@ -524,7 +525,15 @@ class Model:
         size = size or self.resolution
         self.check_size(size)
         forbid_stop_early(self.module_components.values(), "model.generate(...)")
-        generator = torch.Generator("cpu").manual_seed(seed)
+        if isinstance(seed, Sequence):
+            if len(seed) != len(prompts):
+                raise DiffprobeError(
+                    f"generate got {len(seed)} seeds for {len(prompts)} prompts; give one seed, "
+                    "or one per prompt"
+                )
+            generator = [torch.Generator("cpu").manual_seed(int(s)) for s in seed]
+        else:
+            generator = torch.Generator("cpu").manual_seed(seed)
         with self.cfg(self.generation_uses_cfg(guidance_scale)):
             result = self.pipe(
                 prompt=prompts,

@@ -145,7 +145,7 @@ class IFModel(Model):
         *,
         steps: int = 25,
         guidance_scale: float | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         size: int | None = None,
         output_type: str = "np",
         **pipeline_kwargs: Any,
