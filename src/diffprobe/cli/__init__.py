@@ -45,7 +45,8 @@ def _options(
 # One module per group of commands, each with a ``register(app)`` function, in the order
 # ``diffprobe --help`` lists them.
 _COMMAND_MODULES = (
-    "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "train", "demo",
+    "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "dream",
+    "train", "demo",
 )  # fmt: skip
 _COMMAND_MODULES += ("run",)  # diffprobe run SPEC.yaml (docs/runner.md)
 
