@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-PAGES = ["README.md", "docs/noise.md", "docs/tiny.md", "docs/dream.md"]
+PAGES = ["README.md", "docs/noise.md", "docs/tiny.md", "docs/dream.md", "docs/attribution.md"]
 
 
 def _blocks(page: str) -> list[str]:

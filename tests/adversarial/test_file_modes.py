@@ -48,6 +48,8 @@ def test_every_written_file_is_0644(umask_022, cli, sandbox, things_root, run_di
          "--noise", "0.1", "--out", "extracted", "-q"],
         ["lens", "--model", "tiny", "--prompt", "a red circle", "--layers", "0,-1", "--steps",
          "2", "--out", "lensed", "-q"],
+        ["attribution", "--model", "tiny", "--prompt", "a red circle", "--steps", "2",
+         "--store", "--masks", "reader", "--out", "attributed", "-q"],
     ]  # fmt: skip
     for command in commands:
         outcome = cli(*command)

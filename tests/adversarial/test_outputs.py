@@ -32,10 +32,13 @@ def commands(run_dir, spatial_run_dir, things_root):
                                     "-q"],
         "train-tiny": lambda out, *more: ["train-tiny", "--out", out, *more, "-q"],
         "demo": lambda out, *more: ["demo", "--out", out, *more, "-q"],
+        "attribution": lambda out, *more: ["attribution", "--model", "tiny", *PROMPT, "--out",
+                                           out, *more, "-q"],
     }  # fmt: skip
 
 
-WRITERS = ["extract", "align", "probe", "regress", "anomalies", "lens", "train-tiny", "demo"]
+WRITERS = ["extract", "align", "probe", "regress", "anomalies", "lens", "train-tiny", "demo",
+           "attribution"]  # fmt: skip
 
 # where -> (the --out value relative to the sandbox's home, words the refusal must contain)
 PLACES = {
@@ -59,7 +62,9 @@ def test_overwrite_refuses_home_cwd_parents_and_root(refused, sandbox, commands,
     refused(commands["extract"](where, "--overwrite"), ["--overwrite", "refuses"])
 
 
-@pytest.mark.parametrize("command", ["align", "probe", "regress", "anomalies", "lens"])
+@pytest.mark.parametrize(
+    "command", ["align", "probe", "regress", "anomalies", "lens", "attribution"]
+)
 def test_another_kind_of_output_is_refused(refused, sandbox, commands, command, run_dir):
     refused(commands[command](run_dir), [str(run_dir), "'extract' output"])
 

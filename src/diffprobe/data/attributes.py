@@ -42,6 +42,7 @@ __all__ = [
     "ShapeReader",
     "attribute_accuracy",
     "degrade",
+    "foreground_masks",
     "read_attributes",
 ]
 
@@ -241,6 +242,20 @@ def _classify(crops: np.ndarray, model: ShapeReader, batch_size: int = 512) -> n
 
 
 # ---------------------------------------------------------------------------------- public API
+
+
+def foreground_masks(images: np.ndarray) -> np.ndarray:
+    """The reader's segmentation: bool (items, height, width), True where a pixel's foreground
+    weight (its ink against the border's background colour, scaled by the image's strongest
+    ink: 0 below 30 %, 1 above 70 %) is at least ½. The ground-truth mask of a generated image,
+    whose shape geometry is unknown."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 (items, height, width, 3), got {images.dtype} {images.shape}"
+        )
+    ink, strongest = _foreground(images, _background(images))
+    return _weights(ink, strongest) >= 0.5
 
 
 def read_attributes(

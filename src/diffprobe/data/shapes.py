@@ -51,9 +51,11 @@ __all__ = [
     "caption",
     "combinations",
     "item_factors",
+    "masks",
     "quadrant_of",
     "render",
     "sample",
+    "shape_mask",
 ]
 
 IMAGE_SIZE = 64
@@ -227,6 +229,56 @@ def _index(value: int | str, names: tuple[str, ...], factor: str) -> int:
     return index
 
 
+def _coverage(
+    shape: int | str,
+    size: int | str,
+    x: float,
+    y: float,
+    rotation: float,
+    image_size: int,
+    supersample: int,
+) -> np.ndarray:
+    """Fraction of each pixel the shape covers, float32 (height, width) in [0, 1]."""
+    shape = _index(shape, SHAPES, "shape")
+    size = _index(size, SIZES, "size")
+    radius = SIZE_RADII[SIZES[size]] * image_size / IMAGE_SIZE
+    angle = -np.deg2rad(rotation)  # y points down, so a negative angle turns counter-clockwise
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    points = _outline(shape) @ turn.T * radius + np.array([x, y]) * image_size
+    points = points * supersample
+    mask = Image.new("L", (image_size * supersample, image_size * supersample), 0)
+    ImageDraw.Draw(mask).polygon([tuple(p) for p in points], fill=255)
+    return np.asarray(mask.reduce(supersample), dtype=np.float32) / 255.0
+
+
+def shape_mask(
+    shape: int | str,
+    size: int | str,
+    x: float,
+    y: float,
+    rotation: float = 0.0,
+    *,
+    image_size: int = IMAGE_SIZE,
+    supersample: int = 4,
+) -> np.ndarray:
+    """The ground-truth mask of one item from the generator's own geometry: bool (height,
+    width), True where the shape covers at least half of the pixel (the same polygon and
+    supersampling ``render`` draws)."""
+    return _coverage(shape, size, x, y, rotation, image_size, supersample) >= 0.5
+
+
+def masks(factors: dict[str, np.ndarray]) -> np.ndarray:
+    """Masks of every item of a sample's ``factors``: bool (items, 64, 64)."""
+    count = len(factors["shape"])
+    out = np.zeros((count, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    for i in range(count):
+        out[i] = shape_mask(
+            int(factors["shape"][i]), int(factors["size"][i]), float(factors["x"][i]),
+            float(factors["y"][i]), float(factors["rotation"][i]),
+        )  # fmt: skip
+    return out
+
+
 def render(
     shape: int | str,
     colour: int | str,
@@ -250,16 +302,7 @@ def render(
     colour = _index(colour, COLOUR_NAMES, "colour")
     size = _index(size, SIZES, "size")
     background = _index(background, BACKGROUND_NAMES, "background")
-    radius = SIZE_RADII[SIZES[size]] * image_size / IMAGE_SIZE
-
-    angle = -np.deg2rad(rotation)  # y points down, so a negative angle turns counter-clockwise
-    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    points = _outline(shape) @ turn.T * radius + np.array([x, y]) * image_size
-    points = points * supersample
-
-    mask = Image.new("L", (image_size * supersample, image_size * supersample), 0)
-    ImageDraw.Draw(mask).polygon([tuple(p) for p in points], fill=255)
-    alpha = np.asarray(mask.reduce(supersample), dtype=np.float32)[..., None] / 255.0
+    alpha = _coverage(shape, size, x, y, rotation, image_size, supersample)[..., None]
 
     ground = np.array(BACKGROUNDS[BACKGROUND_NAMES[background]], dtype=np.float32)
     ink = np.array(COLOURS[COLOUR_NAMES[colour]], dtype=np.float32)
@@ -302,7 +345,8 @@ def caption(factors: dict, template: int | str | None = None) -> str:
 
 @dataclass
 class ShapesSample:
-    """``images``: uint8 (items, 64, 64, 3); ``factors``: name -> array (items,); ``captions``."""
+    """``images``: uint8 (items, 64, 64, 3); ``factors``: name -> array (items,); ``captions``;
+    ``masks`` (computed on use): bool (items, 64, 64)."""
 
     images: np.ndarray
     factors: dict[str, np.ndarray]
@@ -314,6 +358,11 @@ class ShapesSample:
     def item(self, index: int) -> dict:
         """Factors of one item as a dict of Python scalars."""
         return item_factors(self.factors, index)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """Ground-truth shape masks, bool (items, 64, 64), from the generator's geometry."""
+        return masks(self.factors)
 
 
 def item_factors(factors: dict[str, np.ndarray], index: int) -> dict:

@@ -32,6 +32,7 @@ in the graph, also with ``stop_early`` inside ``model.denoise``; ``model.generat
 native pipeline, which is decorated with ``torch.no_grad``.
 """
 
+from diffprobe.hooks.attention import AttentionRecord, AttentionSite, capture_attention
 from diffprobe.hooks.cache import Cache, CacheError, Record, SiteView
 from diffprobe.hooks.capture import capture
 from diffprobe.hooks.editing import apply_edit, edit
@@ -71,6 +72,8 @@ __all__ = [
     "Ablate",
     "Add",
     "Apply",
+    "AttentionRecord",
+    "AttentionSite",
     "BranchLayoutError",
     "Cache",
     "CacheError",
@@ -93,6 +96,7 @@ __all__ = [
     "TimestepSet",
     "TimestepWindow",
     "capture",
+    "capture_attention",
     "catch_stop",
     "components_of",
     "apply_edit",

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.hooks.attention import AttentionSite
 from diffprobe.hooks.compiled import compile_regions
 from diffprobe.hooks.engine import (
     BRANCHES,
@@ -265,6 +266,13 @@ class Model:
         """How each text encoder of ``pipe`` feeds it, in the pipeline's order (empty for
         unconditional families). Only the encoders are read, so meta-device ones work."""
         return {}
+
+    @classmethod
+    def attention_sites(cls, pipe: Any) -> list[AttentionSite]:
+        """The denoiser's attention modules from image tokens to text tokens, in module
+        order, with their kind and token order (see :mod:`diffprobe.hooks.attention`); empty
+        for families without text attention (DDPM)."""
+        return []
 
     @classmethod
     def default_tower(cls, towers: Mapping[str, Tower]) -> str | None:
@@ -510,20 +518,23 @@ class Model:
         steps: int = 25,
         guidance_scale: float | None = None,
         seed: int | Sequence[int] = 0,
-        size: int | None = None,
+        size: int | tuple[int, int] | None = None,
         output_type: str = "np",
         **pipeline_kwargs: Any,
     ) -> Any:
         """The native pipeline's generation, seeded by ``seed``; returns (items, H, W, 3) floats
         in [0, 1] for ``output_type="np"``. ``seed`` may be one seed per prompt: image ``i`` then
-        equals ``generate(prompts[i], seed=seed[i])`` up to batch rounding. ``guidance_scale`` defaults to the family's
+        equals ``generate(prompts[i], seed=seed[i])`` up to batch rounding; ``size`` is one side or (height, width). ``guidance_scale`` defaults to the family's
         :attr:`default_guidance_scale`. The pipeline runs under its own ``torch.no_grad``:
         for gradients call :meth:`denoise`. Refused inside ``capture(..., stop_early=True)``."""
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         size = size or self.resolution
-        self.check_size(size)
+        height, width = size if isinstance(size, tuple) else (size, size)
+        self.check_size(height)
+        if width != height:
+            self.check_size(width)
         forbid_stop_early(self.module_components.values(), "model.generate(...)")
         if isinstance(seed, Sequence):
             if len(seed) != len(prompts):
@@ -540,8 +551,8 @@ class Model:
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 generator=generator,
-                height=size,
-                width=size,
+                height=height,
+                width=width,
                 output_type=output_type,
                 **pipeline_kwargs,
             )

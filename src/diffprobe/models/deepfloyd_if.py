@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from diffprobe.hooks.attention import AttentionSite
+from diffprobe.models.attention_sites import added_kv_sites
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.registry import register_adapter
 from diffprobe.models.towers import Tower, last_layer_tower
@@ -62,6 +64,11 @@ class IFModel(Model):
     @classmethod
     def t5_tokens(cls, denoiser_config: Mapping[str, Any] | None) -> int:
         return IF_MAX_TOKENS
+
+    @classmethod
+    def attention_sites(cls, pipe: Any) -> list[AttentionSite]:
+        """Attention with added text keys and values, ``[text, image]`` keys; text keys are the T5 tokens."""
+        return added_kv_sites(pipe.unet, "unet")
 
     @classmethod
     def text_towers(cls, pipe: Any) -> dict[str, Tower]:

@@ -49,7 +49,9 @@ from typing import Any
 import torch
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.hooks.attention import AttentionSite
 from diffprobe.hooks.engine import catch_stop
+from diffprobe.models.attention_sites import pattern_sites
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.geometry import BATCH, SizeRule, meta_empty, vae_factor
 from diffprobe.models.registry import register_adapter
@@ -134,6 +136,26 @@ class FluxModel(Model):
         if config.get("guidance_embeds"):
             inputs["guidance"] = meta_empty(BATCH)
         return inputs
+
+    @classmethod
+    def attention_sites(cls, pipe: Any) -> list[AttentionSite]:
+        """Double-stream blocks: joint ``[text, image]`` attention; single-stream blocks: one ``[text, image]`` sequence split at the T5 length. Text keys are T5 tokens (CLIP feeds only its pooled vector)."""
+        return [
+            *pattern_sites(
+                pipe.transformer,
+                "transformer",
+                r"transformer_blocks\.\d+\.attn",
+                "joint",
+                text_first=True,
+            ),
+            *pattern_sites(
+                pipe.transformer,
+                "transformer",
+                r"single_transformer_blocks\.\d+\.attn",
+                "single",
+                text_first=True,
+            ),
+        ]
 
     @classmethod
     def text_towers(cls, pipe: Any) -> dict[str, Tower]:

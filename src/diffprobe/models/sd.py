@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from diffprobe.hooks.attention import AttentionSite
+from diffprobe.models.attention_sites import cross_attention_sites
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.geometry import SizeRule, unet_rule, vae_factor
 from diffprobe.models.registry import register_adapter
@@ -48,6 +50,11 @@ class StableDiffusionModel(Model):
         """``sample`` (latent channels, size/f, size/f), a timestep, ``encoder_hidden_states``
         of 77 CLIP tokens (``cross_attention_dim`` wide)."""
         return text_unet_inputs(config, geometry)
+
+    @classmethod
+    def attention_sites(cls, pipe: Any) -> list[AttentionSite]:
+        """UNet cross-attention: every ``attn2``; text keys are the CLIP tokens."""
+        return cross_attention_sites(pipe.unet, "unet")
 
     @classmethod
     def text_towers(cls, pipe: Any) -> dict[str, Tower]:

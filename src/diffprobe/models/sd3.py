@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 
+from diffprobe.hooks.attention import AttentionSite
 from diffprobe.hooks.engine import BRANCHES
+from diffprobe.models.attention_sites import pattern_sites
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.geometry import BATCH, CLIP_TOKENS, SizeRule, meta_empty, vae_factor
 from diffprobe.models.registry import register_adapter
@@ -166,6 +168,17 @@ class StableDiffusion3Model(Model):
             "pooled_projections": meta_empty(BATCH, int(config["pooled_projection_dim"])),
             "timestep": meta_empty(BATCH),
         }
+
+    @classmethod
+    def attention_sites(cls, pipe: Any) -> list[AttentionSite]:
+        """Joint attention of every MMDiT block (``attn``; SD3.5's image-only ``attn2`` is left out): one ``[image, text]`` sequence, text = 77 CLIP positions then the T5 tokens."""
+        return pattern_sites(
+            pipe.transformer,
+            "transformer",
+            r"transformer_blocks\.\d+\.attn",
+            "joint",
+            text_first=False,
+        )
 
     @classmethod
     def text_towers(cls, pipe: Any) -> dict[str, Tower]:

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.hooks.attention import AttentionSite
+from diffprobe.models.attention_sites import cross_attention_sites
 from diffprobe.models.base import Conditioning, Model, TextEncoding
 from diffprobe.models.geometry import BATCH, SizeRule, meta_empty, unet_rule, vae_factor
 from diffprobe.models.registry import register_adapter
@@ -87,6 +89,11 @@ class StableDiffusionXLModel(Model):
                 "time_ids": meta_empty(BATCH, TIME_IDS),
             },
         }
+
+    @classmethod
+    def attention_sites(cls, pipe: Any) -> list[AttentionSite]:
+        """UNet cross-attention: every ``attn2``; text keys are the 77 token positions both CLIP encoders share (their features side by side)."""
+        return cross_attention_sites(pipe.unet, "unet")
 
     @classmethod
     def text_towers(cls, pipe: Any) -> dict[str, Tower]:
