@@ -274,6 +274,15 @@ for _spec in [
         "epsilon",
         "pixel DDPM UNet2DModel on CelebA-HQ 256 (the Asyrp setting)",
     ),
+    ModelSpec(
+        "tiny-ddpm",
+        "ddpm",
+        str(ASSETS / "tiny-ddpm"),
+        32,
+        "epsilon",
+        "diffprobe's own pixel DDPM (UNet2DModel) on the shapes world, 32 px (embedded, offline)",
+        local=True,
+    ),
 ]:
     register_model(_spec)
 

@@ -46,7 +46,7 @@ def _options(
 # ``diffprobe --help`` lists them.
 _COMMAND_MODULES = (
     "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "dream",
-    "train", "demo", "attribution",
+    "attribution", "train", "train_extra", "hspace", "demo", "report",
 )  # fmt: skip
 _COMMAND_MODULES += ("run",)  # diffprobe run SPEC.yaml (docs/runner.md)
 

@@ -523,8 +523,9 @@ class Model:
         **pipeline_kwargs: Any,
     ) -> Any:
         """The native pipeline's generation, seeded by ``seed``; returns (items, H, W, 3) floats
-        in [0, 1] for ``output_type="np"``. ``seed`` may be one seed per prompt: image ``i`` then
-        equals ``generate(prompts[i], seed=seed[i])`` up to batch rounding; ``size`` is one side or (height, width). ``guidance_scale`` defaults to the family's
+        in [0, 1] for ``output_type="np"``; ``size`` is one side or (height, width). ``seed`` may
+        be one seed per prompt: image ``i`` then equals ``generate(prompts[i], seed=seed[i])`` up
+        to batch rounding. ``guidance_scale`` defaults to the family's
         :attr:`default_guidance_scale`. The pipeline runs under its own ``torch.no_grad``:
         for gradients call :meth:`denoise`. Refused inside ``capture(..., stop_early=True)``."""
         if guidance_scale is None:

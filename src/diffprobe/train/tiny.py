@@ -31,13 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
-import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +42,36 @@ import torch
 from tqdm.auto import tqdm
 
 from diffprobe.io import claim_output, write_json
+from diffprobe.train.common import (
+    EMA,
+    batch_indices,
+    from_unit,
+    learning_rate_factor,
+    load_checkpoint,
+    parameter_count,
+    psnr,
+    rng_state,
+    scratch_directory,
+    set_rng_state,
+    to_unit,
+)
+from diffprobe.train.phases import (
+    check_config,
+    checkpoint_path,
+    list_checkpoints,
+    log,
+    save_checkpoint,
+    step_generator,
+)
+from diffprobe.train.recipe import (
+    TinyConfig,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+)
+from diffprobe.train.tokenizer import build_tokenizer, caption_corpus, save_tokenizer
+from diffprobe.train.tokenizer import token_ids as caption_token_ids
 
 __all__ = [
     "TinyConfig",
@@ -57,388 +83,19 @@ __all__ = [
 ]
 
 # Random streams of the phases: the first word of every per-step seed.
-_PHASE_IDS = {"vae": 1, "unet": 2, "text": 3}
-_PHASE_ORDER = ("text", "vae", "unet")
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokeniser pattern (transformers' CLIPTokenizer uses the same one).
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-
-@dataclass(frozen=True)
-class TinyConfig:
-    """Everything that decides the weights of ``tiny`` apart from ``seed`` and the device.
-
-    ``TinyConfig()`` is the shipped recipe; ``TinyConfig.small()`` is a seconds-long smoke
-    configuration for tests.
-    """
-
-    # data: items 0 .. train_items-1 of shapes.sample(seed=seed, split="train")
-    train_items: int = 16_000
-    # held-out items (split="heldout") on which the VAE's reconstruction PSNR is reported
-    eval_items: int = 512
-    # VAE (AutoencoderKL): 2 ** (len(vae_channels) - 1) is the downsampling factor
-    vae_channels: tuple[int, ...] = (32, 64, 64)
-    vae_latent_channels: int = 4
-    vae_layers_per_block: int = 1
-    vae_norm_groups: int = 16
-    vae_steps: int = 1_000
-    vae_batch_size: int = 32
-    vae_learning_rate: float = 1e-3
-    # weight of the KL term per latent element against the per-pixel reconstruction loss
-    vae_kl_weight: float = 1e-6
-    # text encoder (CLIPTextModel) and its caption-reading phase
-    text_max_length: int = 16
-    text_steps: int = 300
-    text_batch_size: int = 256
-    text_learning_rate: float = 2e-3
-    text_hidden_size: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_intermediate_size: int = 512
-    # UNet2DConditionModel: cross-attention in every block but the lowest, as in SD 1.x
-    unet_channels: tuple[int, ...] = (32, 64, 128)
-    unet_layers_per_block: int = 1
-    unet_attention_head_dim: int = 8
-    unet_norm_groups: int = 32
-    # UNet training (text encoder frozen)
-    steps: int = 3_500
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    # the learning rate decays along a cosine to this fraction of its peak
-    final_learning_rate_fraction: float = 0.1
-    weight_decay: float = 0.01
-    gradient_clip: float = 1.0
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    ema_decay: float = 0.999
-    # noise schedule (SD 1.x's betas)
-    train_timesteps: int = 1_000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    # what the UNet predicts: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x 768)
-    prediction_type: str = "epsilon"
-    # rescale the betas so that the last timestep is pure noise (Lin et al. 2024, "Common
-    # diffusion noise schedules and sample steps are flawed"), with "trailing" timestep spacing
-    # at inference. Needs v-prediction. Without it, the noisiest latent still holds a little of
-    # the image's mean, which a model cannot set from pure noise: black or white backgrounds
-    # drift to grey.
-    zero_terminal_snr: bool = False
-    # offset noise (Guttenberg 2023): std of a per-item, per-channel constant added to the
-    # training noise. SD 1.x's schedule leaves a little of the image's mean in the noisiest
-    # latent, so a model trained on plain Gaussian noise reads the image's overall colour from
-    # the mean of its starting noise instead of from the caption; in the shapes world that
-    # sends black or white backgrounds to grey and neighbouring hues into each other. 0.1 took
-    # held-out colour accuracy from 0.67 to 1.00 (docs/tiny.md).
-    noise_offset: float = 0.1
-    # how often a checkpoint is written, in steps of the running phase; the last two are kept
-    checkpoint_every: int = 250
-    # dtype of the UNet and VAE weights in the saved pipeline; the text encoder stays float32
-    save_dtype: str = "float16"
-
-    @classmethod
-    def small(cls) -> TinyConfig:
-        """A configuration that trains in seconds: for tests, not for images."""
-        return cls(
-            train_items=64,
-            eval_items=8,
-            vae_channels=(8, 16),
-            vae_norm_groups=4,
-            vae_steps=4,
-            vae_batch_size=4,
-            text_hidden_size=32,
-            text_layers=1,
-            text_heads=2,
-            text_intermediate_size=64,
-            text_steps=3,
-            text_batch_size=8,
-            unet_channels=(16, 32),
-            unet_attention_head_dim=8,
-            unet_norm_groups=8,
-            steps=6,
-            batch_size=4,
-            warmup_steps=2,
-            checkpoint_every=2,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- tokenizer
 
 
-def caption_corpus() -> list[str]:
-    """Every caption the training split can produce: each combination × each template."""
-    from diffprobe.data import shapes
-
-    corpus = []
-    for shape, colour, size, quadrant, background in shapes.combinations("train"):
-        factors = {"shape": shape, "colour": colour, "size": size, "quadrant": quadrant,
-                   "background": background}  # fmt: skip
-        for template in range(len(shapes.CAPTION_TEMPLATES)):
-            corpus.append(shapes.caption(factors, template))
-    return corpus
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2 / CLIP byte -> printable character table, in CLIP's vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
-    characters = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            characters.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in characters]
-
-
-def build_tokenizer(corpus: Iterable[str], model_max_length: int = 77):
-    """A ``CLIPTokenizer`` with CLIP's layout and merges learned from ``corpus``.
-
-    The vocabulary is laid out as CLIP's: the 256 byte characters, the same with ``</w>``, one
-    token per merge in merge order, then ``<|startoftext|>`` and ``<|endoftext|>`` (also the
-    padding and unknown token). Every byte is in it, so any text tokenises; words of the
-    corpus become single tokens.
-    """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    learner.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    learner.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,  # stop only when every word is one token
-        min_frequency=1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    learner.train_from_iterator(list(corpus), trainer)
-    merges = [tuple(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
-
-    alphabet = _byte_alphabet()
-    tokens = alphabet + [character + "</w>" for character in alphabet]
-    tokens += ["".join(pair) for pair in merges] + [_BOS, _EOS]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise AssertionError("duplicate token in the learned vocabulary")
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-
-
-def _save_tokenizer(tokenizer, directory: Path) -> None:
-    """``save_pretrained`` plus CLIP's ``vocab.json`` / ``merges.txt`` for older transformers."""
-    tokenizer.save_pretrained(directory)
-    state = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    (directory / "vocab.json").write_text(json.dumps(state["vocab"], ensure_ascii=False))
-    lines = ["#version: 0.2"] + [" ".join(pair) for pair in state["merges"]]
-    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids (items, 77) exactly as ``StableDiffusionPipeline.encode_prompt`` makes them."""
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 # ---------------------------------------------------------------------------------- models
-
-
-def _build_vae(config: TinyConfig):
-    from diffusers import AutoencoderKL
-
-    levels = len(config.vae_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.vae_channels),
-        layers_per_block=config.vae_layers_per_block,
-        latent_channels=config.vae_latent_channels,
-        norm_num_groups=config.vae_norm_groups,
-        sample_size=64,
-    )
-
-
-def _build_text_encoder(config: TinyConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.text_hidden_size,
-        intermediate_size=config.text_intermediate_size,
-        projection_dim=config.text_hidden_size,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(text_config)
-
-
-def _build_unet(config: TinyConfig):
-    from diffusers import UNet2DConditionModel
-
-    levels = len(config.unet_channels)
-    down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
-    return UNet2DConditionModel(
-        sample_size=64 // 2 ** (len(config.vae_channels) - 1),
-        in_channels=config.vae_latent_channels,
-        out_channels=config.vae_latent_channels,
-        layers_per_block=config.unet_layers_per_block,
-        block_out_channels=tuple(config.unet_channels),
-        down_block_types=down,
-        up_block_types=up,
-        cross_attention_dim=config.text_hidden_size,
-        attention_head_dim=config.unet_attention_head_dim,
-        norm_num_groups=config.unet_norm_groups,
-    )
-
-
-def _build_scheduler(config: TinyConfig):
-    from diffusers import DDIMScheduler
-
-    if config.zero_terminal_snr and config.prediction_type != "v_prediction":
-        raise ValueError("zero_terminal_snr=True needs prediction_type='v_prediction'")
-    return DDIMScheduler(
-        num_train_timesteps=config.train_timesteps,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=config.prediction_type,
-        rescale_betas_zero_snr=config.zero_terminal_snr,
-        timestep_spacing="trailing" if config.zero_terminal_snr else "leading",
-    )
-
-
-def _parameter_count(module: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
 
 
 # ---------------------------------------------------------------------------------- helpers
 
 
-def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
-    """Mean PSNR in dB over items of uint8 images (items, height, width, channels)."""
-    error = (reference.astype(np.float64) - reconstruction.astype(np.float64)) ** 2
-    mse = np.maximum(error.reshape(len(error), -1).mean(axis=1), 1e-10)
-    return float(np.mean(10 * np.log10(255.0**2 / mse)))
-
-
-def _to_unit(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (items, 64, 64, 3) -> float (items, 3, 64, 64) in [-1, 1] on ``device``."""
-    tensor = torch.as_tensor(images).to(device)
-    return tensor.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _from_unit(images: torch.Tensor) -> np.ndarray:
-    """float (items, 3, 64, 64) in [-1, 1] -> uint8 (items, 64, 64, 3)."""
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _step_generator(seed: int, phase: str, step: int) -> torch.Generator:
-    """CPU generator for one step: random draws do not depend on the device or on resuming."""
-    words = np.random.SeedSequence([seed, _PHASE_IDS[phase], step]).generate_state(2)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
-
-
-def _batch_indices(generator: torch.Generator, items: int, batch_size: int) -> torch.Tensor:
-    return torch.randperm(items, generator=generator)[:batch_size]
-
-
-def _learning_rate_factor(step: int, steps: int, warmup: int, final_fraction: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _log(message: str, progress: bool) -> None:
-    if progress:
-        print(f"[train-tiny] {message}", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_path(directory: Path, phase: str, step: int) -> Path:
-    return directory / f"{phase}-{step:08d}.pt"
-
-
-def _list_checkpoints(directory: Path) -> list[tuple[int, int, Path]]:
-    """Checkpoints as (phase rank, step, path), oldest first."""
-    found = []
-    for path in directory.glob("*.pt"):
-        phase, _, step = path.stem.partition("-")
-        if phase in _PHASE_ORDER and step.isdigit():
-            found.append((_PHASE_ORDER.index(phase), int(step), path))
-    return sorted(found)
-
-
-def _save_checkpoint(directory: Path, phase: str, step: int, state: dict[str, Any]) -> Path:
-    """Write atomically (temporary file, then rename); keep this phase's last two."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = _checkpoint_path(directory, phase, step)
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-    same_phase = [p for rank, _, p in _list_checkpoints(directory) if _PHASE_ORDER[rank] == phase]
-    for old in same_phase[:-2]:
-        old.unlink()
-    return path
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only: checkpoints hold only tensors and plain containers, never pickled objects.
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _check_config(checkpoint: dict[str, Any], config: TinyConfig, path: Path) -> None:
-    saved = json.loads(checkpoint["config"])
-    current = config.to_json()
-    differing = sorted(key for key in current if saved.get(key) != current[key])
-    if differing:
-        raise ValueError(
-            f"checkpoint {path} was written with a different config ({', '.join(differing)}); "
-            "pass resume=False or another out_dir"
-        )
 
 
 # ---------------------------------------------------------------------------------- phases
@@ -493,11 +150,11 @@ def _train_text(
     bar = tqdm(range(config.text_steps), desc="text", disable=not progress)
     loss_value, accuracy = float("nan"), {}
     for step in bar:
-        factor = _learning_rate_factor(step, config.text_steps, config.warmup_steps, 0.05)
+        factor = learning_rate_factor(step, config.text_steps, config.warmup_steps, 0.05)
         for group in optimizer.param_groups:
             group["lr"] = config.text_learning_rate * factor
-        generator = _step_generator(seed, "text", step)
-        index = _batch_indices(generator, len(token_ids), config.text_batch_size).to(device)
+        generator = step_generator(seed, "text", step)
+        index = batch_indices(generator, len(token_ids), config.text_batch_size).to(device)
         pooled = text_encoder(token_ids[index]).pooler_output
         logits = {name: head(pooled) for name, head in heads.items()}
         loss = sum(torch.nn.functional.cross_entropy(logits[name], labels[name][index])
@@ -513,7 +170,7 @@ def _train_text(
     bar.close()
     text_encoder.eval()
     text_encoder.requires_grad_(False)
-    _save_checkpoint(checkpoints, "text", config.text_steps, {
+    save_checkpoint(checkpoints, "text", config.text_steps, {
         "phase": "text", "step": config.text_steps, "config": json.dumps(config.to_json()),
         "models": {"text_encoder": text_encoder.state_dict()},
     })  # fmt: skip
@@ -539,7 +196,7 @@ def _train_vae(
     if start is not None:
         vae.load_state_dict(start["models"]["vae"])
         optimizer.load_state_dict(start["optimizer"])
-        _set_rng_state(start["rng"], device)
+        set_rng_state(start["rng"], device)
         first_step = start["step"]
     if first_step >= config.vae_steps:
         return {}
@@ -549,12 +206,12 @@ def _train_vae(
                initial=first_step, total=config.vae_steps)  # fmt: skip
     loss_value = float("nan")
     for step in bar:
-        factor = _learning_rate_factor(step, config.vae_steps, config.warmup_steps, 0.05)
+        factor = learning_rate_factor(step, config.vae_steps, config.warmup_steps, 0.05)
         for group in optimizer.param_groups:
             group["lr"] = config.vae_learning_rate * factor
-        generator = _step_generator(seed, "vae", step)
-        index = _batch_indices(generator, len(images), config.vae_batch_size)
-        batch = _to_unit(images[index.numpy()], device)
+        generator = step_generator(seed, "vae", step)
+        index = batch_indices(generator, len(images), config.vae_batch_size)
+        batch = to_unit(images[index.numpy()], device)
         posterior = vae.encode(batch).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
         reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
@@ -569,10 +226,10 @@ def _train_vae(
         bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.vae_steps:
-            _save_checkpoint(checkpoints, "vae", done, {
+            save_checkpoint(checkpoints, "vae", done, {
                 "phase": "vae", "step": done, "config": json.dumps(config.to_json()),
                 "models": {"vae": vae.state_dict()}, "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(device),
+                "rng": rng_state(device),
             })  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - began
@@ -586,7 +243,7 @@ def _encode_latents(vae, images: np.ndarray, device: torch.device, progress: boo
     vae.eval()
     means, stds = [], []
     for first in tqdm(range(0, len(images), 128), desc="encode", disable=not progress):
-        posterior = vae.encode(_to_unit(images[first : first + 128], device)).latent_dist
+        posterior = vae.encode(to_unit(images[first : first + 128], device)).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
@@ -598,32 +255,9 @@ def _reconstruction_psnr(vae, images: np.ndarray, device: torch.device) -> float
     vae.eval()
     outputs = []
     for first in range(0, len(images), 128):
-        batch = _to_unit(images[first : first + 128], device)
-        outputs.append(_from_unit(vae.decode(vae.encode(batch).latent_dist.mean).sample))
+        batch = to_unit(images[first : first + 128], device)
+        outputs.append(from_unit(vae.decode(vae.encode(batch).latent_dist.mean).sample))
     return psnr(images, np.concatenate(outputs))
-
-
-class _EMA:
-    """Exponential moving average of parameters, with the usual warm-up of the decay."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
-        self.decay = decay
-        self.shadow = {f"{name}.{key}": value.detach().clone()
-                       for name, module in modules.items()
-                       for key, value in module.named_parameters()}  # fmt: skip
-
-    @torch.no_grad()
-    def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, module in modules.items():
-            for key, value in module.named_parameters():
-                self.shadow[f"{name}.{key}"].lerp_(value.detach(), 1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, modules: dict[str, torch.nn.Module]) -> None:
-        for name, module in modules.items():
-            for key, value in module.named_parameters():
-                value.copy_(self.shadow[f"{name}.{key}"])
 
 
 def _train_denoiser(
@@ -631,9 +265,9 @@ def _train_denoiser(
     caption_embeds: torch.Tensor, empty_embeds: torch.Tensor, config: TinyConfig, *, seed: int,
     device: torch.device, steps: int, deadline: float | None, checkpoints: Path,
     start: dict[str, Any] | None, extra_state: dict[str, Any], progress: bool,
-) -> tuple[_EMA, dict[str, float]]:  # fmt: skip
+) -> tuple[EMA, dict[str, float]]:  # fmt: skip
     """Train ``unet`` in place on cached caption embeddings; return its EMA and timings."""
-    scheduler = _build_scheduler(config)
+    scheduler = build_scheduler(config)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     # min-SNR-gamma weights (Hang et al. 2023): min(snr, gamma) / snr for epsilon, / (snr + 1)
@@ -647,13 +281,13 @@ def _train_denoiser(
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    ema = _EMA(modules, config.ema_decay)
+    ema = EMA(modules, config.ema_decay)
     first_step = 0
     if start is not None:
         unet.load_state_dict(start["models"]["unet"])
         optimizer.load_state_dict(start["optimizer"])
         ema.shadow = {key: value.to(device) for key, value in start["ema"].items()}
-        _set_rng_state(start["rng"], device)
+        set_rng_state(start["rng"], device)
         first_step = start["step"]
     unet.train()
     began = time.perf_counter()
@@ -663,25 +297,25 @@ def _train_denoiser(
     loss_value = float("nan")
 
     def checkpoint(step: int) -> None:
-        _save_checkpoint(checkpoints, "unet", step, {
+        save_checkpoint(checkpoints, "unet", step, {
             "phase": "unet", "step": step, "config": json.dumps(config.to_json()),
             "models": {"unet": unet.state_dict()},
-            "optimizer": optimizer.state_dict(), "ema": ema.shadow, "rng": _rng_state(device),
+            "optimizer": optimizer.state_dict(), "ema": ema.shadow, "rng": rng_state(device),
             **extra_state,
         })  # fmt: skip
 
     for step in bar:
         if deadline is not None and time.perf_counter() > deadline:
-            _log(f"time budget reached after {step} of {steps} denoiser steps", progress)
+            log(f"time budget reached after {step} of {steps} denoiser steps", progress)
             checkpoint(step)
             break
-        factor = _learning_rate_factor(
+        factor = learning_rate_factor(
             step, steps, config.warmup_steps, config.final_learning_rate_fraction
         )
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * factor
-        generator = _step_generator(seed, "unet", step)
-        index = _batch_indices(generator, len(caption_embeds), config.batch_size)
+        generator = step_generator(seed, "unet", step)
+        index = batch_indices(generator, len(caption_embeds), config.batch_size)
         shape = (len(index), *latent_mean.shape[1:])
         posterior_noise = torch.randn(shape, generator=generator).to(device)
         noise = torch.randn(shape, generator=generator)
@@ -736,7 +370,7 @@ def _save_pipeline(
         text_encoder=text_encoder.to("cpu", torch.float32),
         tokenizer=tokenizer,
         unet=unet.to("cpu", dtype),
-        scheduler=_build_scheduler(config),
+        scheduler=build_scheduler(config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -744,7 +378,7 @@ def _save_pipeline(
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging, safe_serialization=True)
-    _save_tokenizer(tokenizer, staging / "tokenizer")
+    save_tokenizer(tokenizer, staging / "tokenizer")
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
 
@@ -806,36 +440,36 @@ def train_tiny(
         (out_dir / "latents.pt").unlink(missing_ok=True)
 
     latest = None
-    if resume and (found := _list_checkpoints(checkpoints)):
-        latest = _load_checkpoint(found[-1][2])
-        _check_config(latest, config, found[-1][2])
-        _log(f"resuming from {found[-1][2].name}", progress)
+    if resume and (found := list_checkpoints(checkpoints)):
+        latest = load_checkpoint(found[-1][2])
+        check_config(latest, config, found[-1][2])
+        log(f"resuming from {found[-1][2].name}", progress)
 
     tokenizer = build_tokenizer(caption_corpus(), model_max_length=config.text_max_length)
     data = shapes.sample(config.train_items, seed=seed, split="train")
     heldout = shapes.sample(config.eval_items, seed=seed, split="heldout")
 
     torch.manual_seed(seed)
-    vae = _build_vae(config).to(torch_device)
-    text_encoder = _build_text_encoder(config, tokenizer).to(torch_device)
-    unet = _build_unet(config).to(torch_device)
+    vae = build_vae(config).to(torch_device)
+    text_encoder = build_text_encoder(config, tokenizer).to(torch_device)
+    unet = build_unet(config).to(torch_device)
     metrics: dict[str, Any] = {
         "seed": seed,
         "device": str(torch_device),
         "threads": torch.get_num_threads(),
         "parameters": {
-            "vae": _parameter_count(vae),
-            "text_encoder": _parameter_count(text_encoder),
-            "unet": _parameter_count(unet),
+            "vae": parameter_count(vae),
+            "text_encoder": parameter_count(text_encoder),
+            "unet": parameter_count(unet),
         },  # fmt: skip
         "vocabulary": len(tokenizer),
     }
 
     # phase 1: the text encoder learns to read captions, then stays frozen
-    token_ids = _token_ids(tokenizer, data.captions)
-    text_checkpoint = _checkpoint_path(checkpoints, "text", config.text_steps)
+    token_ids = caption_token_ids(tokenizer, data.captions)
+    text_checkpoint = checkpoint_path(checkpoints, "text", config.text_steps)
     if resume and text_checkpoint.exists():
-        text_encoder.load_state_dict(_load_checkpoint(text_checkpoint)["models"]["text_encoder"])
+        text_encoder.load_state_dict(load_checkpoint(text_checkpoint)["models"]["text_encoder"])
         text_encoder.eval().requires_grad_(False)
     else:
         metrics.update(_train_text(text_encoder, token_ids, caption_labels(data.factors), config,
@@ -843,7 +477,9 @@ def train_tiny(
                                    progress=progress))  # fmt: skip
         latest = None  # nothing after this phase can be reused
     caption_embeds = _encode_captions(text_encoder, token_ids, torch_device)
-    empty_embeds = _encode_captions(text_encoder, _token_ids(tokenizer, [""]), torch_device)[0]
+    empty_embeds = _encode_captions(text_encoder, caption_token_ids(tokenizer, [""]), torch_device)[
+        0
+    ]
 
     # phase 2: VAE
     if latest is None or latest["phase"] in ("text", "vae"):
@@ -851,16 +487,16 @@ def train_tiny(
         metrics.update(_train_vae(vae, data.images, config, seed=seed, device=torch_device,
                                   checkpoints=checkpoints, start=latest, progress=progress))  # fmt: skip
     else:
-        vae.load_state_dict(_load_checkpoint(_vae_final(checkpoints, config))["models"]["vae"])
+        vae.load_state_dict(load_checkpoint(_vae_final(checkpoints, config))["models"]["vae"])
     metrics["vae_psnr_heldout"] = _reconstruction_psnr(vae, heldout.images, torch_device)
     metrics["vae_psnr_train"] = _reconstruction_psnr(vae, data.images[: config.eval_items],
                                                      torch_device)  # fmt: skip
-    _log(f"VAE reconstruction PSNR on held-out images: {metrics['vae_psnr_heldout']:.2f} dB",
+    log(f"VAE reconstruction PSNR on held-out images: {metrics['vae_psnr_heldout']:.2f} dB",
          progress)  # fmt: skip
 
     cache = out_dir / "latents.pt"
     if cache.exists():
-        cached = _load_checkpoint(cache)
+        cached = load_checkpoint(cache)
         latent_mean, latent_std = cached["mean"], cached["std"]
     else:
         encode_began = time.perf_counter()
@@ -886,7 +522,7 @@ def train_tiny(
         left = deadline - time.perf_counter() - 30  # saving the pipeline, margins
         fitted = max(1, int(left * probe))
         if fitted < total_steps:
-            _log(f"{probe:.2f} denoiser steps/s: {fitted} steps fit in {minutes} min "
+            log(f"{probe:.2f} denoiser steps/s: {fitted} steps fit in {minutes} min "
                  f"(asked for {total_steps})", progress)  # fmt: skip
             total_steps = fitted
     ema, timings = _train_denoiser(
@@ -907,12 +543,12 @@ def train_tiny(
     metrics["total_seconds_this_session"] = time.perf_counter() - began
     metrics["config"] = config.to_json()
     write_json(out_dir / "metrics.json", metrics)
-    _log(f"wrote {pipeline_dir} ({metrics['folder_bytes'] / 1e6:.1f} MB)", progress)
+    log(f"wrote {pipeline_dir} ({metrics['folder_bytes'] / 1e6:.1f} MB)", progress)
     return pipeline_dir
 
 
 def _vae_final(checkpoints: Path, config: TinyConfig) -> Path:
-    path = _checkpoint_path(checkpoints, "vae", config.vae_steps)
+    path = checkpoint_path(checkpoints, "vae", config.vae_steps)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the VAE of this run cannot be restored")
     return path
@@ -925,7 +561,7 @@ def _probe_rate(unet, latents, scaling_factor, caption_embeds, empty_embeds,
 
     unet_copy = copy.deepcopy(unet)
     rng = torch.get_rng_state()
-    with _scratch_directory() as scratch:
+    with scratch_directory() as scratch:
         # the first 5 steps warm up allocators and kernels; the next 15 are timed
         probe_config = dataclasses.replace(config, checkpoint_every=10**9, warmup_steps=1)
         _train_denoiser(unet_copy, latents, scaling_factor, caption_embeds, empty_embeds,
@@ -937,9 +573,3 @@ def _probe_rate(unet, latents, scaling_factor, caption_embeds, empty_embeds,
                                      extra_state={}, progress=False)  # fmt: skip
     torch.set_rng_state(rng)
     return timings["unet_steps_per_second"]
-
-
-def _scratch_directory():
-    import tempfile
-
-    return tempfile.TemporaryDirectory(prefix="diffprobe-tiny-")
