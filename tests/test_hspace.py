@@ -119,7 +119,7 @@ def test_strength_scaled_by_train_over_test_steps(ddpm):
 
 @pytest.mark.slow
 def test_inversion_then_ddim_reconstructs_tiny():
-    """Inversion + plain DDIM on `tiny` (40 steps) reconstructs shapes images ≥ 22 dB PSNR."""
+    """Inversion + plain DDIM on `tiny` (40 steps) reconstructs shapes images ≥ 30 dB PSNR."""
     import diffprobe
     from diffprobe.analysis.edits import psnr
     from diffprobe.data import shapes
@@ -133,7 +133,7 @@ def test_inversion_then_ddim_reconstructs_tiny():
         back = H.sample(model, x_T, steps=40)
         through_vae = to_uint8(H.decode(model, x0))
         reconstructed = to_uint8(H.decode(model, back))
-    assert psnr(through_vae, reconstructed) >= 22.0
+    assert psnr(through_vae, reconstructed) >= 30.0  # measured 40.5 dB on 8 images
     # and the inverted x_T is far from the image (it is noise-like, not a copy)
     assert x_T.std() > 0.7
 
