@@ -38,8 +38,9 @@ function table(rows, columns) {
   columns = columns || Object.keys(rows[0] || {});
   return h("table", {}, h("thead", {}, h("tr", {}, columns.map((c) => h("th", {}, c)))),
     h("tbody", {}, rows.map((r) => h("tr", {}, columns.map((c) => {
-      const num = r[c] !== "" && !isNaN(Number(r[c]));
-      return h("td", num ? { class: "num" } : {}, num ? fmt(Number(r[c])) : r[c] ?? "");
+      const v = r[c];
+      const num = typeof v !== "boolean" && v !== "" && v !== null && !isNaN(Number(v));
+      return h("td", num ? { class: "num" } : {}, num ? fmt(Number(v)) : String(v ?? ""));
     })))));
 }
 function figure(run, rel) {
@@ -136,7 +137,7 @@ function peaksOf(values) {
   return out;
 }
 function activityChart(levels, values, peaks, current, onPick) {
-  const W = 460, H = 260, L = 62, R = 14, T = 16, B = 44;
+  const W = 480, H = 260, L = 80, R = 14, T = 16, B = 44;
   const lo = Math.min(0, ...values), hi = Math.max(...values, lo + 1e-6);
   const x = (i) => L + 12 + ((W - L - R - 24) * (levels[i] - levels[0])) / Math.max(1e-9, levels[levels.length - 1] - levels[0]);
   const y = (v) => T + (H - T - B) * (1 - (v - lo) / (hi - lo));
