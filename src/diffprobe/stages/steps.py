@@ -299,8 +299,10 @@ def sae_eval(ctx: StageContext, params: SAEEvalParams) -> dict:
 
 def report(ctx: StageContext, params: ReportParams) -> dict:
     """The HTML report of every stage of the run folder (``diffprobe report RUN``)."""
+    from diffprobe.io import claim_output
     from diffprobe.report.build import write_report
 
+    claim_output(ctx.folder, "report")
     path = write_report([ctx.root], ctx.folder / "report.html", overwrite=True,
                         title=params.title)  # fmt: skip
     return {"report": str(path)}
