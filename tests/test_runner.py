@@ -20,6 +20,8 @@ EXAMPLES = ["demo", "things-alignment-sd15", "features-sd15", "hspace-ddpm"]
 def test_examples_pass_a_dry_run(name, tmp_path, monkeypatch):
     for variable in ("THINGS_ROOT", "IMAGE_FOLDER", "CELEBA_FOLDER"):
         monkeypatch.setenv(variable, str(tmp_path))
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    monkeypatch.setenv("PROMPT_FILE", str(tmp_path / "prompts.txt"))
     lines = []
     root = run(ROOT / "examples" / f"{name}.yaml", tmp_path / "run", dry_run=True,
                echo=lines.append)  # fmt: skip
