@@ -152,3 +152,16 @@ def test_shards_run_apart_then_the_coordinator_marks_the_stage_done(tmp_path):
     extract = json.loads((out / "markers" / "extract.done.json").read_text())
     assert {i: s["result"]["chunks_computed"] for i, s in extract["shards"].items()} == {
         "0": 2, "1": 2}  # fmt: skip
+
+
+def test_the_report_stage_runs_last_and_follows_every_stage(tmp_path):
+    from diffprobe.runner.registry import STAGES
+
+    if not STAGES["report"].available():
+        pytest.skip("this diffprobe has no report stage")
+    text = TINY_SPEC.replace("stages:\n", "stages:\n  report: {}\n")
+    planned = order(load_spec(write_spec(tmp_path / "a", text)))
+    assert planned[-1].name == "report"
+    assert set(planned[-1].depends_on) == {s.name for s in planned[:-1]}
+    edited = order(load_spec(write_spec(tmp_path / "b", text.replace("k: 4", "k: 3"))))
+    assert edited[-1].hash != planned[-1].hash
