@@ -16,7 +16,7 @@ from diffprobe.app.safety import AddressError, Refused, check_bind, inside
 from diffprobe.app.server import make_server, serve_in_thread
 from diffprobe.app.views import RunRef, StageRef
 from diffprobe.data.anomaly_labels import labels_to_table, load_label_table, read_label_file
-from diffprobe.io import claim_output, write_bytes, write_csv
+from diffprobe.io import claim_output, write_bytes, write_csv, write_json
 
 
 @pytest.fixture
@@ -163,6 +163,7 @@ def test_dreams_and_priors_of_a_channel(tmp_path):
     the priors tab lists ``diffprobe steer --prior`` images of the channel."""
     root = claim_output(tmp_path / "run", "demo")
     dream = claim_output(root / "dream", "dream")
+    write_json(dream / "dream.json", {"site": "unet.mid_block"})
     leaf = dream / "channel_0003" / "timestep_0000"
     for step in (20, 5, 10):
         write_bytes(leaf / "snapshots" / f"seed_0_step_{step:04d}.png", b"\x89PNG")
@@ -182,6 +183,8 @@ def test_dreams_and_priors_of_a_channel(tmp_path):
         assert step["final"] == ["dream/channel_0003/timestep_0000/seed_0.png"]
         assert _get(server, "/files/0/" + step["snapshots"][0])[0] == 200
         assert json.loads(_get(server, "/api/dreams?channel=5")[1]) == []
+        assert json.loads(_get(server, "/api/dreams?channel=3&site=unet.mid_block")[1]) == [found]
+        assert json.loads(_get(server, "/api/dreams?channel=3&site=unet.up_blocks.1")[1]) == []
         (prior,) = json.loads(_get(server, "/api/priors?channel=3")[1])
         assert prior["images"] == ["priors/unet.mid_block/channel_0003/images/prior_image_0.png"]
         assert _get(server, "/api/dreams?channel=x")[0] == 400

@@ -146,7 +146,7 @@ class Handler(BaseHTTPRequestHandler):
                 query.get("condition", ""), _int(query.get("channel")), _int(query.get("noise")),
             ))  # fmt: skip
         if raw == "/api/dreams":
-            return self._json(views.dreams(_int(query.get("channel"))))
+            return self._json(views.dreams(_int(query.get("channel")), query.get("site")))
         if raw == "/api/priors":
             return self._json(views.priors(_int(query.get("channel"))))
         if raw == "/api/item.png":

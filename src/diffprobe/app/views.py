@@ -214,16 +214,23 @@ class Views:
     def _relative(self, index: int, path: Path) -> str:
         return path.relative_to(self.runs[index].root).as_posix()
 
-    def dreams(self, channel: int) -> list[dict]:
+    def dreams(self, channel: int, site: str | None = None) -> list[dict]:
         """Dream results of ``channel`` in every dream stage (layout of ``diffprobe dream``:
         ``channel_0003/`` or ``feature_00003/`` holding ``grid.png`` and per timestep
-        ``seed_S.png``, ``stats.json`` and ``snapshots/seed_S_step_NNNN.png``)."""
+        ``seed_S.png``, ``stats.json`` and ``snapshots/seed_S_step_NNNN.png``), of ``site`` only
+        where given (the site ``dream.json`` names)."""
         import json
 
         found = []
         for index, ref in enumerate(self.runs):
             for stage in ref.stages:
                 if stage.kind != "dream":
+                    continue
+                try:
+                    dreamed = json.loads((stage.path / "dream.json").read_text()).get("site")
+                except (OSError, ValueError, AttributeError):
+                    dreamed = None
+                if site and dreamed and dreamed != site:
                     continue
                 for name in (f"channel_{channel:04d}", f"feature_{channel:05d}"):
                     folder = stage.path / name
@@ -240,7 +247,7 @@ class Views:
                             "stats": json.loads(stats.read_text()) if stats.is_file() else [],
                         })  # fmt: skip
                     grid = folder / "grid.png"
-                    found.append({"run": index, "stage": stage.name, "folder": name,
+                    found.append({"run": index, "stage": stage.name, "folder": name, "site": dreamed,
                                   "grid": self._relative(index, grid) if grid.is_file() else None,
                                   "timesteps": steps})  # fmt: skip
         return found

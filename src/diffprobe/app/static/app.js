@@ -122,7 +122,7 @@ async function featuresPage(args) {
       h("img", { class: "thumb", src: `/api/item.png?run=${run}&stage=${stage}&item=${t.item}`, alt: t.id }),
       h("figcaption", {}, `${t.caption || t.id}`, h("br"), `act ${fmt(t.value)}`))));
   } else {
-    body = await dreamTab(feat.tab, feat.channel);
+    body = await dreamTab(feat.tab, feat.channel, feat.site);
   }
   page().replaceChildren(h("div", { class: "card" }, h("h2", {}, `Feature browser: ${feat.site} channel ${feat.channel}`),
     controls, h("div", { class: "row" }, h("div", {}, h("h3", {}, "Activity profile (mean over items)"), chart, peakButtons),
@@ -156,7 +156,7 @@ function activityChart(levels, values, peaks, current, onPick) {
   });
   return h("div", {}, svg, h("div", { class: "legend" }, h("span", {}, "● orange: peaks"), h("span", {}, "dashed red: current noise level (click a point)")));
 }
-async function dreamTab(tab, channel) {
+async function dreamTab(tab, channel, site) {
   // Priors: `diffprobe steer --prior` images of this channel; dreams: `diffprobe dream` results
   // with the optimisation-progress slider over the snapshots and the stats of each step.
   const box = h("div", { id: `${tab}-tab` });
@@ -166,14 +166,14 @@ async function dreamTab(tab, channel) {
     for (const f of found) box.append(h("h3", {}, `${f.stage}/${f.folder}`), h("div", { class: "thumbs" }, f.images.map((p) => h("img", { class: "thumb", src: fileURL(f.run, p), alt: p }))));
     return box;
   }
-  const found = await getJSON(`/api/dreams?channel=${channel}`);
-  if (!found.length) return h("p", { class: "muted", id: "dream-empty" }, `No dream results for channel ${channel} (diffprobe dream writes them).`);
+  const found = await getJSON(`/api/dreams?channel=${channel}&site=${encodeURIComponent(site)}`);
+  if (!found.length) return h("p", { class: "muted", id: "dream-empty" }, `No dream results for ${site} channel ${channel} (diffprobe dream writes them).`);
   for (const d of found) {
-    box.append(h("h3", {}, `${d.stage}/${d.folder}`));
+    box.append(h("h3", {}, `${d.stage}/${d.folder}` + (d.site ? ` (${d.site})` : "")));
     for (const t of d.timesteps) {
       const shots = t.snapshots.length ? t.snapshots : t.final;
       if (!shots.length) continue;
-      const step = (p) => Number((p.match(/step_(\d+)/) || [0, shots.length])[1]);
+      const step = (p) => Number((p.match(/_step_(\d+)\.png$/) || [0, shots.length])[1]); // not timestep_
       const img = h("img", { class: "thumb", src: fileURL(d.run, shots[shots.length - 1]), alt: "dream" });
       const stats = h("div", { class: "where" });
       const show = (i) => {
