@@ -48,6 +48,7 @@ _COMMAND_MODULES = (
     "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "dream",
     "attribution", "train", "train_extra", "hspace", "demo", "report",
 )  # fmt: skip
+_COMMAND_MODULES += ("run",)  # diffprobe run SPEC.yaml (docs/runner.md)
 
 
 def _register_commands() -> None:
