@@ -46,9 +46,8 @@ def _options(
 # ``diffprobe --help`` lists them.
 _COMMAND_MODULES = (
     "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "dream",
-    "attribution", "train", "train_extra", "hspace", "demo", "report",
+    "attribution", "train", "train_extra", "hspace", "demo", "report", "run",
 )  # fmt: skip
-_COMMAND_MODULES += ("run",)  # diffprobe run SPEC.yaml (docs/runner.md)
 
 
 def _register_commands() -> None:
