@@ -83,3 +83,24 @@ def test_expected_failures_are_one_line(tmp_path, tokens, capsys):
     assert _main(["sae", "train", "--run", str(tmp_path / "no-run"), "--site", "s", "--out",
                   str(out), "--quiet"]) == 2  # fmt: skip
     assert "does not exist" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_train_streamed_from_generation_and_eval_with_the_splice(tmp_path, capsys):
+    out = tmp_path / "sae"
+    gen = ["--model", "tiny", "--site", "unet.up_blocks.1", "--steps", "2"]
+    code = _main(["sae", "train", *gen, "--prompts", "shapes:2", "--out", str(out),
+                  "--expansion", "2", "--k", "4", "--batch-size", "256", "--device", "cpu",
+                  "--quiet"])  # fmt: skip
+    assert code == 0 and capsys.readouterr().out.strip() == str(out)
+    assert not list(out.glob("*.npy")) and not list(out.glob("*.zarr"))  # nothing but the SAE
+    assert _main(["sae", "eval", str(out), *gen, "--prompts", "shapes:2:1:heldout", "--splice",
+                  "--json", "--quiet"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 2 * 2 * 256 and set(result["groups"]) == {"501", "1"}
+    assert result["splice"]["error_kept_identical"] and result["splice"]["pixel_mse"] > 0
+    assert 0 <= result["splice"]["attributes_reconstruction"]["colour"] <= 1
+    assert _main(["sae", "info", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)["metadata"]
+    assert meta["branch"] == "cond" and meta["timesteps"] == [501.0, 1.0]
+    assert meta["site_semantics"] == "output" and meta["model_name"] == "tiny"

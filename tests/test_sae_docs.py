@@ -91,9 +91,9 @@ def test_python_examples_run_and_print_what_they_say(tmp_path, monkeypatch):
     assert asked == [("bcywinski/SAeUron", "unet.up_blocks.1.attentions.1/*")]
 
 
-def _commands() -> list[list[str]]:
+def _commands(language: str = "bash") -> list[list[str]]:
     commands = []
-    for block in _blocks("bash"):
+    for block in _blocks(language):
         for line in block.replace("\\\n", " ").splitlines():
             if line.strip().startswith("diffprobe "):
                 commands.append(shlex.split(line)[1:])
@@ -126,7 +126,7 @@ def test_the_options_the_page_lists_exist():
     for option in re.findall(r"`(--[a-z-]+)", listed):
         for name in option.split("/"):
             assert name in train, f"docs/sae.md lists {name}, which `sae train` does not take"
-    for args in _commands():
+    for args in _commands() + _commands("sh"):  # sh: generation commands, not run here
         if args[0] == "sae":
             known = {o for p in group.commands[args[1]].params for o in p.opts}
             assert {a for a in args if a.startswith("--")} <= known | {"--quiet"}

@@ -229,7 +229,9 @@ def test_openai_sdxl_unbox_layout_matches_its_maths(tmp_path, nested):
 
 def test_layout_override_and_detection_disagree_clearly(tmp_path):
     _write_openai(tmp_path / "o", _raw())
-    with pytest.raises(SAEFormatError, match=r"cfg.json is missing"):
+    with pytest.raises(
+        SAEFormatError, match=r"not in the sparsify layout: .* \(it holds the openai"
+    ):
         load_sae(tmp_path / "o", layout="sparsify")
     with pytest.raises(SAEFormatError, match="unknown SAE layout 'saelen'; did you mean 'saelens'"):
         load_sae(tmp_path / "o", layout="saelen")

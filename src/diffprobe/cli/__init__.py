@@ -46,7 +46,7 @@ def _options(
 # ``diffprobe --help`` lists them.
 _COMMAND_MODULES = (
     "models", "extract", "align", "anomalies", "lens", "sae", "features", "steer", "dream",
-    "attribution", "train", "train_extra", "hspace", "demo", "report",
+    "attribution", "train", "train_extra", "hspace", "demo", "report", "run",
 )  # fmt: skip
 
 

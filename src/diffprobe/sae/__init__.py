@@ -8,6 +8,17 @@ evaluation and steering helpers (docs/sae.md).
 
 from diffprobe.sae.evaluate import SAEEvaluation, evaluate_sae, sae_splice
 from diffprobe.sae.formats import LAYOUTS, SAEFormatError, detect_layout, load_sae, save_sae
+from diffprobe.sae.generation import (
+    feature_activity,
+    generation_batches,
+    generation_source,
+    masked_ablation_codes,
+    sae_edit,
+    splice_test,
+    steer_feature,
+    steering_strengths,
+    top_examples,
+)
 from diffprobe.sae.model import SAEError, SAEOutput, SparseCodes, TopKSAE
 from diffprobe.sae.sources import (
     ActivationSource,
@@ -23,6 +34,15 @@ from diffprobe.sae.steering import decoder_direction, edit_codes, masked_ablatio
 from diffprobe.sae.train import SAETrainer, TrainConfig, train_sae
 
 __all__ = [
+    "top_examples",
+    "steering_strengths",
+    "steer_feature",
+    "splice_test",
+    "sae_edit",
+    "masked_ablation_codes",
+    "generation_source",
+    "generation_batches",
+    "feature_activity",
     "LAYOUTS",
     "ActivationSource",
     "ArraySource",

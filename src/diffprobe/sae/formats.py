@@ -142,6 +142,11 @@ def load_sae(
     if not path.exists():
         raise SAEFormatError(f"SAE path {path} does not exist; pass the folder of an SAE")
     folder = path if path.is_dir() else path.parent
+    if not path.is_dir() and detect_layout(folder) is None:
+        raise SAEFormatError(
+            f"SAE path {path} is a file, not an SAE folder; pass the folder that holds "
+            "cfg.json (saelens, sparsify) or config.json (openai)"
+        )
     if hookpoint is not None:
         inner = folder / hookpoint
         if not inner.is_dir():
@@ -167,6 +172,17 @@ def load_sae(
             f"{SAELENS_WEIGHTS} (saelens), cfg.json + {SPARSIFY_WEIGHTS} (sparsify/SAeUron) "
             f"and {OPENAI_CFG} + {OPENAI_WEIGHTS} (openai/sdxl-unbox); pass the folder of one SAE"
         )
+    if layout is not None:
+        needed = {"saelens": (SAELENS_CFG, SAELENS_WEIGHTS),
+                  "sparsify": (SAELENS_CFG, SPARSIFY_WEIGHTS),
+                  "openai": (OPENAI_CFG, OPENAI_WEIGHTS)}[layout]  # fmt: skip
+        missing = [name for name in needed if not (folder / name).is_file()]
+        if missing:
+            other = detect_layout(folder)
+            raise SAEFormatError(
+                f"{folder} is not in the {layout} layout: {', '.join(missing)} missing"
+                + (f" (it holds the {other} layout: leave out --layout)" if other else "")
+            )
     reader = {"saelens": _load_saelens, "sparsify": _load_sparsify, "openai": _load_openai}
     sae = reader[found_layout](folder)
     sae.source = {"layout": found_layout, "path": str(folder)}

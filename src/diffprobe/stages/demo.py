@@ -60,23 +60,32 @@ def stage_models() -> None:
         _print(f"  {spec.alias:<14} {spec.family:<5} {spec.resolution:>5} px  {spec.description}")
 
 
-def stage_sites(out: Path) -> None:
-    _print("== sites of sd1.5 at 512 px (meta device, no weights) ==")
-    found = site_shapes("sd1.5", 512, ["unet"])
+def stage_sites(
+    out: Path, model: str = "sd1.5", size: int = 512, components: Sequence[str] = ("unet",)
+) -> None:
+    _print(f"== sites of {model} at {size} px (meta device, no weights) ==")
+    found = site_shapes(model, size, list(components))
     blocks = [s for s in found.values() if s.site.count(".") == 2 or s.site == "unet.mid_block"]
     for s in blocks:
         _print(f"  {s.site:<22} {tuple(s.shape)}")
-    write_json(out / "sites_sd1.5_512.json", {s.site: list(s.shape) for s in found.values()})
+    write_json(out / f"sites_{model}_{size}.json", {s.site: list(s.shape) for s in found.values()})
 
 
-def stage_capture(out: Path) -> dict:
-    _print("== capture on tiny ==")
-    model = load("tiny")
-    caption = "a small red circle in the top left"
-    with capture(model, CAPTURE_SITES) as cache:
-        images = model.generate(caption, steps=20, guidance_scale=5.0, seed=0)
+def stage_capture(
+    out: Path,
+    model: Any = "tiny",
+    sites: Sequence[str] = tuple(CAPTURE_SITES),
+    caption: str = "a small red circle in the top left",
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+) -> dict:
+    model = load(model) if isinstance(model, (str, Path)) else model
+    _print(f"== capture on {model.name} ==")
+    with capture(model, list(sites)) as cache:
+        images = model.generate(caption, steps=steps, guidance_scale=guidance_scale, seed=seed)
     summary = {}
-    for site in CAPTURE_SITES:
+    for site in sites:
         records = cache.records(site)
         value = records[-1].value
         summary[site] = {
@@ -99,21 +108,33 @@ def _save_image(image, path: Path) -> None:
         Image.fromarray(array).save(temporary, format="PNG")
 
 
-def stage_grid(out: Path, n: int = 16) -> Path:
+def stage_grid(
+    out: Path,
+    n: int = 16,
+    model: Any = "tiny",
+    steps: int = 25,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+) -> Path:
     """A captioned grid of `tiny` images for held-out captions."""
-    _print("== tiny: generated images for held-out captions ==")
-    model = load("tiny")
+    model = load(model) if isinstance(model, (str, Path)) else model
+    _print(f"== {model.name}: generated images for held-out captions ==")
     heldout = shapes.sample(n, seed=0, split="heldout")
-    images = model.generate(list(heldout.captions), steps=25, guidance_scale=5.0, seed=0)
+    images = model.generate(list(heldout.captions), steps=steps, guidance_scale=guidance_scale,
+                            seed=seed)  # fmt: skip
     images = torch.as_tensor(images).clamp(0, 1).numpy()
-    columns = 4
-    figure = new_figure(figsize=(columns * 2.6, n // columns * 2.9 + 0.4), layout="constrained")
-    axes = figure.subplots(n // columns, columns)
-    for axis, image, caption in zip(axes.flat, images, heldout.captions, strict=True):
+    columns = min(4, n)
+    rows = -(-n // columns)
+    figure = new_figure(figsize=(columns * 2.6, rows * 2.9 + 0.4), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False))
+    for axis, image, caption in zip(list(axes.flat)[:n], images, heldout.captions, strict=True):
         axis.imshow(image, interpolation="nearest")
         axis.set_title("\n".join(_wrap(caption, 26)), fontsize=7)
         axis.axis("off")
-    figure.suptitle("tiny, held-out captions (25 DDIM steps, guidance 5, seed 0)", fontsize=9)
+    for axis in list(axes.flat)[n:]:
+        axis.axis("off")
+    figure.suptitle(f"{model.name}, held-out captions ({steps} steps, guidance "
+                    f"{guidance_scale:g}, seed {seed})", fontsize=9)  # fmt: skip
     path = save_figure(figure, out / "tiny_grid.png", dpi=110)
     _print(f"  {n} images -> {path}")
     return path
