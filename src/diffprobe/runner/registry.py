@@ -79,7 +79,8 @@ STAGES: dict[str, StageKind] = {
                   help="a TopK SAE on a run's tokens"),
         StageKind("sae_eval", p.SAEEvalParams, S + "sae_eval", {"input": "sae_train"}, uses=(),
                   help="FVU, L0, dead fraction of a trained SAE"),
-        # optional: available where their module is (features, dream, attribution, report)
+        # optional: available where their module is (features, steer, dream, h-space, attribution,
+        # report)
         StageKind("features_capture", p.FeaturesCaptureParams, S + "features_capture",
                   uses=("model", "data"), sharded=True, requires="diffprobe.features",
                   help="channel activity over timesteps during generation (sharded)"),
@@ -89,6 +90,12 @@ STAGES: dict[str, StageKind] = {
         StageKind("dream", p.DreamParams, S + "dream", {"sae": "sae_train"}, uses=("model",),
                   requires="diffprobe.stages.dream",
                   help="deep dream of channels or SAE latents"),
+        StageKind("steer", p.SteerParams, S + "steer", {"input": "features_analyse"},
+                  uses=("model",), requires="diffprobe.features",
+                  help="steered generations per channel (prior: the thesis' prior stage)"),
+        StageKind("hspace", p.HSpaceParams, S + "hspace", uses=("model",),
+                  requires="diffprobe.stages.hspace",
+                  help="h-space editing: a learned or training-free delta h, evaluated"),
         StageKind("attribution", p.AttributionParams, S + "attribution", uses=("model",),
                   requires="diffprobe.stages.attribution_run",
                   help="per-word cross-attention maps"),

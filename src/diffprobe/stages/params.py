@@ -327,3 +327,42 @@ class ReportParams(Params):
 def dumped(params: BaseModel) -> dict[str, Any]:
     """The parameters as plain JSON values (what a stage's hash is computed over)."""
     return params.model_dump(mode="json")
+
+
+class SteerParams(Params):
+    """Steering of channels at a site during generation (``diffprobe steer``); with ``prior``
+    the thesis' prior stage (empty prompt, no CFG, its five seeds, × 50 max activation)."""
+
+    site: str
+    channels: list[int] = Field(min_length=1)
+    input: str | None = Field(
+        None,
+        description="a features_analyse stage (for relative strengths and active/peaks windows)",
+    )
+    mode: Literal["add", "scale", "clamp"] = "add"
+    strength: float | None = None
+    relative: float | None = None
+    window: str = "all"
+    branch: str | None = None
+    prompts: list[str] = [""]
+    seeds: list[int] = [0]
+    steps: int = Field(25, ge=1)
+    guidance_scale: float | None = None
+    size: int | None = None
+    prior: bool = False
+
+
+class HSpaceParams(Params):
+    """h-space editing (``diffprobe hspace train`` then ``hspace eval``): a Δh from ``source``
+    to ``target`` colour, learned (conv, transformer, free) or training-free (mean-difference,
+    pca), evaluated over a strength sweep."""
+
+    source: str
+    target: str
+    method: Literal["conv", "transformer", "free", "mean-difference", "pca"] = "conv"
+    items: int = Field(16, ge=1)
+    eval_items: int = Field(16, ge=1)
+    strengths: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    steps: int = Field(40, ge=2)
+    clip: str = "tiny-clip"
+    seed: int = 0

@@ -26,6 +26,7 @@ from diffprobe.stages.params import (
     ExtractParams,
     FeaturesAnalyseParams,
     FeaturesCaptureParams,
+    HSpaceParams,
     LensParams,
     ModelSpec,
     NoParams,
@@ -34,6 +35,7 @@ from diffprobe.stages.params import (
     SAETrainParams,
     SamplesParams,
     SitesParams,
+    SteerParams,
 )
 
 
@@ -373,3 +375,49 @@ def attribution(ctx: StageContext, params: AttributionParams) -> dict:
                              masks=params.masks, threshold=params.threshold,
                              progress=ctx.progress)  # fmt: skip
     return {"folder": str(folder)}
+
+
+def steer(ctx: StageContext, params: SteerParams) -> dict:
+    """Steered generations, one folder per channel plus the baseline (``diffprobe steer``)."""
+    from diffprobe.features import THESIS_SCALE, THESIS_SEEDS, Analysis
+    from diffprobe.stages.features import resolve_steer, steer_to_folder
+
+    model = ctx.model()
+    analysis = Analysis(ctx.inputs["input"]) if params.input is not None else None
+    prompts, seeds, guidance = list(params.prompts), list(params.seeds), params.guidance_scale
+    strength, relative = params.strength, params.relative
+    if params.prior:
+        prompts, seeds, guidance = [""], list(THESIS_SEEDS), 1.0
+        if strength is None and relative is None:
+            relative = THESIS_SCALE
+    steers = [resolve_steer(model, params.site, channel=c, mode=params.mode, strength=strength,
+                            relative=relative, window=params.window, analysis=analysis,
+                            branch=params.branch)
+              for c in params.channels]  # fmt: skip
+    steer_to_folder(model, steers, ctx.folder, prompts=prompts, seeds=seeds, steps=params.steps,
+                    guidance_scale=guidance, size=params.size, prior=params.prior,
+                    overwrite=True, progress=ctx.progress)  # fmt: skip
+    return {}
+
+
+def hspace(ctx: StageContext, params: HSpaceParams) -> dict:
+    """Learn (or compute) a Δh and evaluate it over the strength sweep (``diffprobe hspace``):
+    ``delta/`` holds the Δh, ``eval/`` the metrics, edit grid and curves."""
+    from diffprobe.stages import hspace as stage
+
+    model = ctx.model()
+    delta = ctx.folder / "delta"
+    if params.method in ("mean-difference", "pca"):
+        stage.make_direction(model, delta, source=params.source, target=params.target,
+                             method=params.method, items=params.items, steps=params.steps,
+                             seed=params.seed, progress=ctx.progress, overwrite=True)  # fmt: skip
+    else:
+        stage.train(model, delta, source=params.source, target=params.target,
+                    kind=params.method, items=params.items, clip=params.clip, seed=params.seed,
+                    progress=ctx.progress, overwrite=True)  # fmt: skip
+    metrics = stage.evaluate(model, [delta / "delta.safetensors"], ctx.folder / "eval",
+                             source=params.source, target=params.target,
+                             strengths=params.strengths, items=params.eval_items,
+                             steps=params.steps, clip=params.clip, seed=params.seed,
+                             progress=ctx.progress, overwrite=True)  # fmt: skip
+    return {"eval": str(ctx.folder / "eval"), "metrics_keys": sorted(metrics)[:10]}
