@@ -377,12 +377,10 @@ def token_border(image_size: int, grid: tuple[int, int]) -> tuple[int, int]:
     return border
 
 
-def crop_border(images: np.ndarray, border: int | tuple[int, int]) -> np.ndarray:
-    """Crop ``border`` pixels (rows, columns) from every side and resize back (PIL bicubic).
-
-    ``images``: uint8 (items, H, W, 3) -> uint8 (items, H, W, 3)."""
-    from PIL import Image
-
+def inner_crop(images: np.ndarray, border: int | tuple[int, int], *,
+               min_border: int = 0) -> np.ndarray:  # fmt: skip
+    """Cut ``border`` pixels (rows, columns; each at least ``min_border``) from every side:
+    uint8 (items, H, W, 3) -> a view (items, H - 2·by, W - 2·bx, 3)."""
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise AnomalyError(
@@ -390,10 +388,22 @@ def crop_border(images: np.ndarray, border: int | tuple[int, int]) -> np.ndarray
         )
     by, bx = (border, border) if isinstance(border, int) else border
     height, width = images.shape[1:3]
-    out = np.empty_like(images)
-    for i, image in enumerate(images):
-        inner = Image.fromarray(image[by : height - by, bx : width - bx])
-        out[i] = np.asarray(inner.resize((width, height), Image.BICUBIC))
+    if by < min_border or bx < min_border or 2 * by >= height or 2 * bx >= width:
+        raise AnomalyError(f"a border of {by}x{bx} px does not fit {height}x{width} images")
+    return images[:, by : height - by, bx : width - bx]
+
+
+def crop_border(images: np.ndarray, border: int | tuple[int, int]) -> np.ndarray:
+    """Crop ``border`` pixels (rows, columns) from every side and resize back (PIL bicubic).
+
+    ``images``: uint8 (items, H, W, 3) -> uint8 (items, H, W, 3)."""
+    from PIL import Image
+
+    inner = inner_crop(images, border)
+    height, width = np.shape(images)[1:3]
+    out = np.empty((len(inner), height, width, 3), dtype=np.uint8)
+    for i, image in enumerate(inner):
+        out[i] = np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
     return out
 
 

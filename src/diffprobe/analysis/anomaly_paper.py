@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from diffprobe.analysis.anomalies import AnomalyError, _check_maps, _unit
+from diffprobe.analysis.anomalies import AnomalyError, _check_maps, _unit, inner_crop
 
 GROUPS = ("corner", "border", "interior")
 
@@ -64,16 +64,7 @@ def group_similarity(maps: np.ndarray) -> dict[str, float]:
 def crop_without_resize(images: np.ndarray, border: int | tuple[int, int]) -> np.ndarray:
     """Crop ``border`` pixels (rows, columns) from every side, keeping the smaller size, as the
     paper does: uint8 (items, H, W, 3) -> (items, H - 2·by, W - 2·bx, 3)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise AnomalyError(
-            f"images must be uint8 (items, H, W, 3), got {images.dtype} {images.shape}"
-        )
-    by, bx = (border, border) if isinstance(border, int) else border
-    height, width = images.shape[1:3]
-    if by < 1 or bx < 1 or 2 * by >= height or 2 * bx >= width:
-        raise AnomalyError(f"a border of {by}x{bx} px does not fit {height}x{width} images")
-    return images[:, by : height - by, bx : width - bx].copy()
+    return inner_crop(images, border, min_border=1).copy()
 
 
 def token_group_ratios(cropped: np.ndarray, original: np.ndarray) -> dict[str, float]:

@@ -13,6 +13,16 @@ from diffprobe.cli.common import Quiet, setup
 Minutes = Annotated[
     float | None, typer.Option(help="stop after this many minutes (checkpointed; resumable)")
 ]
+Resume = Annotated[bool, typer.Option(help="continue from the latest checkpoint")]
+
+
+def _check(out: Path, kind: str, device: str) -> None:
+    """Refuse a bad --device or --out before any work."""
+    from diffprobe.io import check_output
+    from diffprobe.loading import parse_device
+
+    parse_device(device)
+    check_output(out, kind)
 
 
 def train_tiny_ddpm_command(
@@ -21,7 +31,7 @@ def train_tiny_ddpm_command(
     ),
     seed: int = 0,
     device: str = "cpu",
-    resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint")] = True,
+    resume: Resume = True,
     minutes: Minutes = None,
     steps: Annotated[
         int | None, typer.Option(help="training steps (default: the recipe's)")
@@ -31,12 +41,9 @@ def train_tiny_ddpm_command(
 ) -> None:
     """Train diffprobe's `tiny-ddpm` pixel DDPM on the shapes world (fixed seed, resumable)."""
     setup(quiet)
-    from diffprobe.io import check_output
-    from diffprobe.loading import parse_device
     from diffprobe.train.ddpm import DDPM_KIND, train_tiny_ddpm
 
-    parse_device(device)
-    check_output(out, DDPM_KIND)
+    _check(out, DDPM_KIND, device)
     train_tiny_ddpm(out, seed=seed, device=device, resume=resume, progress=not quiet,
                     minutes=minutes, steps=steps, batch_size=batch_size, threads=None)  # fmt: skip
 
@@ -47,18 +54,15 @@ def train_tiny_clip_command(
     ),
     seed: int = 0,
     device: str = "cpu",
-    resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint")] = True,
+    resume: Resume = True,
     minutes: Minutes = None,
     quiet: Quiet = False,
 ) -> None:
     """Train diffprobe's `tiny-clip` CLIPModel on shapes images and captions (fixed seed)."""
     setup(quiet)
-    from diffprobe.io import check_output
-    from diffprobe.loading import parse_device
     from diffprobe.train.clip import CLIP_KIND, train_tiny_clip
 
-    parse_device(device)
-    check_output(out, CLIP_KIND)
+    _check(out, CLIP_KIND, device)
     train_tiny_clip(out, seed=seed, device=device, resume=resume, progress=not quiet,
                     minutes=minutes)  # fmt: skip
 

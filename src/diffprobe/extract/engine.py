@@ -26,6 +26,7 @@ from diffprobe.extract.plan import (
     ExtractionError,
     ExtractionPlan,
     check_batching,
+    check_denoiser_sites,
     check_schedule,
     pool_fn,
     protocol_info,
@@ -44,7 +45,6 @@ from diffprobe.extract.store import (
 )
 from diffprobe.hooks.compiled import is_compiled
 from diffprobe.hooks.engine import capture
-from diffprobe.hooks.sites import parse_site
 from diffprobe.io import check_output, claim_output, versions, write_json
 from diffprobe.models.base import Model, item_noise
 
@@ -150,15 +150,9 @@ def _check_inputs(model: Model, source: Source, plan: ExtractionPlan) -> int:
         raise ExtractionError(f"{source.description} has no items")
     size = plan.image_size or model.resolution
     model.check_size(size)
-    for name in plan.sites:
-        site = parse_site(name)
-        if site.component != model.denoiser_name:
-            raise ExtractionError(
-                f"site '{name}' is not in the denoiser ('{model.denoiser_name}'); the grid "
-                "extracts denoiser sites (text-encoder and VAE sites do not depend on the noise "
-                "level: read them with diffprobe.capture)"
-            )
-        model.module(name)  # unknown sites fail here, before any work
+    check_denoiser_sites(model, plan.sites, ExtractionError,
+                         "the grid extracts denoiser sites (text-encoder and VAE sites do not "
+                         "depend on the noise level: read them with diffprobe.capture)")  # fmt: skip
     check_schedule(model, plan)
     return size
 

@@ -38,10 +38,16 @@ import numpy as np
 import torch
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.extract.plan import check_batching
-from diffprobe.extract.store import FEATURES, PROGRESS, RUN_JSON, RunStore, done_chunks, site_key
+from diffprobe.extract.plan import check_batching, check_denoiser_sites
+from diffprobe.extract.store import (
+    FEATURES,
+    PROGRESS,
+    RUN_JSON,
+    ChunkedRun,
+    RunStore,
+    site_key,
+)
 from diffprobe.hooks.engine import capture
-from diffprobe.hooks.sites import parse_site
 from diffprobe.io import check_output, claim_output, versions, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -272,14 +278,9 @@ def generate_batch(
 
 
 def _check_sites(model, plan: ActivityPlan) -> None:
-    for name in plan.sites:
-        site = parse_site(name)
-        if site.component != model.denoiser_name:
-            raise ActivityError(
-                f"site '{name}' is not in the denoiser ('{model.denoiser_name}'); activity over "
-                "timesteps is captured at denoiser sites (see diffprobe sites MODEL)"
-            )
-        model.module(name)  # unknown sites fail here with a did-you-mean
+    check_denoiser_sites(model, plan.sites, ActivityError,
+                         "activity over timesteps is captured at denoiser sites (see diffprobe "
+                         "sites MODEL)")  # fmt: skip
 
 
 def _model_info(model) -> dict:
@@ -448,15 +449,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 @dataclass
-class ActivityRun:
+class ActivityRun(ChunkedRun):
     """Reader of an activity run (:func:`open_activity`)."""
-
-    root: Path
-    info: dict
-
-    @property
-    def sites(self) -> list[str]:
-        return list(self.info["sites"])
 
     @property
     def branches(self) -> list[str]:
@@ -481,14 +475,6 @@ class ActivityRun:
     @property
     def prompts(self) -> list[str]:
         return [item["prompt"] for item in self.items]
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-len(self.items) // self.info["chunk_items"])
-
-    @property
-    def complete(self) -> bool:
-        return len(done_chunks(self.root)) == self.n_chunks
 
     def default_branch(self) -> str:
         return "cond" if "cond" in self.branches else self.branches[0]
@@ -520,7 +506,7 @@ class ActivityRun:
             )
         if not allow_incomplete and not self.complete:
             raise ActivityError(
-                f"activity run {self.root} is incomplete ({len(done_chunks(self.root))} of "
+                f"activity run {self.root} is incomplete ({self.chunks_done} of "
                 f"{self.n_chunks} chunks); run the same capture command again to finish it"
             )
         group = zarr.open_group(str(self.root / FEATURES), mode="r", zarr_format=3)

@@ -364,6 +364,18 @@ class ExtractionPlan:
         return [{"key": noise_key(timestep=t), "timestep": t} for t in self.timesteps]
 
 
+def check_denoiser_sites(model: Model, sites: Sequence[str], error: type[DiffprobeError],
+                         why: str) -> None:  # fmt: skip
+    """Raise ``error`` unless every site is a module of ``model``'s denoiser (``why`` says why
+    only denoiser sites are read); unknown sites fail with a did-you-mean."""
+    from diffprobe.hooks.sites import parse_site
+
+    for name in sites:
+        if parse_site(name).component != model.denoiser_name:
+            raise error(f"site '{name}' is not in the denoiser ('{model.denoiser_name}'); {why}")
+        model.module(name)  # unknown sites fail here, before any work
+
+
 def check_schedule(model: Model, plan: ExtractionPlan) -> None:
     """Raise :class:`ExtractionError` unless every timestep of ``plan`` lies on ``model``'s
     schedule and no two of its noise levels give the same denoiser timestep (their features

@@ -260,8 +260,9 @@ def done_chunks(root: Path) -> set[int]:
 
 
 @dataclass
-class Run:
-    """Reader side: ``diffprobe.open_run(RUN)``."""
+class ChunkedRun:
+    """What the readers of every chunked run folder share: its ``run.json`` (``info``) with
+    ``sites``, ``items`` and ``chunk_items``, and the chunk markers under ``progress/``."""
 
     root: Path
     info: dict
@@ -269,6 +270,23 @@ class Run:
     @property
     def sites(self) -> list[str]:
         return list(self.info["sites"])
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-len(self.info["items"]) // self.info["chunk_items"])
+
+    @property
+    def chunks_done(self) -> int:
+        return len(done_chunks(self.root))
+
+    @property
+    def complete(self) -> bool:
+        return self.chunks_done == self.n_chunks
+
+
+@dataclass
+class Run(ChunkedRun):
+    """Reader side: ``diffprobe.open_run(RUN)``."""
 
     @property
     def noise_keys(self) -> list[str]:
@@ -285,14 +303,6 @@ class Run:
     @property
     def labels(self) -> list[str]:
         return [item["label"] for item in self.manifest]
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-len(self.manifest) // self.info["chunk_items"])
-
-    @property
-    def complete(self) -> bool:
-        return len(done_chunks(self.root)) == self.n_chunks
 
     def keys(self) -> list[tuple[str, str, str]]:
         return [(s, n, c) for s in self.sites for n in self.noise_keys for c in self.conditions]
@@ -338,9 +348,8 @@ class Run:
     ) -> np.ndarray:
         """Features (items, ...) of one (site, noise, condition) as a numpy array."""
         if not allow_incomplete and not self.complete:
-            done = len(done_chunks(self.root))
             raise StoreError(
-                f"run {self.root} is incomplete ({done} of {self.n_chunks} chunks done); run the "
+                f"run {self.root} is incomplete ({self.chunks_done} of {self.n_chunks} chunks done); run the "
                 "same extract command again to finish it, or pass allow_incomplete=True "
                 "(unfinished items are NaN)"
             )

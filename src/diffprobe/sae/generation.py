@@ -16,8 +16,10 @@ vectors (a training source built here can be replayed: more than one epoch, and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,59 +99,61 @@ def generation_timesteps(model: Any, steps: int) -> list[float]:
     return [float(t) for t in scheduler.timesteps]
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How :func:`generation_batches` and :func:`generation_source` generate: ``steps``-step
+    generations with ``guidance_scale`` (None: the model's default), ``batch_items`` prompts a
+    chunk, chunk ``i`` seeded ``seed + i``; the site's value per ``semantics`` on ``branch``;
+    a tqdm bar with ``progress``."""
+
+    semantics: str = "output"
+    branch: str = "cond"
+    steps: int = 20
+    guidance_scale: float | None = None
+    seed: int = 0
+    batch_items: int = 16
+    progress: bool = False
+
+
 def generation_batches(
-    model: Any,
-    site: str,
-    prompts: Sequence[str],
-    *,
-    semantics: str = "output",
-    branch: str = "cond",
-    steps: int = 20,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    batch_items: int = 16,
-    progress: bool = False,
+    model: Any, site: str, prompts: Sequence[str], **options: Any
 ) -> Iterator[tuple[Tensor, float]]:
     """Generate ``prompts`` and yield ``(activation (items, ...), timestep)`` for every
-    denoiser call of every chunk: the site's value (per ``semantics``) on ``branch``."""
+    denoiser call of every chunk: the site's value (per ``semantics``) on ``branch``.
+    ``options``: the fields of :class:`GenerationOptions`."""
     from tqdm.auto import tqdm
 
-    check_generation_options(site, semantics, branch)
-    chunks = _chunks(prompts, batch_items)
-    bar = tqdm(total=len(prompts), disable=not progress, desc="generate", unit="img",
+    o = GenerationOptions(**options)
+    check_generation_options(site, o.semantics, o.branch)
+    chunks = _chunks(prompts, o.batch_items)
+    bar = tqdm(total=len(prompts), disable=not o.progress, desc="generate", unit="img",
                file=sys.stderr)  # fmt: skip
     for index, chunk in enumerate(chunks):
-        with capture(model, _sites(site, semantics), to="cpu") as cache:
-            model.generate(chunk, steps=steps, guidance_scale=guidance_scale, seed=seed + index)
-        yield from _values(cache, site, semantics, branch)
+        with capture(model, _sites(site, o.semantics), to="cpu") as cache:
+            model.generate(chunk, steps=o.steps, guidance_scale=o.guidance_scale,
+                           seed=o.seed + index)  # fmt: skip
+        yield from _values(cache, site, o.semantics, o.branch)
         bar.update(len(chunk))
     bar.close()
 
 
 def generation_source(
-    model: Any,
-    site: str,
-    prompts: Sequence[str],
-    *,
-    semantics: str = "output",
-    branch: str = "cond",
-    steps: int = 20,
-    guidance_scale: float | None = None,
-    seed: int = 0,
-    batch_items: int = 16,
-    progress: bool = False,
-    keep_in_memory: bool = False,
-) -> IterableSource:
+    model: Any, site: str, prompts: Sequence[str], *, keep_in_memory: bool = False,
+    **options: Any,
+) -> IterableSource:  # fmt: skip
     """A training / evaluation source streamed from generation (no activation on disk): every
     token of every timestep of ``prompts``' generations, grouped by timestep, with the SAE
     metadata (model, site, branch, timesteps, scheduler, site semantics) filled in. Each epoch
     generates again (the same vectors: fixed seeds); with ``keep_in_memory`` the first pass's
-    vectors are kept in memory (never on disk) and replayed by later epochs instead."""
-    check_generation_options(site, semantics, branch)
+    vectors are kept in memory (never on disk) and replayed by later epochs instead.
+    ``options``: the fields of :class:`GenerationOptions`."""
+    o = GenerationOptions(**options)
+    check_generation_options(site, o.semantics, o.branch)
     prompts = list(prompts)
     if not prompts:
         raise SAEError("generation_source needs at least one prompt")
-    guidance = model.default_guidance_scale if guidance_scale is None else guidance_scale
+    guidance = model.default_guidance_scale if o.guidance_scale is None else o.guidance_scale
+    o = dataclasses.replace(o, guidance_scale=guidance)
     cfg = model.generation_uses_cfg(guidance)
 
     kept: list[list] = []  # [the first complete pass] once there is one
@@ -157,16 +161,14 @@ def generation_source(
     def batches() -> Iterator[tuple[Tensor, float]]:
         if keep_in_memory and kept:
             return iter(kept[0])
-        stream = generation_batches(model, site, prompts, semantics=semantics, branch=branch,
-                                  steps=steps, guidance_scale=guidance, seed=seed,
-                                  batch_items=batch_items, progress=progress)  # fmt: skip
+        stream = generation_batches(model, site, prompts, **dataclasses.asdict(o))
         return _keeping(stream, kept) if keep_in_memory else stream
 
     source = IterableSource(batches, name=f"generations of {model.name or 'model'} at {site}")
-    timesteps = generation_timesteps(model, steps)
+    timesteps = generation_timesteps(model, o.steps)
     # one 1-step generation of one prompt tells the width and tokens per item
-    probe, _ = next(generation_batches(model, site, prompts[:1], semantics=semantics,
-                                       branch=branch, steps=1, guidance_scale=guidance))  # fmt: skip
+    probe, _ = next(generation_batches(model, site, prompts[:1], semantics=o.semantics,
+                                       branch=o.branch, steps=1, guidance_scale=guidance))  # fmt: skip
     tokens_per_call = to_tokens(probe)[0].shape[0]
     source.d_in = channels_of(tuple(probe.shape))
     source.n_tokens = tokens_per_call * len(prompts) * len(timesteps)
@@ -174,16 +176,16 @@ def generation_source(
         "model_name": getattr(model, "name", None),
         "site": site,
         "hook_name": site,
-        "branch": branch if cfg else "none",
+        "branch": o.branch if cfg else "none",
         "timesteps": timesteps,
         "scheduler": type(model.pipe.scheduler).__name__,
-        "site_semantics": semantics,
+        "site_semantics": o.semantics,
         "generation": {
             "prompts": len(prompts),
-            "steps": steps,
+            "steps": o.steps,
             "guidance_scale": guidance,
-            "seed": seed,
-            "batch_items": batch_items,
+            "seed": o.seed,
+            "batch_items": o.batch_items,
         },  # fmt: skip
     }
     describe = {"kind": "generation", **source.metadata, "prompts_sha": _digest(prompts)}

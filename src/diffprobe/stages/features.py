@@ -52,21 +52,29 @@ def _ranges(values: np.ndarray) -> list[list[int]]:
     return [[int(s), int(e)] for s, e in zip(starts, ends, strict=True)]
 
 
+def _low_high(word: str) -> tuple[float, float] | None:
+    """``"LOW-HIGH"`` -> (LOW, HIGH) as given (not checked for order); None when ``word`` is not
+    two numbers joined by '-'."""
+    low, sep, high = word.partition("-")
+    try:
+        return (float(low), float(high)) if sep else None
+    except ValueError:
+        return None
+
+
 def parse_windows(text: str | None) -> list[tuple[float, float]]:
     """``"0-300,300-700"`` -> [(0, 300), (300, 700)]."""
     if not text:
         return []
     windows = []
     for word in text.replace(" ", "").split(","):
-        low, sep, high = word.partition("-")
-        try:
-            window = (float(low), float(high))
-        except ValueError:
+        window = _low_high(word)
+        if window is None:
             raise FeaturesError(
                 f"--windows {text!r}: {word!r} is not LOW-HIGH; give timestep ranges such as "
                 "0-300,300-700"
-            ) from None
-        if not sep or window[0] > window[1]:
+            )
+        if window[0] > window[1]:
             raise FeaturesError(f"--windows {text!r}: {word!r} is not LOW-HIGH with LOW <= HIGH")
         windows.append(window)
     return windows
@@ -338,14 +346,12 @@ def resolve_steer(
         )
         chosen = TimestepSet([p["timestep"] for p in peaks], tolerance=spacing / 2)
     else:
-        low, sep, high = window.partition("-")
-        try:
-            bounds = (float(low), float(high))
-        except ValueError:
+        bounds = _low_high(window)
+        if bounds is None:
             raise FeaturesError(
                 f"--window {window!r}: expected all, active, peaks or LOW-HIGH (e.g. 200-600)"
-            ) from None
-        if not sep or bounds[0] > bounds[1] or bounds[1] < 0 or bounds[0] > last:
+            )
+        if bounds[0] > bounds[1] or bounds[1] < 0 or bounds[0] > last:
             raise FeaturesError(
                 f"--window {window}: a timestep range LOW-HIGH inside the schedule 0..{last}"
             )

@@ -14,29 +14,29 @@ Resumable (safetensors checkpoints, per-step generators), like :mod:`diffprobe.t
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from diffprobe.io import claim_output, write_json
-from diffprobe.train.ddpm import (
-    check_config,
-    downsample,
-    latest_state,
-    learning_rate_factor,
+from diffprobe.io import write_json
+from diffprobe.train.common import (
+    JsonConfig,
+    StepLoop,
+    batch_indices,
+    finish_metrics,
     log,
-    restore_optimizer,
+    open_run,
+    prefixed,
+    resume_state,
+    run_metrics,
     save_state,
+    staged_folder,
     step_generator,
 )
+from diffprobe.train.ddpm import downsample
 
 __all__ = ["CLIP_KIND", "CLIPConfig", "caption_variant", "pixel_values", "train_tiny_clip",
            "zero_shot_accuracy"]  # fmt: skip
@@ -47,7 +47,7 @@ _PART_ORDER = ("size", "colour", "shape", "quadrant", "background")
 
 
 @dataclass(frozen=True)
-class CLIPConfig:
+class CLIPConfig(JsonConfig):
     """Everything that decides the weights of ``tiny-clip`` apart from ``seed``."""
 
     train_items: int = 8_000
@@ -75,10 +75,6 @@ class CLIPConfig:
         return cls(train_items=16, eval_items=8, image_size=16, hidden_size=32, layers=1,
                    heads=2, intermediate_size=64, projection_dim=16, steps=4, batch_size=4,
                    warmup_steps=1, checkpoint_every=2)  # fmt: skip
-
-    def to_json(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}  # fmt: skip
 
 
 def caption_variant(factors: dict, rng: np.random.Generator, full_fraction: float) -> str:
@@ -199,13 +195,8 @@ def train_tiny_clip(
 
     began = time.perf_counter()
     config = config or CLIPConfig()
-    out_dir = claim_output(out_dir, CLIP_KIND, entries=_ENTRIES)
-    checkpoints = out_dir / "checkpoints"
-    device_ = torch.device(device)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if not resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)
+    out_dir, checkpoints, device_ = open_run(out_dir, CLIP_KIND, _ENTRIES, device=device,
+                                             threads=threads, resume=resume)  # fmt: skip
 
     tokenizer = build_tokenizer(caption_corpus(), model_max_length=config.text_max_length)
     data = shapes.sample(config.train_items, seed=seed, split="train")
@@ -216,16 +207,10 @@ def train_tiny_clip(
     model = build_clip(config, tokenizer).to(device_)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)  # fmt: skip
-    first = 0
-    found = latest_state(checkpoints, "clip") if resume else None
-    if found is not None:
-        flat, info = found
-        check_config(info, config.to_json(), checkpoints)
-        model.load_state_dict({k[len("model."):]: v for k, v in flat.items()
-                               if k.startswith("model.")})  # fmt: skip
-        restore_optimizer(optimizer, flat, info)
-        first = info["step"]
-        log("train-tiny-clip", f"resuming at step {first}", progress)
+    flat, first = resume_state(checkpoints, "clip", config.to_json(), optimizer, resume=resume,
+                               tag=CLIP_KIND, progress=progress)  # fmt: skip
+    if flat is not None:
+        model.load_state_dict(prefixed(flat, "model."))
 
     def checkpoint(step: int) -> None:
         save_state(checkpoints, "clip", step,
@@ -234,21 +219,11 @@ def train_tiny_clip(
 
     model.train()
     loss_value = float("nan")
-    run_began = time.perf_counter()
-    done = first
-    bar = tqdm(range(first, config.steps), desc="tiny-clip", disable=not progress,
-               initial=first, total=config.steps)  # fmt: skip
-    for step in bar:
-        if minutes is not None and time.perf_counter() - began > 60 * minutes:
-            log("train-tiny-clip", f"time budget reached after {step} steps", progress)
-            checkpoint(step)
-            break
-        factor = learning_rate_factor(step, config.steps, config.warmup_steps,
-                                      config.final_learning_rate_fraction)  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * factor
+    loop = StepLoop(config, optimizer, first, checkpoint=checkpoint, tag=CLIP_KIND, desc="tiny-clip",
+                    progress=progress, began=began, minutes=minutes)  # fmt: skip
+    for step in loop:
         generator = step_generator(seed, 21, step)
-        index = torch.randperm(len(pixels), generator=generator)[: config.batch_size]
+        index = batch_indices(generator, len(pixels), config.batch_size)
         rng = np.random.default_rng([seed, 21, step])
         texts = [caption_variant(shapes.item_factors(data.factors, int(i)), rng,
                                  config.full_caption_fraction) for i in index]  # fmt: skip
@@ -267,40 +242,20 @@ def train_tiny_clip(
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
         loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        done = step + 1
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            checkpoint(done)
-    bar.close()
-    seconds = time.perf_counter() - run_began
+        loop.bar.set_postfix(loss=f"{loss_value:.3f}")
 
     accuracy = zero_shot_accuracy(model, tokenizer, heldout.images, heldout.factors,
                                   config.image_size)  # fmt: skip
     model_dir = out_dir / "model"
-    staging = out_dir / "model.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.to("cpu", getattr(torch, config.save_dtype)).save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    CLIPImageProcessor(size={"shortest_edge": config.image_size},
-                       crop_size={"height": config.image_size, "width": config.image_size},
-                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(staging)  # fmt: skip
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(staging, model_dir)
-    metrics = {
-        "seed": seed,
-        "device": str(device_),
-        "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "steps_done": done,
-        "steps_this_session": done - first,
-        "train_seconds_this_session": seconds,
-        "final_loss": loss_value,
-        "zero_shot_heldout": accuracy,
-        "heldout_items": config.eval_items,
-        "total_seconds_this_session": time.perf_counter() - began,
-        "weights_bytes": sum(p.stat().st_size for p in model_dir.rglob("*.safetensors")),
-        "config": config.to_json(),
-    }
-    write_json(out_dir / "metrics.json", metrics)
-    log("train-tiny-clip", f"wrote {model_dir}: zero-shot {accuracy}", progress)
+    with staged_folder(model_dir) as staging:
+        model.to("cpu", getattr(torch, config.save_dtype)).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        CLIPImageProcessor(size={"shortest_edge": config.image_size},
+                           crop_size={"height": config.image_size, "width": config.image_size},
+                           image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(staging)  # fmt: skip
+    metrics = run_metrics(loop, seed=seed, device=device_, model=model, loss=loss_value)
+    metrics.update({"zero_shot_heldout": accuracy, "heldout_items": config.eval_items})
+    write_json(out_dir / "metrics.json", finish_metrics(metrics, began=began, folder=model_dir,
+                                                        config_json=config.to_json()))  # fmt: skip
+    log(CLIP_KIND, f"wrote {model_dir}: zero-shot {accuracy}", progress)
     return model_dir

@@ -14,22 +14,31 @@ one. The pipeline is written with ``save_pretrained`` as a ``DDPMPipeline`` fold
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from diffprobe.io import claim_output, write_bytes, write_json
-from diffprobe.train.common import learning_rate_factor
+from diffprobe.io import write_json
+from diffprobe.train.common import (
+    JsonConfig,
+    StepLoop,
+    batch_indices,
+    check_config,
+    finish_metrics,
+    latest_state,
+    log,
+    open_run,
+    prefixed,
+    resume_state,
+    run_metrics,
+    save_state,
+    staged_folder,
+    step_generator,
+    with_overrides,
+)
 
 __all__ = ["DDPM_KIND", "DDPMConfig", "downsample", "export_pipeline", "train_tiny_ddpm"]
 
@@ -38,7 +47,7 @@ _ENTRIES = ("checkpoints", "pipeline", "pipeline.partial", "metrics.json")
 
 
 @dataclass(frozen=True)
-class DDPMConfig:
+class DDPMConfig(JsonConfig):
     """Everything that decides the weights of ``tiny-ddpm`` apart from ``seed``."""
 
     train_items: int = 8_000
@@ -65,10 +74,6 @@ class DDPMConfig:
         """Seconds-long smoke configuration for tests."""
         return cls(train_items=16, image_size=16, channels=(8, 16), norm_groups=4, steps=4,
                    batch_size=4, warmup_steps=1, checkpoint_every=2)  # fmt: skip
-
-    def to_json(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}  # fmt: skip
 
 
 def downsample(images: np.ndarray, size: int) -> np.ndarray:
@@ -107,68 +112,6 @@ def build_scheduler(config: DDPMConfig):
                          prediction_type="epsilon")  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------- helpers
-
-
-def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
-    """CPU generator for one step of one training stream: independent of device and resume."""
-    words = np.random.SeedSequence([seed, stream, step]).generate_state(2)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
-
-
-def log(tag: str, message: str, progress: bool) -> None:
-    if progress:
-        print(f"[{tag}] {message}", file=sys.stderr, flush=True)
-
-
-def save_state(directory: Path, prefix: str, step: int, tensors: dict[str, torch.Tensor],
-               optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:  # fmt: skip
-    """Checkpoint as safetensors (weights, EMA, optimiser moments) + JSON; keep the last two."""
-    from safetensors.torch import save
-
-    state = optimizer.state_dict()
-    flat = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
-    for index, moments in state["state"].items():
-        for key, value in moments.items():
-            flat[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = directory / f"{prefix}-{step:08d}"
-    write_bytes(stem.with_suffix(".safetensors"), save(flat), record=False)
-    write_json(stem.with_suffix(".json"),
-               {**info, "step": step, "param_groups": state["param_groups"]}, record=False)  # fmt: skip
-    for old in sorted(directory.glob(f"{prefix}-*.json"))[:-2]:
-        old.unlink()
-        old.with_suffix(".safetensors").unlink(missing_ok=True)
-
-
-def latest_state(directory: Path, prefix: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    from safetensors.torch import load_file
-
-    found = sorted(p for p in directory.glob(f"{prefix}-*.json")
-                   if p.with_suffix(".safetensors").exists())  # fmt: skip
-    if not found:
-        return None
-    info = json.loads(found[-1].read_text())
-    return load_file(found[-1].with_suffix(".safetensors")), info
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor],
-                      info: dict) -> None:  # fmt: skip
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in flat.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-
-
-def check_config(info: dict, config_json: dict, directory: Path) -> None:
-    differing = sorted(k for k in config_json if info.get("config", {}).get(k) != config_json[k])
-    if differing:
-        raise ValueError(f"checkpoints in {directory} were written with a different config "
-                         f"({', '.join(differing)}); pass resume=False or another folder")  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------- training
 
 
@@ -198,16 +141,9 @@ def train_tiny_ddpm(
     from diffprobe.data import shapes
 
     began = time.perf_counter()
-    config = config or DDPMConfig()
-    overrides = {"steps": steps, "batch_size": batch_size}
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    out_dir = claim_output(out_dir, DDPM_KIND, entries=_ENTRIES)
-    checkpoints = out_dir / "checkpoints"
-    device_ = torch.device(device)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if not resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)
+    config = with_overrides(config or DDPMConfig(), steps=steps, batch_size=batch_size)
+    out_dir, checkpoints, device_ = open_run(out_dir, DDPM_KIND, _ENTRIES, device=device,
+                                             threads=threads, resume=resume)  # fmt: skip
 
     data = shapes.sample(config.train_items, seed=seed, split="train")
     pixels = torch.as_tensor(downsample(data.images, config.image_size))
@@ -220,17 +156,11 @@ def train_tiny_ddpm(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)  # fmt: skip
     ema = {k: v.detach().clone() for k, v in unet.named_parameters()}
-    first = 0
-    found = latest_state(checkpoints, "ddpm") if resume else None
-    if found is not None:
-        flat, info = found
-        check_config(info, config.to_json(), checkpoints)
-        unet.load_state_dict({k[len("model."):]: v for k, v in flat.items()
-                              if k.startswith("model.")})  # fmt: skip
-        ema = {k[len("ema.") :]: v.to(device_) for k, v in flat.items() if k.startswith("ema.")}
-        restore_optimizer(optimizer, flat, info)
-        first = info["step"]
-        log("train-tiny-ddpm", f"resuming at step {first}", progress)
+    flat, first = resume_state(checkpoints, "ddpm", config.to_json(), optimizer, resume=resume,
+                               tag=DDPM_KIND, progress=progress)  # fmt: skip
+    if flat is not None:
+        unet.load_state_dict(prefixed(flat, "model."))
+        ema = {k: v.to(device_) for k, v in prefixed(flat, "ema.").items()}
 
     def checkpoint(step: int) -> None:
         tensors = {f"model.{k}": v for k, v in unet.state_dict().items()}
@@ -240,21 +170,11 @@ def train_tiny_ddpm(
 
     unet.train()
     loss_value = float("nan")
-    run_began = time.perf_counter()
-    bar = tqdm(range(first, config.steps), desc="tiny-ddpm", disable=not progress,
-               initial=first, total=config.steps)  # fmt: skip
-    done = first
-    for step in bar:
-        if minutes is not None and time.perf_counter() - began > 60 * minutes:
-            log("train-tiny-ddpm", f"time budget reached after {step} steps", progress)
-            checkpoint(step)
-            break
-        factor = learning_rate_factor(step, config.steps, config.warmup_steps,
-                                      config.final_learning_rate_fraction)  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * factor
+    loop = StepLoop(config, optimizer, first, checkpoint=checkpoint, tag=DDPM_KIND, desc="tiny-ddpm",
+                    progress=progress, began=began, minutes=minutes)  # fmt: skip
+    for step in loop:
         generator = step_generator(seed, 11, step)
-        index = torch.randperm(len(pixels), generator=generator)[: config.batch_size]
+        index = batch_indices(generator, len(pixels), config.batch_size)
         clean = pixels[index.to(device_)]
         noise = torch.randn(clean.shape, generator=generator).to(device_)
         timesteps = torch.randint(0, config.train_timesteps, (len(index),),
@@ -271,39 +191,20 @@ def train_tiny_ddpm(
             for name, value in unet.named_parameters():
                 ema[name].lerp_(value.detach(), 1 - decay)
         loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        done = step + 1
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            checkpoint(done)
-    bar.close()
-    seconds = time.perf_counter() - run_began
+        loop.bar.set_postfix(loss=f"{loss_value:.4f}")
 
     with torch.no_grad():
         for name, value in unet.named_parameters():
             value.copy_(ema[name])
     pipeline_dir = out_dir / "pipeline"
-    staging = out_dir / "pipeline.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe = DDPMPipeline(unet=unet.to("cpu", getattr(torch, config.save_dtype)),
-                        scheduler=scheduler)  # fmt: skip
-    pipe.save_pretrained(staging, safe_serialization=True)
-    shutil.rmtree(pipeline_dir, ignore_errors=True)
-    os.replace(staging, pipeline_dir)
-    metrics = {
-        "seed": seed,
-        "device": str(device_),
-        "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in unet.parameters()),
-        "steps_done": done,
-        "steps_this_session": done - first,
-        "train_seconds_this_session": seconds,
-        "final_loss": loss_value,
-        "total_seconds_this_session": time.perf_counter() - began,
-        "weights_bytes": sum(p.stat().st_size for p in pipeline_dir.rglob("*.safetensors")),
-        "config": config.to_json(),
-    }
-    write_json(out_dir / "metrics.json", metrics)
-    log("train-tiny-ddpm", f"wrote {pipeline_dir}", progress)
+    with staged_folder(pipeline_dir) as staging:
+        pipe = DDPMPipeline(unet=unet.to("cpu", getattr(torch, config.save_dtype)),
+                            scheduler=scheduler)  # fmt: skip
+        pipe.save_pretrained(staging, safe_serialization=True)
+    metrics = run_metrics(loop, seed=seed, device=device_, model=unet, loss=loss_value)
+    write_json(out_dir / "metrics.json", finish_metrics(metrics, began=began, folder=pipeline_dir,
+                                                        config_json=config.to_json()))  # fmt: skip
+    log(DDPM_KIND, f"wrote {pipeline_dir}", progress)
     return pipeline_dir
 
 
@@ -320,15 +221,11 @@ def export_pipeline(out_dir: str | Path, config: DDPMConfig | None = None) -> Pa
     flat, info = found
     check_config(info, config.to_json(), out_dir / "checkpoints")
     unet = build_unet(config)
-    unet.load_state_dict({k[len("ema."):]: v for k, v in flat.items() if k.startswith("ema.")},
-                         strict=False)  # fmt: skip
-    staging = out_dir / "pipeline.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe = DDPMPipeline(unet=unet.to(getattr(torch, config.save_dtype)),
-                        scheduler=build_scheduler(config))  # fmt: skip
-    pipe.save_pretrained(staging, safe_serialization=True)
-    shutil.rmtree(out_dir / "pipeline", ignore_errors=True)
-    os.replace(staging, out_dir / "pipeline")
+    unet.load_state_dict(prefixed(flat, "ema."), strict=False)
+    with staged_folder(out_dir / "pipeline") as staging:
+        pipe = DDPMPipeline(unet=unet.to(getattr(torch, config.save_dtype)),
+                            scheduler=build_scheduler(config))  # fmt: skip
+        pipe.save_pretrained(staging, safe_serialization=True)
     write_json(out_dir / "metrics.json", {"exported_from_step": info["step"],
                                           "config": config.to_json()})  # fmt: skip
     return out_dir / "pipeline"

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from diffprobe.train import common
 from diffprobe.train.recipe import TinyConfig
 
 PHASE_IDS = {"vae": 1, "unet": 2, "text": 3}
@@ -22,13 +21,11 @@ PHASE_ORDER = ("text", "vae", "unet")
 
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     """CPU generator for one step: random draws do not depend on the device or on resuming."""
-    words = np.random.SeedSequence([seed, PHASE_IDS[phase], step]).generate_state(2)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+    return common.step_generator(seed, PHASE_IDS[phase], step)
 
 
 def log(message: str, progress: bool) -> None:
-    if progress:
-        print(f"[train-tiny] {message}", file=sys.stderr, flush=True)
+    common.log("train-tiny", message, progress)
 
 
 def checkpoint_path(directory: Path, phase: str, step: int) -> Path:

@@ -3,13 +3,13 @@ the seed and the device) and the builders of its four diffusers/transformers com
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+
+from diffprobe.train.common import JsonConfig
 
 
 @dataclass(frozen=True)
-class TinyConfig:
+class TinyConfig(JsonConfig):
     """Everything that decides the weights of ``tiny`` apart from ``seed`` and the device.
 
     ``TinyConfig()`` is the shipped recipe; ``TinyConfig.small()`` is a seconds-long smoke
@@ -104,10 +104,6 @@ class TinyConfig:
             warmup_steps=2,
             checkpoint_every=2,
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}  # fmt: skip
 
 
 def build_vae(config: TinyConfig):

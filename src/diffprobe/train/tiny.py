@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,19 +40,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffprobe.io import claim_output, write_json
+from diffprobe.io import write_json
 from diffprobe.train.common import (
     EMA,
     batch_indices,
     from_unit,
     learning_rate_factor,
     load_checkpoint,
+    open_run,
     parameter_count,
     psnr,
     rng_state,
     scratch_directory,
     set_rng_state,
+    staged_folder,
     to_unit,
+    with_overrides,
 )
 from diffprobe.train.phases import (
     check_config,
@@ -375,12 +377,9 @@ def _save_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipeline.save_pretrained(staging, safe_serialization=True)
-    save_tokenizer(tokenizer, staging / "tokenizer")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(staging, directory)
+    with staged_folder(directory) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        save_tokenizer(tokenizer, staging / "tokenizer")
 
 
 # ---------------------------------------------------------------------------------- entry
@@ -425,19 +424,12 @@ def train_tiny(
     from diffprobe.data import shapes
 
     began = time.perf_counter()
-    config = config or TinyConfig()
-    overrides = {"steps": steps, "batch_size": batch_size}
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    # the folder rule (diffprobe.io): only a new, empty or earlier train-tiny folder is used,
-    # so the deletions below touch nothing but diffprobe's own files
-    out_dir = claim_output(out_dir, TRAIN_KIND, entries=TRAIN_ENTRIES)
-    checkpoints = out_dir / "checkpoints"
-    torch_device = torch.device(device)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if not resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-        (out_dir / "latents.pt").unlink(missing_ok=True)
+    config = with_overrides(config or TinyConfig(), steps=steps, batch_size=batch_size)
+    # the folder rule (diffprobe.io), then a fresh start unless resuming
+    out_dir, checkpoints, torch_device = open_run(
+        out_dir, TRAIN_KIND, TRAIN_ENTRIES, device=device, threads=threads, resume=resume,
+        derived=("latents.pt",),
+    )  # fmt: skip
 
     latest = None
     if resume and (found := list_checkpoints(checkpoints)):

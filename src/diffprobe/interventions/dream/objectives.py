@@ -191,6 +191,19 @@ def _check_branch(branch: str) -> str:
     return branch
 
 
+def _site_leaf(name: str, site: str, timestep: float | Sequence[float] | None, branch: str,
+               per_value: Callable[[torch.Tensor], torch.Tensor]) -> Leaf:  # fmt: skip
+    """A leaf that reads ``site`` on ``branch`` at ``timestep`` (None: each step's own):
+    ``per_value`` maps one timestep's value to ``(items,)``; the leaf is the mean over the
+    timesteps read."""
+    needs = Reads(site, _timesteps(timestep), _check_branch(branch))
+
+    def value(step: Step) -> torch.Tensor:
+        return torch.stack([per_value(v) for v in _site_values(step, needs)]).mean(0)
+
+    return Leaf(name, value, needs)
+
+
 def channel(
     site: str,
     channel: int | Sequence[int],
@@ -200,16 +213,11 @@ def channel(
 ) -> Leaf:
     """Mean over space of channel ``channel`` at ``site`` (one channel, or one per item)."""
     index = _per_item(channel, "channel")
-    needs = Reads(site, _timesteps(timestep), _check_branch(branch))
 
-    def value(step: Step) -> torch.Tensor:
-        means = [
-            _pick(_as_channels_first(v.float()), index, "channel", site).mean(-1)
-            for v in _site_values(step, needs)
-        ]
-        return torch.stack(means).mean(0)
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        return _pick(_as_channels_first(v.float()), index, "channel", site).mean(-1)
 
-    return Leaf(f"channel({site})", value, needs)
+    return _site_leaf(f"channel({site})", site, timestep, branch, mean)
 
 
 def neuron(
@@ -223,22 +231,18 @@ def neuron(
 ) -> Leaf:
     """Channel ``channel`` at one position (row ``y``, column ``x``) of a UNet map at ``site``."""
     index = _per_item(channel, "channel")
-    needs = Reads(site, _timesteps(timestep), _check_branch(branch))
 
-    def value(step: Step) -> torch.Tensor:
-        picked = []
-        for v in _site_values(step, needs):
-            if v.dim() != 4:
-                raise DreamError(f"neuron needs a spatial map at '{site}', got {tuple(v.shape)}")
-            height, width = v.shape[-2:]
-            if not (0 <= y < height and 0 <= x < width):
-                raise DreamError(
-                    f"neuron position (y={y}, x={x}) is outside '{site}''s {height}x{width} map"
-                )
-            picked.append(_pick(v[:, :, y, x].float(), index, "channel", site))
-        return torch.stack(picked).mean(0)
+    def at(v: torch.Tensor) -> torch.Tensor:
+        if v.dim() != 4:
+            raise DreamError(f"neuron needs a spatial map at '{site}', got {tuple(v.shape)}")
+        height, width = v.shape[-2:]
+        if not (0 <= y < height and 0 <= x < width):
+            raise DreamError(
+                f"neuron position (y={y}, x={x}) is outside '{site}''s {height}x{width} map"
+            )
+        return _pick(v[:, :, y, x].float(), index, "channel", site)
 
-    return Leaf(f"neuron({site},{y},{x})", value, needs)
+    return _site_leaf(f"neuron({site},{y},{x})", site, timestep, branch, at)
 
 
 def direction(
@@ -251,22 +255,18 @@ def direction(
     """Mean over space of the dot product of the site's channel vector with ``vector``
     ``(channels,)`` (one for every item) or ``(items, channels)``."""
     vector = torch.as_tensor(vector, dtype=torch.float32)
-    needs = Reads(site, _timesteps(timestep), _check_branch(branch))
 
-    def value(step: Step) -> torch.Tensor:
-        dots = []
-        for v in _site_values(step, needs):
-            values = _as_channels_first(v.float())
-            if vector.shape[-1] != values.shape[1]:
-                raise DreamError(
-                    f"direction of {vector.shape[-1]} values for '{site}', which has "
-                    f"{values.shape[1]} channels"
-                )
-            w = vector.to(values.device).reshape(-1, values.shape[1]).expand(values.shape[0], -1)
-            dots.append(torch.einsum("ict,ic->it", values, w).mean(-1))
-        return torch.stack(dots).mean(0)
+    def dot(v: torch.Tensor) -> torch.Tensor:
+        values = _as_channels_first(v.float())
+        if vector.shape[-1] != values.shape[1]:
+            raise DreamError(
+                f"direction of {vector.shape[-1]} values for '{site}', which has "
+                f"{values.shape[1]} channels"
+            )
+        w = vector.to(values.device).reshape(-1, values.shape[1]).expand(values.shape[0], -1)
+        return torch.einsum("ict,ic->it", values, w).mean(-1)
 
-    return Leaf(f"direction({site})", value, needs)
+    return _site_leaf(f"direction({site})", site, timestep, branch, dot)
 
 
 def sae_feature(
@@ -285,18 +285,14 @@ def sae_feature(
         raise DreamError(
             f"feature {int(bad[0])} is out of range: the SAE has latents 0 to {sae.d_sae - 1}"
         )
-    needs = Reads(site, _timesteps(timestep), _check_branch(branch))
 
-    def value(step: Step) -> torch.Tensor:
-        means = []
-        for v in _site_values(step, needs):
-            tokens = _as_channels_first(v.float()).transpose(1, 2)  # (items, tokens, d_in)
-            sae.check_d_in(tokens.shape[-1], site)
-            codes = sae.pre_acts(tokens.to(sae.dtype)).float()  # (items, tokens, d_sae)
-            means.append(_pick(codes.transpose(1, 2), index, "feature", site).mean(-1))
-        return torch.stack(means).mean(0)
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        tokens = _as_channels_first(v.float()).transpose(1, 2)  # (items, tokens, d_in)
+        sae.check_d_in(tokens.shape[-1], site)
+        codes = sae.pre_acts(tokens.to(sae.dtype)).float()  # (items, tokens, d_sae)
+        return _pick(codes.transpose(1, 2), index, "feature", site).mean(-1)
 
-    return Leaf(f"sae_feature({site})", value, needs)
+    return _site_leaf(f"sae_feature({site})", site, timestep, branch, mean)
 
 
 # ---------------------------------------------------------------------------------- penalties
