@@ -142,7 +142,7 @@ def test_delta_on_a_block_that_changes_shape_is_one_clear_error(sd_model):
     with pytest.raises(SAEError, match="differ in shape"):
         next(generation_batches(sd_model, "unet.up_blocks.0", PROMPTS[:1], semantics="delta",
                                 **GEN))  # fmt: skip
-    with pytest.raises(SAEError, match="site semantics"):
+    with pytest.raises(SAEError, match="site.semantics"):
         generation_source(sd_model, SITE, PROMPTS, semantics="difference")
 
 
