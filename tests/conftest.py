@@ -129,3 +129,66 @@ def dream_shape(model, size: int = 32):
     from diffprobe.interventions.dream import input_shape
 
     return input_shape(model, size)
+
+
+def _pytests(handler) -> bool:
+    return type(handler).__module__.startswith("_pytest")
+
+
+def _global_state() -> dict:
+    """What a test may change for the tests after it: environment, working folder, torch's
+    thread count and grad mode, the root logger, the libraries' verbosity."""
+    import logging
+
+    root = logging.getLogger()
+    state = {
+        "environ": dict(os.environ),
+        "cwd": os.getcwd(),
+        "threads": torch.get_num_threads(),
+        "grad": torch.is_grad_enabled(),
+        "root_level": root.level,
+        # pytest's own capture handlers come and go with each phase of a test
+        "root_handlers": [h for h in root.handlers if not _pytests(h)],
+        "tempdir": tempfile.tempdir,
+    }
+    for name in ("transformers", "diffusers"):
+        state[f"{name}_level"] = logging.getLogger(name).level
+    return state
+
+
+def _restore(state: dict) -> None:
+    import logging
+
+    os.environ.clear()
+    os.environ.update(state["environ"])
+    os.chdir(state["cwd"])
+    torch.set_num_threads(state["threads"])
+    torch.set_grad_enabled(state["grad"])
+    root = logging.getLogger()
+    root.setLevel(state["root_level"])
+    root.handlers[:] = [h for h in root.handlers if _pytests(h)] + state["root_handlers"]
+    tempfile.tempdir = state["tempdir"]
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(state[f"{name}_level"])
+
+
+@pytest.fixture(autouse=True)
+def _no_global_state_leaks(request):
+    """Every test leaves the process as it found it: what a test (or the CLI's ``main`` that it
+    calls in-process: ``--quiet`` sets ``TQDM_DISABLE`` and the root logger's level, ``--threads``
+    torch's thread count) changed is put back after it, so no test depends on the order the
+    tests run in. ``DIFFPROBE_REPORT_LEAKS=1`` lists the tests that changed something."""
+    before = _global_state()
+    yield
+    after = _global_state()
+    if after != before:
+        if os.environ.get("DIFFPROBE_REPORT_LEAKS"):
+            changed = sorted(k for k in before if before[k] != after[k])
+            if "environ" in changed:
+                keys = set(before["environ"]) ^ set(after["environ"]) | {
+                    k for k in before["environ"].keys() & after["environ"].keys()
+                    if before["environ"][k] != after["environ"][k]}  # fmt: skip
+                changed[changed.index("environ")] = f"environ{sorted(keys)}"
+            with open(os.environ["DIFFPROBE_REPORT_LEAKS"], "a") as log:
+                log.write(f"{request.node.nodeid}: {', '.join(changed)}\n")
+        _restore(before)

@@ -8,6 +8,7 @@ of the inductor backend is measured on the GPU in benchmarks/extract.py (docs/pe
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import diffprobe
@@ -59,6 +60,7 @@ def test_regions_are_the_repeated_blocks():
         assert not any("forward" in m.__dict__ for m in root.modules())
 
 
+@pytest.mark.slow
 def test_capture_inside_and_at_boundaries_equals_eager():
     eager, compiled = _models()
     compiled.compile(backend="eager")
@@ -77,6 +79,7 @@ def test_capture_inside_and_at_boundaries_equals_eager():
     assert "down_blocks.0" in regions
 
 
+@pytest.mark.slow
 def test_hook_inside_a_region_runs_only_because_the_region_is_split():
     """Without make_reachable dynamo would run a traced block without the inner hook: the
     split is what makes the capture exact (this test fails if resolve stops splitting)."""
@@ -106,6 +109,7 @@ def test_edit_and_early_stop_equal_eager():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.slow
 def test_gradients_through_compiled_regions_equal_eager():
     eager, compiled = _models()
     compiled.compile(backend="aot_eager")

@@ -68,6 +68,7 @@ def test_mode_is_off_outside_the_block_and_on_other_threads():
         assert len(_get_current_function_mode_stack()) == 0
 
 
+@pytest.mark.slow
 def test_extraction_with_batch_invariant_is_bit_identical_across_batch_sizes(tmp_path):
     model = diffprobe.load("tiny")
     plan = ExtractionPlan(sites=["unet.down_blocks.1", "unet.mid_block", "unet.up_blocks.2"],

@@ -15,7 +15,13 @@ def _blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), flags=re.DOTALL)
 
 
-@pytest.mark.parametrize("page", PAGES)
+# the pages whose examples take seconds (they load `tiny` and generate) run in `make test` only
+SLOW_PAGES = {"README.md", "docs/tiny.md"}
+
+
+@pytest.mark.parametrize(
+    "page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p for p in PAGES]
+)
 def test_python_examples_run(page):
     blocks = _blocks(page)
     assert blocks, f"{page} has no python example"

@@ -149,6 +149,7 @@ def test_stored_feature_equals_handwritten_hook_on_plain_pipeline(reference_run,
     np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_results(reference_run, model, source, tmp_path):
     # Per-item seeded noise and fixed chunks make the computation per item the same; CPU kernels
     # still round differently for different batch shapes, so this is equality to float tolerance

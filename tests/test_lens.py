@@ -450,6 +450,7 @@ def test_emergence_accuracy_against_attribute_accuracy():
     assert accuracy["colour"][1] > 0.9
 
 
+@pytest.mark.slow
 def test_emergence_and_benchmark(sd_model, tmp_path):
     from diffprobe.data import shapes
 
