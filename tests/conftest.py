@@ -142,7 +142,8 @@ def _global_state() -> dict:
 
     root = logging.getLogger()
     state = {
-        "environ": dict(os.environ),
+        # pytest's own variable names the running test and phase
+        "environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
         "cwd": os.getcwd(),
         "threads": torch.get_num_threads(),
         "grad": torch.is_grad_enabled(),
@@ -159,8 +160,11 @@ def _global_state() -> dict:
 def _restore(state: dict) -> None:
     import logging
 
+    current = os.environ.get("PYTEST_CURRENT_TEST")
     os.environ.clear()
     os.environ.update(state["environ"])
+    if current is not None:
+        os.environ["PYTEST_CURRENT_TEST"] = current
     os.chdir(state["cwd"])
     torch.set_num_threads(state["threads"])
     torch.set_grad_enabled(state["grad"])

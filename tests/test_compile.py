@@ -94,6 +94,7 @@ def test_hook_inside_a_region_runs_only_because_the_region_is_split():
     assert "down_blocks.1" not in compiled_regions(compiled.denoiser)
 
 
+@pytest.mark.slow
 def test_edit_and_early_stop_equal_eager():
     eager, compiled = _models()
     compiled.compile(backend="eager")

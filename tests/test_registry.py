@@ -78,6 +78,7 @@ def test_cli_models_json():
     assert set(REQUIRED) <= set(aliases)
 
 
+@pytest.mark.slow
 def test_sites_option_takes_several_values_after_one_flag(tmp_path, monkeypatch, capsys):
     """``diffprobe extract --sites a b``: the console entry point (``main()`` reading
     ``sys.argv``, in this process: a fresh one only adds seconds of imports) joins the values."""
