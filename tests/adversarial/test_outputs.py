@@ -34,11 +34,24 @@ def commands(run_dir, spatial_run_dir, things_root):
         "demo": lambda out, *more: ["demo", "--out", out, *more, "-q"],
         "attribution": lambda out, *more: ["attribution", "--model", "tiny", *PROMPT, "--out",
                                            out, *more, "-q"],
+        "features-capture": lambda out, *more: ["features", "capture", "--model", "tiny",
+                                                "--prompts", "shapes:2", "--sites",
+                                                "unet.mid_block", "--out", out, *more, "-q"],
+        "steer": lambda out, *more: ["steer", "--model", "tiny", "--site", "unet.mid_block",
+                                     "--channel", "0", "--strength", "1", "--out", out, *more,
+                                     "-q"],
+        "dream": lambda out, *more: ["dream", "--model", "tiny", "--site", "unet.mid_block",
+                                     "--channel", "0", "--out", out, *more, "-q"],
+        "hspace": lambda out, *more: ["hspace", "train", "--model", "tiny", "--source", "red",
+                                      "--target", "blue", "--out", out, *more, "-q"],
+        "train-tiny-ddpm": lambda out, *more: ["train-tiny-ddpm", "--out", out, *more, "-q"],
+        "train-tiny-clip": lambda out, *more: ["train-tiny-clip", "--out", out, *more, "-q"],
     }  # fmt: skip
 
 
 WRITERS = ["extract", "align", "probe", "regress", "anomalies", "lens", "train-tiny", "demo",
-           "attribution"]  # fmt: skip
+           "attribution", "features-capture", "steer", "dream", "hspace", "train-tiny-ddpm",
+           "train-tiny-clip"]  # fmt: skip
 
 # where -> (the --out value relative to the sandbox's home, words the refusal must contain)
 PLACES = {
