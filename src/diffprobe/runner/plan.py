@@ -53,7 +53,8 @@ class PlannedStage:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    # microseconds: a stage redone within the same second still leaves a marker of its own
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
 def host() -> dict:
