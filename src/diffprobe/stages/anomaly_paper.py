@@ -16,11 +16,8 @@ import numpy as np
 from diffprobe.analysis.anomalies import norm_maps, to_grid, token_border
 from diffprobe.analysis.anomaly_paper import crop_without_resize, rel_norm_at_labels
 from diffprobe.analysis.anomaly_paper import token_group_ratios as group_ratios
-from diffprobe.data.sources import array_source
 from diffprobe.errors import DiffprobeError
-from diffprobe.extract import extract
-from diffprobe.extract.store import open_run
-from diffprobe.stages.crops import run_plan
+from diffprobe.stages.crops import extract_crops_of, run_plan
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +55,6 @@ def token_group_ratios(
     by_border: dict[tuple[int, int], list[str]] = {}
     for site in sites:
         by_border.setdefault(token_border(size, grids[site]), []).append(site)
-    manifest = run.manifest
     rows = []
     for border, group in by_border.items():
         crop = (size - 2 * border[0], size - 2 * border[1])
@@ -75,20 +71,14 @@ def token_group_ratios(
             except DiffprobeError as err:
                 note = f"not measurable: {err}"
         if not note:
-            source = array_source(
-                crop_without_resize(images, border),
+            cropped_run = extract_crops_of(
+                model, run, crop_without_resize(images, border),
                 f"{run.root} cropped by {border[0]}x{border[1]} px per side, not resized "
                 "(diffprobe anomalies --paper)",
-                ids=[m["id"] for m in manifest],
-                labels=[m["label"] for m in manifest],
-                captions=[m.get("caption") for m in manifest],
-                kind="cropped",
-            )
-            plan = replace(run_plan(run, group), image_size=crop[0])
-            folder = Path(out) / f"cropped-paper-{border[0]}x{border[1]}px"
-            extract(model, source, plan, folder, batch_size=batch_size, overwrite=True,
-                    progress=progress)  # fmt: skip
-            cropped_run = open_run(folder)
+                replace(run_plan(run, group), image_size=crop[0]),
+                Path(out) / f"cropped-paper-{border[0]}x{border[1]}px",
+                batch_size=batch_size, progress=progress,
+            )  # fmt: skip
         else:
             log.warning("token-group ratios of %s: %s", ", ".join(group), note)
         for site in group:

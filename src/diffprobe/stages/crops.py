@@ -138,24 +138,29 @@ def extract_cropped(
     for site in sites:
         by_border.setdefault(token_border(size, grids[site]), []).append(site)
     runs = {}
-    manifest = run.manifest
     for border, group in by_border.items():
-        source = array_source(
-            crop_border(images, border),
+        opened = extract_crops_of(
+            model, run, crop_border(images, border),
             f"{run.root} cropped by {border[0]}x{border[1]} px per side and resized back "
             "(diffprobe anomalies)",
-            ids=[m["id"] for m in manifest],
-            labels=[m["label"] for m in manifest],
-            captions=[m.get("caption") for m in manifest],
-            kind="cropped",
-        )
-        folder = Path(out) / f"cropped-{border[0]}x{border[1]}px"
-        extract(model, source, run_plan(run, group), folder, batch_size=batch_size,
-                overwrite=True, progress=progress)  # fmt: skip
-        opened = open_run(folder)
+            run_plan(run, group), Path(out) / f"cropped-{border[0]}x{border[1]}px",
+            batch_size=batch_size, progress=progress,
+        )  # fmt: skip
         for site in group:
             runs[site] = opened
     return runs
+
+
+def extract_crops_of(model: Any, run: Any, pixels, description: str, plan, folder: Path, *,
+                    batch_size: int, progress: bool) -> Any:  # fmt: skip
+    """Extract ``plan`` over ``pixels`` (the run's items, cropped) into ``folder``, with the
+    run's item ids, labels and captions; returns the opened run."""
+    manifest = run.manifest
+    source = array_source(pixels, description, ids=[m["id"] for m in manifest],
+                          labels=[m["label"] for m in manifest],
+                          captions=[m.get("caption") for m in manifest], kind="cropped")  # fmt: skip
+    extract(model, source, plan, folder, batch_size=batch_size, overwrite=True, progress=progress)
+    return open_run(folder)
 
 
 def load_model_of(run: Any, model: Any, device: str, dtype: str | None) -> Any:
