@@ -116,8 +116,6 @@ def steer_command(
     from diffprobe.cli.features import parse_seeds
     from diffprobe.features import (
         STEER_MODES,
-        THESIS_SCALE,
-        THESIS_SEEDS,
         Analysis,
         SteerError,
         resolve_steer,
@@ -125,6 +123,7 @@ def steer_command(
     )  # fmt: skip
     from diffprobe.io import check_output
     from diffprobe.loading import load, parse_device, parse_dtype
+    from diffprobe.stages.features import prior_settings
 
     if (channel is None) == (direction is None):
         raise SteerError("give --channel or --direction (one of them)")
@@ -138,9 +137,7 @@ def steer_command(
         if prompt or guidance not in (None, 1.0):
             raise SteerError("--prior steers the empty prompt without CFG: leave out --prompt "
                              "and --guidance")  # fmt: skip
-        prompts, seed_list, guidance = [""], list(THESIS_SEEDS), 1.0
-        if strength is None and relative is None:
-            relative = THESIS_SCALE
+        prompts, seed_list, guidance, relative = prior_settings(strength, relative)
     else:
         prompts, seed_list = list(prompt or [""]), parse_seeds(seeds)
     channels = _channels(channel) if channel is not None else [None]

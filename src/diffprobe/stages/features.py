@@ -388,6 +388,17 @@ def _save_png(path: Path, pixels: np.ndarray) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def prior_settings(strength: float | None, relative: float | None):
+    """The thesis' prior stage: (prompts, seeds, guidance, relative strength): the empty
+    prompt, its five seeds, no CFG, and × :data:`THESIS_SCALE` max activation unless a strength
+    is given."""
+    from diffprobe.interventions.steer import THESIS_SCALE, THESIS_SEEDS
+
+    if strength is None and relative is None:
+        relative = THESIS_SCALE
+    return [""], list(THESIS_SEEDS), 1.0, relative
+
+
 def steer_to_folder(
     model,
     steers: list,

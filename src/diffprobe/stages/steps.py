@@ -379,17 +379,18 @@ def attribution(ctx: StageContext, params: AttributionParams) -> dict:
 
 def steer(ctx: StageContext, params: SteerParams) -> dict:
     """Steered generations, one folder per channel plus the baseline (``diffprobe steer``)."""
-    from diffprobe.features import THESIS_SCALE, THESIS_SEEDS, Analysis
-    from diffprobe.stages.features import resolve_steer, steer_to_folder
+    from diffprobe.features import Analysis
+    from diffprobe.stages.features import prior_settings, resolve_steer, steer_to_folder
 
-    model = ctx.model()
-    analysis = Analysis(ctx.inputs["input"]) if params.input is not None else None
     prompts, seeds, guidance = list(params.prompts), list(params.seeds), params.guidance_scale
     strength, relative = params.strength, params.relative
     if params.prior:
-        prompts, seeds, guidance = [""], list(THESIS_SEEDS), 1.0
-        if strength is None and relative is None:
-            relative = THESIS_SCALE
+        if prompts != [""] or guidance not in (None, 1.0):
+            raise StageError("steer with prior: true steers the empty prompt without CFG: leave "
+                             "out prompts and guidance_scale")  # fmt: skip
+        prompts, seeds, guidance, relative = prior_settings(strength, relative)
+    model = ctx.model()
+    analysis = Analysis(ctx.inputs["input"]) if params.input is not None else None
     steers = [resolve_steer(model, params.site, channel=c, mode=params.mode, strength=strength,
                             relative=relative, window=params.window, analysis=analysis,
                             branch=params.branch)
