@@ -21,6 +21,12 @@ FLOPs and memory of the real model, no weights needed)::
         --dtype bf16 --size 512 --items 16 --batch-size 8 --steps 25 \\
         --sites unet.up_blocks.1.attentions.1,unet.mid_block,unet.down_blocks.2
 
+Issue 25's setting (4 sites, 50 steps, batch 8, compiled both)::
+
+    PYTHONPATH=src python3 benchmarks/features_capture.py --full-size sd1.5 --device cuda \\
+        --dtype bf16 --size 512 --items 16 --batch-size 8 --steps 50 --compile \\
+        --sites unet.down_blocks.2,unet.mid_block,unet.up_blocks.1,unet.up_blocks.2
+
 Writes JSON (``--out``, default ``benchmarks/results/features_capture-<model>-<device>.json``)
 and prints it.
 """
@@ -60,6 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Model.compile() first: plain and capture both run compiled",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -74,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = diffprobe.load(args.model, dtype=args.dtype, device=args.device)
     name = args.full_size or args.model
+    if args.compile:
+        model.compile()
     sites = args.sites.split(",")
     prompts = [f"a photo of object number {i}" for i in range(args.items)]
     seeds = list(range(args.items))
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "dtype": args.dtype, "sites": sites, "items": args.items, "batch_size": args.batch_size,
         "steps": args.steps, "guidance": args.guidance, "cfg": uses_cfg, "size": args.size,
-        "reductions": list(plan.reductions), "threads": torch.get_num_threads(),
+        "reductions": list(plan.reductions), "compiled": args.compile, "threads": torch.get_num_threads(),
         "seconds": times, "best_seconds": best,
         "ratio_capture": best["capture"] / best["plain"],
         "ratio_capture_to_disk": best["capture_to_disk"] / best["plain"],
