@@ -97,6 +97,53 @@ def test_layer_groups_and_ranges():
     assert [maths.timestep_range(p) for p in (0.9, 0.5, 0.1)] == ["early", "middle", "late"]
 
 
+def _planted(sites: list[str]):
+    """A PromptAttribution whose site i holds the constant map 10**i at every call, so a
+    mean over sites reads off which sites were averaged."""
+    from diffprobe.stages.attribution import PromptAttribution, Token
+
+    maps = np.zeros((2, len(sites), 3, 4, 4), dtype=np.float32)
+    for index in range(len(sites)):
+        maps[:, index] = 10.0**index
+    return PromptAttribution(
+        prompt="a", seed=0, image=np.zeros((8, 8, 3), np.uint8),
+        tokens=[Token(0, "<s>", "text_encoder", True), Token(1, "a</w>", "text_encoder", False)],
+        sites=sites, noise_levels=np.array([0.9, 0.5, 0.1]), maps=maps,
+    )  # fmt: skip
+
+
+def test_default_layers_leave_out_the_unet_mid_block_as_daam():
+    unet = [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2",  # 1
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2",  # 10
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2",  # 100
+    ]
+    result = _planted(unet)
+    assert maths.default_sites(unet) == [unet[0], unet[2]]
+    assert np.allclose(result.token_maps(), (1 + 100) / 2)  # default: mid left out
+    assert np.allclose(result.token_maps("all"), (1 + 10 + 100) / 3)
+    assert np.allclose(result.token_maps(["all"]), (1 + 10 + 100) / 3)
+    assert np.allclose(result.token_maps(["mid"]), 10)
+    assert np.allclose(result.token_maps(["down", "up"], ["late"]), (1 + 100) / 2)
+    dit = ["transformer.transformer_blocks.0.attn", "transformer.single_transformer_blocks.0.attn"]
+    assert maths.default_sites(dit) == dit  # no mid block: every site
+    assert np.allclose(_planted(dit).token_maps(), (1 + 10) / 2)
+    only_mid = [unet[1]]
+    assert maths.default_sites(only_mid) == only_mid
+
+
+def test_cli_layer_choices_default_all_and_groups():
+    from diffprobe.cli.attribution import _choices
+
+    groups = ("down", "mid", "up")
+    assert _choices("--layers", "default", groups, default="default") is None
+    assert _choices("--layers", "all", groups, default="default") == ["all"]
+    assert _choices("--layers", "down,up", groups, default="default") == ["down", "up"]
+    assert _choices("--timesteps", "all", ("early", "late")) is None
+    with pytest.raises(AttributionError, match="'default', 'all' or comma-separated"):
+        _choices("--layers", "middle", groups, default="default")
+
+
 # ----------------------------------------------------------------------------- masks
 
 

@@ -8,8 +8,9 @@ Definitions (the choices every function below states once):
 - Its **grid** comes from the site's token count and the image's aspect ratio
   (:func:`token_grid`), never from a hard-coded latent size.
 - **Aggregation**: each site's maps are resized bilinearly to the finest grid of the sites
-  aggregated (:func:`to_common_grid`), then averaged over the chosen sites (a layer group) and
-  the chosen denoiser calls (a timestep range). DAAM sums instead of averaging; the two differ
+  aggregated (:func:`to_common_grid`), then averaged over the chosen sites (a layer group; by
+  default every site but the UNet mid block, :func:`default_sites`, as DAAM) and the chosen
+  denoiser calls (a timestep range). DAAM sums instead of averaging; the two differ
   by a constant factor, which the normalisation below removes.
 - A **word map** is the sum of the maps of the word's tokens (every occurrence; a word split
   into several tokens sums its pieces), then resized bilinearly to the image size.
@@ -35,6 +36,7 @@ __all__ = [
     "centre_of_mass",
     "centred_gaussian",
     "concept_maps",
+    "default_sites",
     "iou",
     "layer_group",
     "locate_tokens",
@@ -211,6 +213,15 @@ def layer_group(site: str) -> str:
     if ".transformer_blocks." in site and site.startswith("transformer."):
         return "joint"
     return "other"
+
+
+def default_sites(sites: Sequence[str]) -> list[str]:
+    """The sites aggregated by default: every one but the UNet mid block's, as DAAM (it never
+    hooks the mid block and skips maps on its grid, SD 1.x's 8x8: ``daam/trace.py``). On
+    `tiny` the mid block's 4x4 maps score below a centred Gaussian
+    (``docs/attribution.md``). Families without a mid block keep every site."""
+    kept = [s for s in sites if layer_group(s) != "mid"]
+    return kept or list(sites)
 
 
 def timestep_range(noise_level: float) -> str:

@@ -24,16 +24,24 @@ def _size(text: str | None) -> int | tuple[int, int] | None:
     raise AttributionError(f"--size {text!r}: give one side in px (64) or height x width (64x96)")
 
 
-def _choices(option: str, text: str | None, allowed: tuple[str, ...]) -> list[str] | None:
+def _choices(
+    option: str, text: str | None, allowed: tuple[str, ...], default: str = "all"
+) -> list[str] | None:
+    """None for ``default`` (the library's default choice), ``["all"]`` for 'all' when that
+    is not the default, else the comma-separated values, each one of ``allowed``."""
     from diffprobe.stages.attribution import AttributionError
 
-    if text is None or text.strip().lower() == "all":
+    word = "all" if text is None else text.strip().lower()
+    if word == default:
         return None
+    if word == "all":
+        return ["all"]
     values = [v.strip() for v in text.split(",") if v.strip()]
     wrong = [v for v in values if v not in allowed]
     if wrong or not values:
+        named = "'all'" if default == "all" else f"'{default}', 'all'"
         raise AttributionError(
-            f"{option} {text!r}: expected 'all' or comma-separated {', '.join(allowed)}"
+            f"{option} {text!r}: expected {named} or comma-separated {', '.join(allowed)}"
         )
     return values
 
@@ -56,8 +64,12 @@ def attribution_command(
     ] = None,
     size: Annotated[str | None, typer.Option(help="64 or 64x96 (default: native)")] = None,
     layers: Annotated[
-        str, typer.Option(help="'all' or layer groups: down,mid,up (UNets), joint,single (DiTs)")
-    ] = "all",
+        str,
+        typer.Option(
+            help="'default' (every site but the UNet mid block, as DAAM), 'all', or layer "
+            "groups: down,mid,up (UNets), joint,single (DiTs)"
+        ),
+    ] = "default",
     timesteps: Annotated[
         str, typer.Option(help="'all' or ranges: early (noise > 2/3), middle, late (< 1/3)")
     ] = "all",
@@ -95,7 +107,9 @@ def attribution_command(
     if not [p for p in prompt if p.strip()]:
         raise AttributionError("--prompt: give a non-empty prompt")
     chosen_size = _size(size)
-    chosen_layers = _choices("--layers", layers, ("down", "mid", "up", "joint", "single"))
+    chosen_layers = _choices(
+        "--layers", layers, ("down", "mid", "up", "joint", "single"), default="default"
+    )
     chosen_steps = _choices("--timesteps", timesteps, ("early", "middle", "late"))
     word_list = [w.strip() for w in words.split(",") if w.strip()] if words else None
     parse_dtype(dtype)

@@ -82,12 +82,23 @@ class PromptAttribution:
         return [index[p] for p in text_positions if p in index]
 
     def select(self, layers: Sequence[str] | None = None, ranges: Sequence[str] | None = None):
-        """Boolean masks over (layers, timesteps): layer groups (``down``, ``mid``, ``up``,
-        ``joint``, ``single``) or site names; timestep ranges (``early``, ``middle``,
-        ``late``); None keeps all."""
-        keep_layers = np.array(
-            [layers is None or s in layers or maths.layer_group(s) in layers for s in self.sites]
-        )
+        """Boolean masks over (layers, timesteps). ``layers``: layer groups (``down``, ``mid``,
+        ``up``, ``joint``, ``single``) or site names, ``"all"`` for every site, None for the
+        default (:func:`~diffprobe.analysis.attribution.default_sites`: every site but the
+        UNet mid block, as DAAM); ``ranges``: timestep ranges (``early``, ``middle``,
+        ``late``), None keeps all."""
+        if isinstance(layers, str):
+            layers = [layers]
+        if layers is None:
+            chosen = set(maths.default_sites(self.sites))
+            keep_layers = np.array([s in chosen for s in self.sites])
+        else:
+            keep_layers = np.array(
+                [
+                    "all" in layers or s in layers or maths.layer_group(s) in layers
+                    for s in self.sites
+                ]
+            )
         keep_steps = np.array(
             [ranges is None or maths.timestep_range(p) in ranges for p in self.noise_levels]
         )

@@ -37,7 +37,8 @@ from diffprobe.stages.attribution_store import MAPS_STORE, MapStore
 CHOICES = {
     "probabilities": "softmax over all keys (image keys too for joint attention), mean over heads",
     "branch": "conditional: the cond half under CFG, the whole batch when guidance is off",
-    "layers": "each site resized bilinearly to the finest attention grid, mean over the chosen",
+    "layers": "each site resized bilinearly to the finest attention grid, mean over the chosen "
+    "(default: every site but the UNet mid block, as DAAM)",
     "timesteps": "mean over the chosen denoiser calls",
     "words": "sum over the word's tokens: every occurrence, every encoder segment",
     "image": "bilinear resize to the image size; thresholds on min-max normalised maps",
@@ -144,7 +145,7 @@ def run_attribution(
             "guidance_scale": guidance_scale
             if guidance_scale is not None
             else model.default_guidance_scale,
-            "layers": list(layers) if layers else "all",
+            "layers": list(layers) if layers else "default",
             "timesteps": list(timesteps) if timesteps else "all",
             "choices": CHOICES,
             "threshold": threshold,
