@@ -115,10 +115,39 @@ PLANTED = dict(d_sae=512, k=8, batch_size=512, epochs=12, lr=1e-2, batch_topk=Fa
                dead_tokens=5000, device="cpu", progress=False)  # fmt: skip
 
 
+def _true_dictionary_sae(atoms: torch.Tensor, x: torch.Tensor, train: bool) -> TopKSAE:
+    """A TopK SAE (k 8) whose decoder is the true dictionary. Untrained, its encoder is the
+    dictionary too (no biases); trained, the encoder and biases are fitted the way the
+    planted tests train (decoder frozen): the best a TopK SAE can do with the true atoms."""
+    reference = TopKSAE(atoms.shape[1], len(atoms), 8)
+    with torch.no_grad():
+        reference.W_dec.copy_(atoms)
+        reference.encoder.copy_(atoms)
+        reference.b_enc.zero_()
+        reference.b_dec.zero_()
+    if not train:
+        return reference
+    reference.W_dec.requires_grad_(False)
+    trainer = SAETrainer(reference, TrainConfig(k=8, batch_topk=False, aux_alpha=0, lr=1e-2))
+    trainer.step_count = 1  # keep b_dec at 0: the atoms have mean ~0
+    steps = 12 * (len(x) // 512)
+    order = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        trainer.step(
+            x[torch.randint(0, len(x), (512,), generator=order)], 1e-2 * (1 - step / steps)
+        )
+    return reference
+
+
 @pytest.mark.slow
 def test_planted_dictionary_is_recovered():
-    """d_in 256: >= 90 % of the 512 atoms have a decoder row at cosine >= 0.9, and FVU < 0.1."""
+    """d_in 256 (the issue's 512 atoms, 8 active, noise; only d_in differs from its example):
+    >= 90 % of the atoms have a decoder row at cosine >= 0.9, and FVU < 0.1. The setting is
+    one where FVU < 0.1 is attainable: even the untrained true dictionary (encoder = decoder =
+    the atoms) reaches it here (0.054; at d_in 64 it gets 0.71, and the best trained encoder
+    for it 0.225, see the next test)."""
     atoms, x = _planted(256, 30000)
+    assert _fvu(_true_dictionary_sae(atoms, x, train=False), x) < 0.1
     sae = train_sae(x, **PLANTED)
     best = (atoms @ sae.W_dec.detach().T).max(dim=1).values
     assert float((best >= 0.9).float().mean()) >= 0.9
@@ -127,25 +156,17 @@ def test_planted_dictionary_is_recovered():
 
 @pytest.mark.slow
 def test_planted_dictionary_at_d_in_64_reaches_the_true_dictionarys_fvu():
-    """d_in 64 (8 active atoms of 512 interfere more): the atoms are still recovered, and the
-    FVU is that of the best encoder for the *true* dictionary, trained the same way (a TopK
-    SAE's linear encoder cannot explain interference away, so neither gets below ~0.2)."""
+    """d_in 64 (the issue's example: 8 active atoms of 512 interfere more): the atoms are still
+    recovered, and the FVU is that of the best encoder for the *true* dictionary, trained the
+    same way (a TopK SAE's linear encoder cannot explain interference away, so neither gets
+    below ~0.2: FVU < 0.1 is out of reach at this setting)."""
     atoms, x = _planted(64, 40000)
     sae = train_sae(x, **{**PLANTED, "d_sae": 1024})
     best = (atoms @ sae.W_dec.detach().T).max(dim=1).values
     assert float((best >= 0.9).float().mean()) >= 0.9
-    reference = TopKSAE(64, 512, 8)
-    with torch.no_grad():
-        reference.W_dec.copy_(atoms)
-        reference.encoder.copy_(atoms)
-    reference.W_dec.requires_grad_(False)
-    trainer = SAETrainer(reference, TrainConfig(k=8, batch_topk=False, aux_alpha=0, lr=1e-2))
-    trainer.step_count = 1  # keep b_dec at 0: the atoms have mean ~0
-    steps = 12 * (40000 // 512)
-    order = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        trainer.step(x[torch.randint(0, 40000, (512,), generator=order)], 1e-2 * (1 - step / steps))
-    assert _fvu(sae, x) <= 1.05 * _fvu(reference, x)
+    reference = _fvu(_true_dictionary_sae(atoms, x, train=True), x)
+    assert reference > 0.1
+    assert _fvu(sae, x) <= 1.05 * reference
 
 
 # ------------------------------------------------------------------- seeds, checkpoints, resume

@@ -1,0 +1,281 @@
+"""Deep dream ground truth on ``tiny``: do colour-selective channels dream their colour?
+
+The objective a dream maximises is a channel's activation under the *empty prompt* (the
+thesis' setting), so selectivity is measured the same way: shapes-world images of every colour
+(``--images`` per colour, drawn by the generator, VAE-encoded), noised to t with seeded noise
+and passed through the denoiser with the empty prompt; the selectivity of channel c for colour
+k at t is the ROC AUC of its spatial mean at ``unet.up_blocks.1`` (colour k against the rest).
+(Captured during generation from colour captions instead, as ``dream_tiny.py`` does, a channel
+can be selective for the caption's colour *word*, which a dream under the empty prompt never
+sees.)
+
+The dream timestep (unless ``--timestep``): among the candidate timesteps >= 100 (where renoise
+adds noise of std >= 0.33), the one with the highest mean over colours of the best channel's
+AUC. The colours: the ``--colours`` colours whose best channel at that timestep has the
+highest AUC, one channel per colour (a channel already taken for a better colour is skipped).
+
+Arms, all from the same ``--seeds`` start latents (images generated from the empty prompt
+without guidance, the thesis' priors), seed i starting from start i, thesis defaults (100
+steps, AdamW 0.05, TV 0.5, range 0.5, jitter 1, rotate 5 deg, scale 1.1, spectral filter, blur
+sigma 0.5 -> 0), with and without renoise:
+
+- ``channel``: for each colour, its most selective channel, one dream per seed;
+- ``random``: ``--seeds`` random channels (none of the selected ones), one per seed, the
+  baseline of every colour;
+- ``direction`` (with renoise only, unless ``--direction-both``): for each colour, the
+  diagonal-LDA direction (mean of colour k minus mean of the rest, divided by the per-channel
+  variance, unit norm) of the same activations, dreamt with ``dream.direction``.
+
+The attribute reader reads every decoded dream and start. Per colour and variant: dreams read
+as the colour (selective against random), the one-sided Fisher exact p, the paired sign test
+(seeds where only the selective dream is read as the colour against seeds where only the
+random one is), and how many dreams turn to the colour from a start that is not read so.
+
+    PYTHONPATH=src nice .venv/bin/python benchmarks/dream_colour.py --seeds 32 --colours 3 \
+        --no-direction --tag _thesis --out benchmarks/results/dream_colour_thesis.json \
+        --figures docs/figures
+    PYTHONPATH=src nice .venv/bin/python benchmarks/dream_colour.py --seeds 32 --colours 3 \
+        --lr 0.01 --tag _lr001 --out benchmarks/results/dream_colour_lr001.json \
+        --figures docs/figures
+
+(Results and figures in docs/dream.md; the figure shows the first 16 seeds.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SITE = "unet.up_blocks.1"
+CANDIDATE_TIMESTEPS = (1, 51, 101, 201, 301, 501)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """ROC AUC of ``scores`` (items, features) for boolean labels (items,), Mann-Whitney."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=0)
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return (ranks[positive].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+@torch.no_grad()
+def channel_means(model, z: torch.Tensor, timestep: float) -> np.ndarray:
+    """(items, channels) spatial means at SITE of z noised to ``timestep`` with
+    ``item_noise(shape, 0, items)`` under the empty prompt: ``dream.measure``'s view."""
+    import diffprobe
+    from diffprobe.models.noise import item_noise
+
+    noise = item_noise(z.shape[1:], 0, range(len(z)))
+    x_t, t = model.add_noise(z, timestep=timestep, noise=noise)
+    with diffprobe.capture(model, SITE, stop_early=True) as cache:
+        model.denoise(x_t, t, model.encode_prompt([""] * len(z)))
+    return cache.last(SITE).float().mean((2, 3)).cpu().numpy()
+
+
+def selectivity(model, args) -> dict:
+    from diffprobe.data import shapes
+
+    names = shapes.COLOUR_NAMES
+    images, labels = [], []
+    for k, name in enumerate(names):
+        images.append(shapes.sample(args.images, seed=20 + k, colour=name, split="all").images)
+        labels += [k] * args.images
+    labels = np.array(labels)
+    log(f"encoding {len(labels)} shapes images")
+    with torch.no_grad():
+        z = torch.cat([model.encode_images(chunk).float()
+                       for chunk in np.array_split(np.concatenate(images), 8)])  # fmt: skip
+    activity = {t: channel_means(model, z, t) for t in CANDIDATE_TIMESTEPS}
+    aucs = {t: np.stack([auc(a, labels == k) for k in range(len(names))])
+            for t, a in activity.items()}  # fmt: skip  # t -> (colours, channels)
+    if args.timestep is None:
+        eligible = [t for t in CANDIDATE_TIMESTEPS if t >= 100]
+        timestep = max(eligible, key=lambda t: float(aucs[t].max(1).mean()))
+    else:
+        timestep = args.timestep
+        if timestep not in activity:
+            activity[timestep] = channel_means(model, z, timestep)
+            aucs[timestep] = np.stack([auc(activity[timestep], labels == k)
+                                       for k in range(len(names))])  # fmt: skip
+    table = aucs[timestep]
+    chosen, taken = [], set()
+    for k in np.argsort(-table.max(1)):
+        for c in np.argsort(-table[k]):
+            if int(c) not in taken:
+                chosen.append({"colour": names[k], "colour_index": int(k), "channel": int(c),
+                               "auc": float(table[k, c])})  # fmt: skip
+                taken.add(int(c))
+                break
+        if len(chosen) == args.colours:
+            break
+    a = activity[timestep]
+    for entry in chosen:
+        positive = labels == entry["colour_index"]
+        w = (a[positive].mean(0) - a[~positive].mean(0)) / a.var(0)
+        w = w / np.linalg.norm(w)
+        entry["direction"] = w.astype(np.float32)
+        entry["direction_auc"] = float(auc(a @ w[:, None], positive)[0])
+    return {
+        "timestep": timestep, "images_per_colour": args.images,
+        "best_per_timestep": {str(t): {names[k]: [int(aucs[t][k].argmax()),
+                                                  round(float(aucs[t][k].max()), 3)]
+                                       for k in range(len(names))} for t in aucs},
+        "mean_best_auc": {str(t): float(aucs[t].max(1).mean()) for t in aucs},
+        "chosen": chosen,
+    }  # fmt: skip
+
+
+def dreams(model, dream, objective, init, seeds, timestep, renoise, args) -> np.ndarray:
+    """Render in batches of ``batch`` items (``objective(index)`` builds each batch's
+    objective); returns the decoded images (items, 64, 64, 3)."""
+    images = []
+    for start in range(0, len(init), args.batch):
+        index = np.arange(start, min(start + args.batch, len(init)))
+        result = dream.render(model, dream.thesis_objective(objective(index)), init[index],
+                              timestep=timestep, seeds=[seeds[i] for i in index],
+                              transforms=dream.default_transforms(renoise), steps=args.steps,
+                              lr=args.lr, progress=False)  # fmt: skip
+        images.append(result.images)
+        log(f"  {index[-1] + 1}/{len(init)} dreams, {result.seconds_per_step:.2f} s/step")
+    return np.concatenate(images)
+
+
+def counts(read: np.ndarray, random_read: np.ndarray, start_read: np.ndarray, k: int) -> dict:
+    from scipy.stats import binomtest, fisher_exact
+
+    hits, random_hits = read == k, random_read == k
+    n = len(read)
+    only_selective = int((hits & ~random_hits).sum())
+    only_random = int((~hits & random_hits).sum())
+    discordant = only_selective + only_random
+    return {
+        "selective": int(hits.sum()), "random": int(random_hits.sum()), "of": n,
+        "fisher_p": float(fisher_exact([[hits.sum(), n - hits.sum()],
+                                        [random_hits.sum(), n - random_hits.sum()]],
+                                       alternative="greater")[1]),
+        "pairs_only_selective": only_selective, "pairs_only_random": only_random,
+        "sign_test_p": float(binomtest(only_selective, discordant, 0.5, alternative="greater")
+                             .pvalue) if discordant else 1.0,
+        "turned_selective": int((hits & (start_read != k)).sum()),
+        "turned_random": int((random_hits & (start_read != k)).sum()),
+        "starts_not_colour": int((start_read != k).sum()),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--seeds", type=int, default=32)
+    parser.add_argument("--colours", type=int, default=3)
+    parser.add_argument("--images", type=int, default=32, help="shapes images per colour")
+    parser.add_argument("--timestep", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05, help="AdamW lr (thesis: 0.05)")
+    parser.add_argument("--tag", default="", help="suffix of the figure's file name")
+    parser.add_argument("--direction-both", action="store_true")
+    parser.add_argument("--no-direction", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--figures", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import diffprobe
+    from diffprobe.data import shapes
+    from diffprobe.data.attributes import read_attributes
+    from diffprobe.interventions import dream
+
+    names = shapes.COLOUR_NAMES
+    started = time.perf_counter()
+    model = diffprobe.load(args.model)
+    chosen_info = selectivity(model, args)
+    t, chosen = chosen_info["timestep"], chosen_info["chosen"]
+    log(f"t={t:g}: " + ", ".join(f"{c['colour']} ch {c['channel']} (AUC {c['auc']:.2f}, "
+                                 f"direction {c['direction_auc']:.2f})" for c in chosen))  # fmt: skip
+    n = args.seeds
+    seeds = list(range(n))
+    rng = np.random.default_rng(0)
+    others = [c for c in range(64) if c not in {e["channel"] for e in chosen}]
+    random_channels = [int(c) for c in rng.choice(others, size=n, replace=n > len(others))]
+    log(f"generating {n} empty-prompt start latents")
+    starts = model.generate([""] * n, steps=25, guidance_scale=1.0, seed=0,
+                            output_type="latent").float().cpu()  # fmt: skip
+    start_images = dream.decode(model, starts)
+    start_read = read_attributes(start_images)["colour"]
+    out: dict = {
+        "model": args.model, "site": SITE, "args": {k: str(v) for k, v in vars(args).items()},
+        "selectivity": {**chosen_info, "chosen": [{k: v for k, v in c.items() if k != "direction"}
+                                                  for c in chosen]},
+        "directions": {c["colour"]: [round(float(v), 5) for v in c["direction"]] for c in chosen},
+        "random_channels": random_channels,
+        "start_colours": [names[i] if i >= 0 else "none" for i in start_read], "variants": {},
+    }  # fmt: skip
+    grids: dict = {"start": start_images}
+    channel_targets = [c["channel"] for c in chosen for _ in seeds] + random_channels
+    channel_seeds = seeds * (len(chosen) + 1)
+    channel_init = starts[np.array(channel_seeds)]
+    for renoise in (True, False):
+        name = "renoise" if renoise else "no_renoise"
+        log(f"{name}: {len(channel_targets)} channel dreams at t={t:g}")
+        images = dreams(model, dream, lambda i: dream.channel(SITE, [channel_targets[j] for j in i]),
+                        channel_init, channel_seeds, t, renoise, args)  # fmt: skip
+        read = read_attributes(images)["colour"]
+        random_read = read[len(chosen) * n :]
+        variant = {"random_colours": [names[i] if i >= 0 else "none" for i in random_read]}
+        grids[f"{name}: random"] = images[len(chosen) * n :]
+        for j, c in enumerate(chosen):
+            block = read[j * n : (j + 1) * n]
+            variant[f"channel {c['channel']} ({c['colour']})"] = counts(
+                block, random_read, start_read, c["colour_index"])  # fmt: skip
+            grids[f"{name}: ch {c['channel']} ({c['colour']})"] = images[j * n : (j + 1) * n]
+        if renoise or args.direction_both:
+            if not args.no_direction:
+                vectors = torch.from_numpy(
+                    np.stack([c["direction"] for c in chosen for _ in seeds])
+                )
+                init = starts[np.array(seeds * len(chosen))]
+                log(f"{name}: {len(vectors)} direction dreams")
+                images = dreams(model, dream, lambda i, v=vectors: dream.direction(SITE, v[i]), init,
+                                seeds * len(chosen), t, renoise, args)  # fmt: skip
+                read = read_attributes(images)["colour"]
+                for j, c in enumerate(chosen):
+                    variant[f"direction ({c['colour']})"] = counts(
+                        read[j * n : (j + 1) * n], random_read, start_read, c["colour_index"]
+                    )
+                    grids[f"{name}: dir ({c['colour']})"] = images[j * n : (j + 1) * n]
+        out["variants"][name] = variant
+        log(json.dumps(variant, indent=1))
+        out["seconds"] = time.perf_counter() - started
+        text = json.dumps(out, indent=2)
+        if args.out:
+            from diffprobe.io import write_text
+
+            write_text(args.out, text + "\n")
+    print(text)
+    if args.figures:
+        from diffprobe.io import atomic_path
+        from diffprobe.report.dream import dream_grid
+
+        args.figures.mkdir(parents=True, exist_ok=True)
+        shown = min(n, 16)
+        grid = dream_grid([(label, list(imgs[:shown])) for label, imgs in grids.items()],
+                          [f"seed {s}" for s in seeds[:shown]],
+                          f"tiny {SITE}, t={t:g}, lr {args.lr:g}: colour-selective vs random")  # fmt: skip
+        with atomic_path(args.figures / f"dream_colour_grid{args.tag}.png", record=False) as tmp:
+            grid.save(tmp, format="PNG")
+
+
+if __name__ == "__main__":
+    main()
