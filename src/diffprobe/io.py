@@ -121,10 +121,28 @@ def atomic_path(path: str | Path, *, record: bool = True) -> Iterator[Path]:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}{path.suffix}")
     try:
         yield temporary
+        if temporary.is_file():  # writers that make their own files privately (safetensors: 0600)
+            os.chmod(temporary, file_mode())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def file_mode() -> int:
+    """The mode any tool's new files get: 0666 less the process's umask (0644 under 022)."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def normalise_modes(folder: Path) -> None:
+    """Give every file under ``folder`` :func:`file_mode` (third-party writers such as
+    ``save_pretrained`` write safetensors files 0600, unreadable to colleagues)."""
+    mode = file_mode()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def _is_temporary(name: str) -> bool:

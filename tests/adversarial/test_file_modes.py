@@ -59,3 +59,23 @@ def test_every_written_file_is_0644(umask_022, cli, sandbox, things_root, run_di
     for root in [run_dir, spatial_run_dir] + [work / c[c.index("--out") + 1] for c in commands]:
         assert len(modes(root)) > 2, root
         assert wrong(root) == {}, root
+
+
+def test_save_pretrained_and_safetensors_files_are_0644(umask_022, tmp_path):
+    """safetensors' ``save_file`` (and so ``save_pretrained``) makes its files 0600; the tiny-model
+    recipes' exported pipelines and the reader's weights must come out 0644 all the same."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffprobe.io import atomic_path
+    from diffprobe.train.ddpm import DDPMConfig, train_tiny_ddpm
+
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    assert stat.S_IMODE((tmp_path / "plain.safetensors").stat().st_mode) == 0o600  # the cause
+    with atomic_path(tmp_path / "ours" / "weights.safetensors") as temporary:
+        save_file({"a": torch.zeros(1)}, str(temporary))
+    assert wrong(tmp_path / "ours") == {}
+    out = tmp_path / "ddpm"
+    train_tiny_ddpm(out, config=DDPMConfig.small(), progress=False)
+    assert len(modes(out / "pipeline")) > 4
+    assert wrong(out) == {}

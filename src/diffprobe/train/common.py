@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffprobe.io import claim_output, write_bytes, write_json
+from diffprobe.io import claim_output, normalise_modes, write_bytes, write_json
 
 
 class JsonConfig:
@@ -297,9 +297,11 @@ def finish_metrics(metrics: dict[str, Any], *, began: float, folder: Path,
 
 @contextlib.contextmanager
 def staged_folder(target: Path) -> Iterator[Path]:
-    """Yield ``target.partial`` (emptied) to write into; on success it replaces ``target``."""
+    """Yield ``target.partial`` (emptied) to write into; on success it replaces ``target``, its
+    files given the usual mode (``save_pretrained`` writes safetensors 0600)."""
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     yield staging
+    normalise_modes(staging)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
