@@ -14,6 +14,17 @@ import torch  # noqa: E402
 # reductions are split across threads.
 torch.set_num_threads(1)
 
+# transformers and diffusers give their loggers a handler bound to the sys.stderr of the moment
+# they are first used; first used inside a test that captures output (capsys), that stream is
+# closed after the test and every later message is a "Logging error" traceback on stderr (which
+# the command-line tests refuse). Set up here, on the session's stderr, they do not depend on
+# which test runs first (a single file, an xdist worker's share).
+import diffusers.utils.logging  # noqa: E402
+import transformers.utils.logging  # noqa: E402
+
+transformers.utils.logging.get_verbosity()
+diffusers.utils.logging.get_verbosity()
+
 
 @pytest.fixture(scope="session")
 def sd_model():
@@ -21,6 +32,31 @@ def sd_model():
     from diffprobe.testing import dummy_sd_pipeline
 
     return diffprobe.from_pipeline(dummy_sd_pipeline(), name="dummy-sd")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_command_line_is_built_once():
+    """typer rebuilds the click command from the app's functions (their signatures and string
+    annotations evaluated, about 0.07 s) on every call of ``diffprobe.cli.main``; the suite calls
+    it in-process some 500 times, a fifth of the fast loop's time. An app's command is built
+    once here and reused: click parses each call afresh, and the app is complete at import
+    (every command registered by ``diffprobe.cli``). The subprocess tests build it as a user's
+    shell does."""
+    import typer.main
+
+    original = typer.main.get_command
+    built: dict[int, tuple] = {}
+
+    def get_command(instance):
+        # keyed by the app and its registrations: an app given more commands is built anew
+        key = (id(instance), len(instance.registered_commands), len(instance.registered_groups))
+        if key not in built or built[key][0] is not instance:
+            built[key] = (instance, original(instance))
+        return built[key][1]
+
+    typer.main.get_command = get_command
+    yield
+    typer.main.get_command = original
 
 
 @pytest.fixture(scope="session", autouse=True)
