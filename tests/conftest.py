@@ -232,3 +232,20 @@ def _no_global_state_leaks(request):
             with open(os.environ["DIFFPROBE_REPORT_LEAKS"], "a") as log:
                 log.write(f"{request.node.nodeid}: {', '.join(changed)}\n")
         _restore(before)
+
+
+# The longest tests (processes each started, killed and rerun; tmp_path their only fixture), in
+# seconds on an idle core: under pytest-xdist they go first, so that no worker is left with one
+# of them while the other has run dry (worksteal hands out the rest in file order).
+LONGEST_FIRST = (
+    "tests/test_runner_resume.py::test_kill_9_at_random_points_then_rerun",  # ~90 s
+    "tests/test_fidelity.py::test_torchrun_shards_equal_one_process",  # ~20 s
+    "tests/test_runner_resume.py::test_torchrun_two_ranks_fill_the_same_store",  # ~17 s
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # not an xdist worker: file order
+        return
+    first = [item for name in LONGEST_FIRST for item in items if item.nodeid == name]
+    items[:] = first + [item for item in items if item not in first]
