@@ -37,7 +37,8 @@ XDIST := -n $(TEST_WORKERS) --maxprocesses 8 --dist worksteal
 test: install
 	$(BIN)/python -m pytest tests $(XDIST)
 
-# the fast loop: everything but the tests marked slow (subprocesses, training, doc pages)
+# the fast loop: everything but the tests marked slow (subprocesses, training, doc pages, and
+# any test over about 0.5 s on an idle core)
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow" $(XDIST)
 
