@@ -27,12 +27,20 @@ demo:
 	$(BIN)/diffprobe run examples/demo.yaml --out runs/demo && \
 	echo "make demo: wall time $$(( $$(date +%s) - start )) s (install included)"
 
-test: install
-	$(BIN)/python -m pytest tests
+# The suite runs on one pytest-xdist worker per core (at most 8: each loads its own dummy
+# models); `make test TEST_WORKERS=0` runs it in this process. worksteal: each worker starts on
+# its half of the tests in file order (module fixtures are built once per worker) and takes
+# over the rest of the other's when it runs dry.
+TEST_WORKERS ?= auto
+XDIST := -n $(TEST_WORKERS) --maxprocesses 8 --dist worksteal
 
-# the fast loop: everything but the tests marked slow (subprocesses, training, doc pages)
+test: install
+	$(BIN)/python -m pytest tests $(XDIST)
+
+# the fast loop: everything but the tests marked slow (subprocesses, training, doc pages, and
+# any test over about 0.5 s on an idle core)
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow" $(XDIST)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

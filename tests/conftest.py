@@ -14,6 +14,17 @@ import torch  # noqa: E402
 # reductions are split across threads.
 torch.set_num_threads(1)
 
+# transformers and diffusers give their loggers a handler bound to the sys.stderr of the moment
+# they are first used; first used inside a test that captures output (capsys), that stream is
+# closed after the test and every later message is a "Logging error" traceback on stderr (which
+# the command-line tests refuse). Set up here, on the session's stderr, they do not depend on
+# which test runs first (a single file, an xdist worker's share).
+import diffusers.utils.logging  # noqa: E402
+import transformers.utils.logging  # noqa: E402
+
+transformers.utils.logging.get_verbosity()
+diffusers.utils.logging.get_verbosity()
+
 
 @pytest.fixture(scope="session")
 def sd_model():
@@ -21,6 +32,31 @@ def sd_model():
     from diffprobe.testing import dummy_sd_pipeline
 
     return diffprobe.from_pipeline(dummy_sd_pipeline(), name="dummy-sd")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_command_line_is_built_once():
+    """typer rebuilds the click command from the app's functions (their signatures and string
+    annotations evaluated, about 0.07 s) on every call of ``diffprobe.cli.main``; the suite calls
+    it in-process some 500 times, a fifth of the fast loop's time. An app's command is built
+    once here and reused: click parses each call afresh, and the app is complete at import
+    (every command registered by ``diffprobe.cli``). The subprocess tests build it as a user's
+    shell does."""
+    import typer.main
+
+    original = typer.main.get_command
+    built: dict[int, tuple] = {}
+
+    def get_command(instance):
+        # keyed by the app and its registrations: an app given more commands is built anew
+        key = (id(instance), len(instance.registered_commands), len(instance.registered_groups))
+        if key not in built or built[key][0] is not instance:
+            built[key] = (instance, original(instance))
+        return built[key][1]
+
+    typer.main.get_command = get_command
+    yield
+    typer.main.get_command = original
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -196,3 +232,20 @@ def _no_global_state_leaks(request):
             with open(os.environ["DIFFPROBE_REPORT_LEAKS"], "a") as log:
                 log.write(f"{request.node.nodeid}: {', '.join(changed)}\n")
         _restore(before)
+
+
+# The longest tests (processes each started, killed and rerun; tmp_path their only fixture), in
+# seconds on an idle core: under pytest-xdist they go first, so that no worker is left with one
+# of them while the other has run dry (worksteal hands out the rest in file order).
+LONGEST_FIRST = (
+    "tests/test_runner_resume.py::test_kill_9_at_random_points_then_rerun",  # ~90 s
+    "tests/test_fidelity.py::test_torchrun_shards_equal_one_process",  # ~20 s
+    "tests/test_runner_resume.py::test_torchrun_two_ranks_fill_the_same_store",  # ~17 s
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # not an xdist worker: file order
+        return
+    first = [item for name in LONGEST_FIRST for item in items if item.nodeid == name]
+    items[:] = first + [item for item in items if item not in first]

@@ -420,6 +420,7 @@ def test_cli_align_probe_regress(run_dir, things_root, tmp_path):
     assert isinstance(result.exception, DataError) and "missing" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_demo(run_dir, things_root, tmp_path, capsys):
     numbers = alignment_demo(run_dir, things_root, tmp_path / "demo")
     rows = read_rows(tmp_path / "demo" / "alignment.csv")

@@ -50,6 +50,7 @@ def test_binnings_and_bins():
     assert len(train) == len(test) == 5 and not set(train) & set(test)
 
 
+@pytest.mark.slow
 def test_position_probe_finds_planted_code_and_not_noise():
     rng = np.random.default_rng(0)
     items, size, channels = 20, 16, 32

@@ -17,6 +17,7 @@ def test_reader_weights_ship_with_the_package():
     assert attributes.READER_PATH.stat().st_size < 1_000_000
 
 
+@pytest.mark.slow
 def test_accuracy_on_clean_generator_images(fresh):
     scores = attributes.attribute_accuracy(fresh.images, fresh.factors)
     assert scores["colour"] >= 0.98
@@ -27,6 +28,7 @@ def test_accuracy_on_clean_generator_images(fresh):
     assert scores["position_error"] < 0.5  # px
 
 
+@pytest.mark.slow
 def test_accuracy_on_blurred_noisy_images(fresh):
     images = attributes.degrade(fresh.images, seed=0, blur=1.0, noise=10.0, jpeg=50, jitter=0.1)
     scores = attributes.attribute_accuracy(images, fresh.factors)

@@ -41,6 +41,7 @@ def test_sites_are_nine_distinct_in_execution_order(bench, sd_model, setting):
     assert sites[-1] == "unet.up_blocks.1"
 
 
+@pytest.mark.slow
 def test_hand_loop_and_nnsight_equal_the_store(bench, sd_model, setting, tmp_path):
     source, images, sites = setting
     noise = [0.05, 0.7]

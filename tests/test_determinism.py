@@ -24,6 +24,7 @@ def _vae_and_unet(pipe, images, t, embeds):
     return latents, pipe.unet(latents, t, embeds).sample
 
 
+@pytest.mark.slow
 def test_tiny_vae_and_unet_give_the_same_bits_alone_and_in_a_batch(tiny):
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(8, 3, 64, 64, generator=generator) * 2 - 1

@@ -16,7 +16,7 @@ def _blocks(page: str) -> list[str]:
 
 
 # the pages whose examples take seconds (they load `tiny` and generate) run in `make test` only
-SLOW_PAGES = {"README.md", "docs/tiny.md"}
+SLOW_PAGES = {"README.md", "docs/tiny.md", "docs/dream.md", "docs/attribution.md"}
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,7 @@ def test_batch_size_does_not_change_results(reference_run, model, source, tmp_pa
     assert_runs_equal(reference_run, open_run(tmp_path / "bs1"), exact=False)
 
 
+@pytest.mark.slow
 def test_two_shards_give_the_identical_store(reference_run, model, source, tmp_path):
     for index in (1, 0):  # any order
         extract(
@@ -356,6 +357,7 @@ def test_a_different_extraction_into_the_same_folder_is_refused(model, source, r
         extract(model, source, make_plan(seed=6), reference_run.root, progress=False)
 
 
+@pytest.mark.slow
 def test_runs_in_the_first_store_layout_open_and_are_not_resumed_into_the_new_one(
     model, source, reference_run, tmp_path
 ):
@@ -429,6 +431,7 @@ def test_bad_plans_fail_before_any_work(model, source, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_changed_weights_in_the_same_folder_are_a_different_extraction(
     pipeline_folder, source, tmp_path
 ):

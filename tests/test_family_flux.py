@@ -55,6 +55,7 @@ def test_t5_length_token_shapes_and_the_sigma_received(schnell, dev, latents):
     assert cache.records(sites[0])[0].timestep == 1.0
 
 
+@pytest.mark.slow
 def test_a_true_cfg_call_is_denoise_on_its_inputs(dev):
     cfg = dict(guidance_scale=3.0, true_cfg_scale=2.5, negative_prompt="")
     sites = [*DENOISER_SITES, "transformer:input"]

@@ -52,6 +52,7 @@ def cfg_run(sd_model, tmp_path_factory):
     return features.open_activity(root)
 
 
+@pytest.mark.slow
 def test_each_cfg_branch_equals_a_hand_hook_on_its_half(sd_model, cfg_run):
     assert cfg_run.branches == ["uncond", "cond"]
     n = len(cfg_run.items)

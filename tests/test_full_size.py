@@ -154,6 +154,7 @@ def test_bfloat16_keeps_float32_modules():
     assert block.layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # _keep_in_fp32_modules
 
 
+@pytest.mark.slow
 def test_sd15_site_shapes_at_512():
     shapes = meta.site_shapes("sd1.5", 512)
     assert shapes["unet.mid_block"].shape == (1280, 8, 8)
@@ -174,12 +175,14 @@ def test_sd15_site_shapes_at_512():
     assert meta.site_shapes("sd1.5") == shapes  # 512 px is the native size
 
 
+@pytest.mark.slow
 def test_site_shapes_follow_the_image_size():
     shapes = meta.site_shapes("sd1.5", 768, components=["unet"])
     assert shapes["unet.mid_block"].shape == (1280, 12, 12)
     assert all(site.startswith("unet.") for site in shapes)
 
 
+@pytest.mark.slow
 def test_sd3_transformer_block_at_1024():
     shapes = meta.site_shapes("sd3", 1024, components=["transformer"])
     block = shapes["transformer.transformer_blocks.8"]
@@ -190,6 +193,7 @@ def test_sd3_transformer_block_at_1024():
     assert last.elements == {"hidden_states": (4096, 1536)}
 
 
+@pytest.mark.slow
 def test_flux_sites():
     shapes = meta.site_shapes("flux-schnell", 1024, components=["transformer"])
     assert shapes["transformer.transformer_blocks.0"].shape == (4096, 3072)
@@ -198,6 +202,7 @@ def test_flux_sites():
     assert shapes["transformer.proj_out"].shape == (4096, 64)
 
 
+@pytest.mark.slow
 def test_text_encoder_layers():
     sd15 = meta.site_shapes("sd1.5", components=["text_encoder"])
     assert sd15["text_encoder.encoder.layers.11"].shape == (77, 768)
@@ -281,6 +286,7 @@ def test_cached_result_cannot_be_changed_by_callers():
         again["text_encoder.encoder"].elements["x"] = (1,)
 
 
+@pytest.mark.slow
 def test_local_diffusers_folder(tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig

@@ -88,6 +88,7 @@ def test_a_site_of_one_branch_needs_no_choice(guided, sd_model):
 # -- hole 2: a capture around the native pipeline recorded the doubled batch as "none" ----------
 
 
+@pytest.mark.slow
 def test_capture_around_the_native_pipeline_splits_the_branches(sd_model, guided):
     reference = plain(sd_model.pipe)
     for target in (sd_model, sd_model.pipe):  # a diffprobe model or the bare pipeline
@@ -254,6 +255,7 @@ def top_level_blocks(unet):
     return [*names, "unet.mid_block"]  # in module registration order
 
 
+@pytest.mark.slow
 def test_run_with_cache_is_capture_around_generate(sd_model):
     images, cache = sd_model.run_with_cache(
         PROMPT, "unet.*_block*", steps=3, guidance_scale=5.0, seed=0

@@ -104,6 +104,7 @@ def test_channels_restrict_an_edit(sd_model, inputs):
     assert torch.equal(after, expected)
 
 
+@pytest.mark.slow
 def test_scale_replace_ablate_clamp_on_the_captured_value(sd_model, inputs):
     before, after = captured(sd_model, inputs, SITE, Scale(SITE, 0.5))
     assert torch.equal(after, before * 0.5)
@@ -129,6 +130,7 @@ def test_masks_on_maps_and_on_tokens(sd_model, inputs):
     assert torch.equal(after, torch.where(mask.reshape(1, 256, 1), before * 2.0, before))
 
 
+@pytest.mark.slow
 def test_edits_apply_to_their_branch_only(sd_model, inputs):
     x_t, t, cond = inputs
     value = torch.randn(3, 64, 16, 16)  # per item: each branch has 3 items
@@ -201,6 +203,7 @@ def test_patch_transplants_one_branch(sd_model, inputs):
     assert not torch.equal(source[SITE, "uncond"], plain[SITE, "uncond"])
 
 
+@pytest.mark.slow
 def test_windows_in_noise_levels_and_timesteps_select_the_same_calls(sd_model):
     scheduler = sd_model.pipe.scheduler
     scheduler.set_timesteps(4)

@@ -184,6 +184,7 @@ def test_mean_difference_and_pca_find_a_planted_direction():
     assert abs(components[0, 1, 0, 1]) > 0.99 and explained[0] > 0.9
 
 
+@pytest.mark.slow
 def test_s_dir_frechet_kid_linearity_on_planted_data():
     rng = np.random.default_rng(0)
     original = rng.normal(size=(50, 8))

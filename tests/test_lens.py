@@ -193,6 +193,7 @@ def test_t5_readout_equals_truncated_encoder():
 # ----------------------------------------------------------------------------- generation rules
 
 
+@pytest.mark.slow
 def test_identical_embeddings_give_identical_images():
     """Layer 3 of this encoder equals layer 2 (block 2 zeroed), so the same initial noise per
     layer must give identical images at layers 2 and 3."""
@@ -336,6 +337,7 @@ def test_errors(sd_model):
 # ----------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.slow
 def test_save_writes_pngs_grid_and_metadata(sd_model, tmp_path):
     from PIL import Image
 
@@ -360,6 +362,7 @@ def test_save_writes_pngs_grid_and_metadata(sd_model, tmp_path):
     assert len(meta["files"]) == 4 and not list(out.glob(".*"))  # no temporary files left
 
 
+@pytest.mark.slow
 def test_several_prompts_match_single_prompt_runs(sd_model):
     prompts = [PROMPT, "a blue square"]
     batched = lens(sd_model, prompts, layers=[2], seeds=[4], steps=STEPS, batch_size=2,
@@ -395,6 +398,7 @@ def small_sd_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_demo(small_sd_folder, tmp_path, capsys):
     from diffprobe.lens import demo
 
@@ -406,6 +410,7 @@ def test_demo(small_sd_folder, tmp_path, capsys):
     assert summary["grid"] in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli(small_sd_folder, tmp_path):
     from typer.testing import CliRunner
 

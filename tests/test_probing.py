@@ -45,6 +45,7 @@ def planted():
     return features, triplets, truth
 
 
+@pytest.mark.slow
 def test_probe_improves_held_out_ooo(planted):
     features, triplets, truth = planted
     assert ooo_accuracy(truth, triplets, "dot") == 1.0
@@ -57,6 +58,7 @@ def test_probe_improves_held_out_ooo(planted):
     assert result.probed_std < 0.1
 
 
+@pytest.mark.slow
 def test_identity_regulariser_and_pca(planted):
     features, triplets, _ = planted
     result = probe(

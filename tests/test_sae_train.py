@@ -279,6 +279,7 @@ def test_iterators_train_with_a_token_budget():
     assert sae.d_in == 12
 
 
+@pytest.mark.slow
 def test_training_on_a_spatial_run_records_where_the_activations_came_from(sd_model, tmp_path):
     from diffprobe.data.sources import open_source
     from diffprobe.extract import Condition, ExtractionPlan, extract

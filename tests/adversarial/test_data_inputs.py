@@ -567,6 +567,7 @@ def test_a_concept_without_finite_items_is_left_out_everywhere(nan_run, things_r
     assert covered.sum() == 47 and all(np.isfinite(v).all() for v in features.values())
 
 
+@pytest.mark.slow
 def test_nan_store_through_the_cli(cli, sandbox, nan_run, things_root, caplog):
     _plant(nan_run, {("unet.mid_block", "p0.1"): [1, 2]})
     outcome = cli("align", nan_run, "--things", things_root, "--out", "aligned", "--json")

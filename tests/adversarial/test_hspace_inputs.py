@@ -47,6 +47,7 @@ def test_delta_file_not_safetensors(refused, tmp_path):
              "--delta", str(delta), "--out", "out"], [str(delta), "safetensors"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_model_without_mid_block(refused, tmp_path):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 

@@ -262,6 +262,7 @@ def test_refusals_are_one_line(refused):
         assert outcome.err.startswith("error: ") and outcome.err.count("\n") == 1, outcome.err
 
 
+@pytest.mark.slow
 def test_the_grid_still_accepts_what_is_valid(sandbox, cli):
     """The checks refuse only what is wrong: the edges of the schedule and a timestep grid
     are taken, and the run is written."""
