@@ -20,7 +20,9 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny", help="alias or pipeline folder")
+    parser.add_argument("--name", default=None,
+                        help="name in the result file and runs folder (default: --model)")  # fmt: skip
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--train-items", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lambda-recon", type=float, default=3.0)
     parser.add_argument("--label", default="", help="suffix of the result key and folders")
     args = parser.parse_args()
 
@@ -41,10 +44,11 @@ def main() -> None:
     from diffprobe.stages.hspace import evaluate, make_direction, train
 
     torch.set_num_threads(1)
-    runs = Path(args.runs or f"runs/hspace-gt-{args.model}")
+    name = args.name or args.model
+    runs = Path(args.runs or f"runs/hspace-gt-{name}")
     model = diffprobe.load(args.model)
     strengths = [float(v) for v in args.strengths.split(",")]
-    out = Path(f"benchmarks/results/hspace_{args.model}.json")
+    out = Path(f"benchmarks/results/hspace_{name}.json")
     results = {"model": args.model, "items": args.items, "steps": args.steps, "methods": {}}
     if out.exists():  # methods measured by an earlier call stay
         results["methods"] = json.loads(out.read_text()).get("methods", {})
@@ -64,6 +68,7 @@ def main() -> None:
                 optimizer=args.optimizer,
                 learning_rate=args.lr,
                 epochs=args.epochs,
+                lambda_recon=args.lambda_recon,
             )
             train(model, folder, source="red", target="blue", kind=method,
                   items=args.train_items, config=config, t_edit=args.t_edit, t_boost=-1,
@@ -82,6 +87,7 @@ def main() -> None:
             "lr": args.lr,
             "epochs": args.epochs,
             "train_items": args.train_items,
+            "lambda_recon": args.lambda_recon,
         }
         results["methods"][key] = result
         at_one = next(r for r in result["rows"] if r["strength"] == 1.0)

@@ -85,7 +85,7 @@ def edit_images(model, x_T: torch.Tensor, sources, *, strength: float, steps: in
                         train_steps=train_steps)  # fmt: skip
     with torch.no_grad():
         return decode(model, sample(model, x_T, steps=steps, hspace=hspace, t_boost=t_boost,
-                                    seed=seed))  # fmt: skip
+                                    seed=seed, clip_sample=False))  # fmt: skip
 
 
 def _clip_distance(scorer: ClipScorer):
@@ -155,7 +155,7 @@ def capture_h(model, x_T: torch.Tensor, steps: int) -> torch.Tensor:
 
     site = f"{model.denoiser_name}.{SITE}"
     with torch.no_grad(), capture(model, [site]) as cache:
-        sample(model, x_T, steps=steps)
+        sample(model, x_T, steps=steps, clip_sample=False)
     return cache.stack(site).reshape(steps, len(x_T), *cache.last(site).shape[1:])
 
 

@@ -8,7 +8,8 @@ Loss at one timestep t ≥ t_edit (Asyrp ``diffusion_latent.py: run_training``):
 with ΔI = E_I(P_t^edit) − E_I(x_0) (x_0 the real image the chain was inverted from), ΔT the unit
 target − source text direction averaged over prompt templates, P_t^edit the predicted x0 from
 the edited noise ε̃ (decoded to pixels for latent models: the VAE decode is in the graph), and
-P_t^ref the same without Δh. One optimiser step per timestep; the chain continues with the
+P_t^ref the same without Δh, neither clipped (chains of inverted images, as
+``sample(clip_sample=False)``). One optimiser step per timestep; the chain continues with the
 asymmetric step from a detached x_t, so nothing back-propagates through the chain.
 """
 
@@ -100,9 +101,9 @@ def train_delta(model: Any, source: nn.Module, x0: torch.Tensor, x_T: torch.Tens
                 eps, eps_edit = denoise_pair(model, x.detach(), timestep, cond, guidance_scale,
                                              hspace, config.steps, grad=True)  # fmt: skip
                 alpha = plan.alpha(timestep)
-                p_edit = decode(model, predicted_x0(x.detach(), eps_edit, alpha, plan.clip_sample))
+                p_edit = decode(model, predicted_x0(x.detach(), eps_edit, alpha, None))
                 with torch.no_grad():
-                    p_ref = decode(model, predicted_x0(x, eps, alpha, plan.clip_sample))
+                    p_ref = decode(model, predicted_x0(x, eps, alpha, None))
                 clip_term = directional_loss(scorer.images(p_edit) - reference, delta_text).mean()
                 recon = (p_edit - p_ref).abs().mean()
                 loss = config.lambda_clip * clip_term + config.lambda_recon * recon_weight * recon
@@ -111,8 +112,7 @@ def train_delta(model: Any, source: nn.Module, x0: torch.Tensor, x_T: torch.Tens
                 optimizer.step()
                 with torch.no_grad():
                     x, _ = asymmetric_step(x, eps, eps_edit.detach(), alpha,
-                                           plan.alpha(plan.previous(index)),
-                                           clip=plan.clip_sample)  # fmt: skip
+                                           plan.alpha(plan.previous(index)))  # fmt: skip
                 row = {"epoch": epoch, "timestep": timestep, "loss": loss.item(),
                        "clip": clip_term.item(), "recon": recon.item()}  # fmt: skip
                 history.append(row)
