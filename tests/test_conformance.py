@@ -581,7 +581,12 @@ def test_cfg_branches_are_labelled_and_kept_apart(case, model, reference):
         for name in hooked:
             expected = cache.records(name, branch=branch, call=1)[0].value
             assert torch.equal(same_batch.last(name)[: len(PROMPTS)], expected), (name, branch)
-            torch.testing.assert_close(alone.last(name), expected, rtol=1e-5, atol=1e-6)
+            # float32 rounding of sums that CPU kernels block differently for a batch of 2 and
+            # of 4 scales with the values (an AMD EPYC: 2.8e-6 where max |x| = 3.7, past the
+            # old fixed 1e-6); a mixed-up branch differs by the cond - uncond gap, ~0.1-1
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(alone.last(name), expected, rtol=1e-5,
+                                       atol=max(1e-6, 1e-5 * scale))  # fmt: skip
 
 
 def test_stop_early_equals_the_full_forward(case, model, noisy):
