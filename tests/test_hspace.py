@@ -300,3 +300,14 @@ def test_inverted_chains_of_a_clipping_ddpm_reconstruct():
 
     assert psnr_db(pixels) >= 25
     assert psnr_db(H.sample(model, x_T, steps=20)) < 15  # the scheduler's clipping
+
+
+@pytest.mark.parametrize("kind", ["conv", "transformer"])
+def test_learned_delta_follows_h_to_its_device(kind):
+    """The scheduler's timesteps live on the CPU while h and f_t sit on the GPU: the timestep
+    embedding must follow h (a CUDA run failed in F.linear with mat1 on the CPU). The meta
+    device stands in for the GPU: a CPU tensor meeting meta weights fails the same way."""
+    delta = H.build_delta(kind, (16, 4, 4), 4).to("meta")
+    h = torch.zeros(2, 16, 4, 4, device="meta")
+    out = delta(h, torch.tensor(500), 0)
+    assert out.device.type == "meta" and out.shape == h.shape

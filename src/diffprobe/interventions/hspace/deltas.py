@@ -82,7 +82,7 @@ class DeltaBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, h: torch.Tensor, timestep: torch.Tensor, step_index: int = 0) -> torch.Tensor:
-        temb = timestep_embedding(timestep.expand(h.shape[0])).to(h.dtype)
+        temb = timestep_embedding(timestep.expand(h.shape[0])).to(h.device, h.dtype)
         x = self.conv1(h) + self.time(nn.functional.silu(temb))[:, :, None, None]
         return self.conv2(nn.functional.silu(self.norm(x)))
 
@@ -115,7 +115,7 @@ class TransformerDelta(nn.Module):
         x = self.pixel(h.flatten(2).transpose(1, 2))  # (items, pixels, channels)
         x = self.channel(x.transpose(1, 2))  # (items, channels, pixels)
         x = x.reshape(items, channels, height, width)
-        temb = timestep_embedding(timestep.expand(items)).to(h.dtype)
+        temb = timestep_embedding(timestep.expand(items)).to(h.device, h.dtype)
         scale, shift = self.time(nn.functional.silu(temb)).chunk(2, dim=1)
         x = self.norm(x) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         return self.out(nn.functional.silu(x))
