@@ -303,6 +303,14 @@ def test_page_through_features_of_an_activity_run(recorder, feature_inspector, f
     assert "of 12" in page.inner_text("#unit-count")
     # a dreamt channel: the dream tab with its optimisation-progress slider, and its priors
     page.select_option("#site", f["site"])
+    # the site's own first unit must be shown before the channel box is typed in: a change
+    # typed while the site is still loading is overwritten by its first unit (a flaky race)
+    for _ in range(200):
+        if "SAE feature" not in page.inner_text("#feature-title"):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the channel site never replaced the SAE site's view")
     target = f["targets"][0]
     page.fill("#channel", str(target))
     page.dispatch_event("#channel", "change")
