@@ -26,6 +26,15 @@ sigma 0.5 -> 0), with and without renoise:
   diagonal-LDA direction (mean of colour k minus mean of the rest, divided by the per-channel
   variance, unit norm) of the same activations, dreamt with ``dream.direction``.
 
+With ``--sae PATH`` (an SAE of SITE, e.g. the one ``benchmarks/sae_tiny.py --stage train``
+writes to runs/sae-tiny/sae) the arms are SAE features instead, through ``dream.sae_feature``
+with the thesis' SAE settings (TV 0, moment 0.5, range 0.5, no blur): the features named by
+``--sae-features`` (default ``2:blue``, the blue feature of docs/sae.md), the ``--sae-best``
+features most selective under the dream's view (ROC AUC of the token mean of each feature's
+dense pre-activation, the value ``sae_feature`` maximises, on the same noised shapes images at
+t; one colour each, best colours first), and ``--seeds`` random live SAE features (pre-activation
+> 0 on some of those images, none of the chosen ones; one per seed) as the baseline.
+
 The attribute reader reads every decoded dream and start. Per colour and variant: dreams read
 as the colour (selective against random), the one-sided Fisher exact p, the paired sign test
 (seeds where only the selective dream is read as the colour against seeds where only the
@@ -37,6 +46,12 @@ random one is), and how many dreams turn to the colour from a start that is not 
     PYTHONPATH=src nice .venv/bin/python benchmarks/dream_colour.py --seeds 32 --colours 3 \
         --lr 0.01 --tag _lr001 --out benchmarks/results/dream_colour_lr001.json \
         --figures docs/figures
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/sae_tiny.py \
+        --stage train --threads 1 --work runs/sae-tiny --out benchmarks/out/sae_tiny_retrain.json
+    PYTHONPATH=src nice .venv/bin/python benchmarks/dream_colour.py --seeds 32 --timestep 101 \
+        --sae runs/sae-tiny/sae --sae-features 2:blue --sae-best 2 --lr 0.01 --tag _sae_lr001 \
+        --out benchmarks/results/dream_colour_sae_lr001.json --figures docs/figures
 
 (Results and figures in docs/dream.md; the figure shows the first 16 seeds.)
 """
@@ -71,17 +86,27 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def channel_means(model, z: torch.Tensor, timestep: float) -> np.ndarray:
+def channel_means(model, z: torch.Tensor, timestep: float, sae=None) -> np.ndarray:
     """(items, channels) spatial means at SITE of z noised to ``timestep`` with
-    ``item_noise(shape, 0, items)`` under the empty prompt: ``dream.measure``'s view."""
+    ``item_noise(shape, 0, items)`` under the empty prompt: ``dream.measure``'s view. With
+    ``sae``: (items, d_sae) token means of the SAE's dense pre-activations instead, what
+    ``dream.sae_feature`` maximises (in chunks of 32 items)."""
     import diffprobe
     from diffprobe.models.noise import item_noise
 
     noise = item_noise(z.shape[1:], 0, range(len(z)))
     x_t, t = model.add_noise(z, timestep=timestep, noise=noise)
-    with diffprobe.capture(model, SITE, stop_early=True) as cache:
-        model.denoise(x_t, t, model.encode_prompt([""] * len(z)))
-    return cache.last(SITE).float().mean((2, 3)).cpu().numpy()
+    out = []
+    for chunk in torch.split(torch.arange(len(z)), 32):
+        with diffprobe.capture(model, SITE, stop_early=True) as cache:
+            model.denoise(x_t[chunk], t[chunk], model.encode_prompt([""] * len(chunk)))
+        maps = cache.last(SITE).float()
+        if sae is None:
+            out.append(maps.mean((2, 3)))
+        else:
+            tokens = maps.flatten(2).transpose(1, 2).to(sae.dtype)  # (items, tokens, d_in)
+            out.append(sae.pre_acts(tokens).float().mean(1))
+    return torch.cat(out).cpu().numpy()
 
 
 def selectivity(model, args) -> dict:
@@ -134,19 +159,21 @@ def selectivity(model, args) -> dict:
                                        for k in range(len(names))} for t in aucs},
         "mean_best_auc": {str(t): float(aucs[t].max(1).mean()) for t in aucs},
         "chosen": chosen,
-    }  # fmt: skip
+    }, z, labels  # fmt: skip
 
 
-def dreams(model, dream, objective, init, seeds, timestep, renoise, args) -> np.ndarray:
+def dreams(model, dream, objective, init, seeds, timestep, renoise, args, sae=False) -> np.ndarray:
     """Render in batches of ``batch`` items (``objective(index)`` builds each batch's
-    objective); returns the decoded images (items, 64, 64, 3)."""
+    objective); returns the decoded images (items, 64, 64, 3). ``sae``: the thesis' SAE
+    settings (TV 0, moment 0.5, no blur) instead of the raw-channel ones."""
     images = []
     for start in range(0, len(init), args.batch):
         index = np.arange(start, min(start + args.batch, len(init)))
-        result = dream.render(model, dream.thesis_objective(objective(index)), init[index],
-                              timestep=timestep, seeds=[seeds[i] for i in index],
-                              transforms=dream.default_transforms(renoise), steps=args.steps,
-                              lr=args.lr, progress=False)  # fmt: skip
+        result = dream.render(model, dream.thesis_objective(objective(index), sae=sae),
+                              init[index], timestep=timestep, seeds=[seeds[i] for i in index],
+                              transforms=dream.default_transforms(renoise),
+                              filters=dream.default_filters(0.0 if sae else 0.5),
+                              steps=args.steps, lr=args.lr, progress=False)  # fmt: skip
         images.append(result.images)
         log(f"  {index[-1] + 1}/{len(init)} dreams, {result.seconds_per_step:.2f} s/step")
     return np.concatenate(images)
@@ -174,6 +201,76 @@ def counts(read: np.ndarray, random_read: np.ndarray, start_read: np.ndarray, k:
     }  # fmt: skip
 
 
+def parse_features(text: str) -> list[tuple[int, str]]:
+    """``"2:blue,784:yellow"`` -> [(2, "blue"), (784, "yellow")]."""
+    pairs = [item.split(":") for item in text.split(",") if item]
+    return [(int(f), colour) for f, colour in pairs]
+
+
+def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grids) -> str:
+    """The SAE arms: the given features (``--sae-features``) and the ``--sae-best`` features
+    most selective under the dream's view (the empty prompt at t), against ``--seeds`` random
+    live SAE features from the same starts; thesis SAE settings (TV 0, moment 0.5, range 0.5,
+    no blur). Fills ``out`` and ``grids``; returns the JSON text."""
+    from diffprobe.data import shapes
+    from diffprobe.data.attributes import read_attributes
+    from diffprobe.io import write_text
+    from diffprobe.sae import load_sae
+
+    names = shapes.COLOUR_NAMES
+    sae = load_sae(args.sae)
+    log(f"SAE {args.sae}: d_in {sae.d_in}, d_sae {sae.d_sae}, k {sae.k}; selectivity at t={t:g}")
+    acts = channel_means(model, z, t, sae=sae)  # (items, d_sae): the dream's objective values
+    live = (acts > 0).any(0)
+    table = np.stack([auc(acts, labels == k) for k in range(len(names))])  # (colours, d_sae)
+    ranks = (-table).argsort(1).argsort(1) + 1  # 1 = the colour's most selective feature
+    chosen = [{"feature": f, "colour": c, "colour_index": names.index(c), "source": "given"}
+              for f, c in parse_features(args.sae_features)]  # fmt: skip
+    taken = {e["feature"] for e in chosen}
+    for k in np.argsort(-table.max(1))[: args.sae_best]:
+        f = next(int(f) for f in np.argsort(-table[k]) if int(f) not in taken)
+        chosen.append({"feature": f, "colour": names[k], "colour_index": int(k), "source": "best"})
+        taken.add(f)
+    for e in chosen:
+        k, f = e["colour_index"], e["feature"]
+        e.update(auc=float(table[k, f]), rank=int(ranks[k, f]), live=bool(live[f]))
+    log("SAE arms: " + ", ".join(f"feature {e['feature']} ({e['colour']}, AUC {e['auc']:.2f}, "
+                                 f"rank {e['rank']})" for e in chosen))  # fmt: skip
+    n = args.seeds
+    seeds = list(range(n))
+    pool = [f for f in np.flatnonzero(live) if int(f) not in taken]
+    random_features = [int(f) for f in np.random.default_rng(1).choice(pool, size=n, replace=False)]
+    out["sae"] = {
+        "path": str(args.sae), "d_sae": sae.d_sae, "k": sae.k, "timestep": t,
+        "live_features": int(live.sum()), "chosen": chosen, "random_features": random_features,
+        "best_per_colour": {names[k]: [int(table[k].argmax()), round(float(table[k].max()), 3)]
+                            for k in range(len(names))},
+    }  # fmt: skip
+    targets = [e["feature"] for e in chosen for _ in seeds] + random_features
+    dream_seeds = seeds * (len(chosen) + 1)
+    init = starts[np.array(dream_seeds)]
+    for renoise in (True, False):
+        name = "renoise" if renoise else "no_renoise"
+        log(f"{name}: {len(targets)} SAE feature dreams at t={t:g}")
+        images = dreams(model, dream, lambda i: dream.sae_feature(SITE, sae, [targets[j] for j in i]),
+                        init, dream_seeds, t, renoise, args, sae=True)  # fmt: skip
+        read = read_attributes(images)["colour"]
+        random_read = read[len(chosen) * n :]
+        variant = {"random_colours": [names[i] if i >= 0 else "none" for i in random_read]}
+        grids[f"{name}: random features"] = images[len(chosen) * n :]
+        for j, e in enumerate(chosen):
+            label = f"feature {e['feature']} ({e['colour']})"
+            variant[label] = counts(read[j * n : (j + 1) * n], random_read, start_read,
+                                    e["colour_index"])  # fmt: skip
+            grids[f"{name}: f {e['feature']} ({e['colour']})"] = images[j * n : (j + 1) * n]
+        out["variants"][name] = variant
+        log(json.dumps(variant, indent=1))
+        text = json.dumps(out, indent=2)
+        if args.out:
+            write_text(args.out, text + "\n")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny")
@@ -187,6 +284,12 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the figure's file name")
     parser.add_argument("--direction-both", action="store_true")
     parser.add_argument("--no-direction", action="store_true")
+    parser.add_argument("--sae", type=Path, default=None,
+                        help="dream this SAE's features instead of channels")  # fmt: skip
+    parser.add_argument("--sae-features", default="2:blue",
+                        help="FEATURE:colour,... dreamt with --sae (docs/sae.md: 2 is blue)")  # fmt: skip
+    parser.add_argument("--sae-best", type=int, default=1,
+                        help="also the N colours' features most selective under the dream's view")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--figures", type=Path, default=None)
@@ -200,7 +303,7 @@ def main() -> None:
     names = shapes.COLOUR_NAMES
     started = time.perf_counter()
     model = diffprobe.load(args.model)
-    chosen_info = selectivity(model, args)
+    chosen_info, z, labels = selectivity(model, args)
     t, chosen = chosen_info["timestep"], chosen_info["chosen"]
     log(f"t={t:g}: " + ", ".join(f"{c['colour']} ch {c['channel']} (AUC {c['auc']:.2f}, "
                                  f"direction {c['direction_auc']:.2f})" for c in chosen))  # fmt: skip
@@ -223,46 +326,49 @@ def main() -> None:
         "start_colours": [names[i] if i >= 0 else "none" for i in start_read], "variants": {},
     }  # fmt: skip
     grids: dict = {"start": start_images}
-    channel_targets = [c["channel"] for c in chosen for _ in seeds] + random_channels
-    channel_seeds = seeds * (len(chosen) + 1)
-    channel_init = starts[np.array(channel_seeds)]
-    for renoise in (True, False):
-        name = "renoise" if renoise else "no_renoise"
-        log(f"{name}: {len(channel_targets)} channel dreams at t={t:g}")
-        images = dreams(model, dream, lambda i: dream.channel(SITE, [channel_targets[j] for j in i]),
-                        channel_init, channel_seeds, t, renoise, args)  # fmt: skip
-        read = read_attributes(images)["colour"]
-        random_read = read[len(chosen) * n :]
-        variant = {"random_colours": [names[i] if i >= 0 else "none" for i in random_read]}
-        grids[f"{name}: random"] = images[len(chosen) * n :]
-        for j, c in enumerate(chosen):
-            block = read[j * n : (j + 1) * n]
-            variant[f"channel {c['channel']} ({c['colour']})"] = counts(
-                block, random_read, start_read, c["colour_index"])  # fmt: skip
-            grids[f"{name}: ch {c['channel']} ({c['colour']})"] = images[j * n : (j + 1) * n]
-        if renoise or args.direction_both:
-            if not args.no_direction:
-                vectors = torch.from_numpy(
-                    np.stack([c["direction"] for c in chosen for _ in seeds])
-                )
-                init = starts[np.array(seeds * len(chosen))]
-                log(f"{name}: {len(vectors)} direction dreams")
-                images = dreams(model, dream, lambda i, v=vectors: dream.direction(SITE, v[i]), init,
-                                seeds * len(chosen), t, renoise, args)  # fmt: skip
-                read = read_attributes(images)["colour"]
-                for j, c in enumerate(chosen):
-                    variant[f"direction ({c['colour']})"] = counts(
-                        read[j * n : (j + 1) * n], random_read, start_read, c["colour_index"]
+    if args.sae:
+        text = sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grids)
+    else:
+        channel_targets = [c["channel"] for c in chosen for _ in seeds] + random_channels
+        channel_seeds = seeds * (len(chosen) + 1)
+        channel_init = starts[np.array(channel_seeds)]
+        for renoise in (True, False):
+            name = "renoise" if renoise else "no_renoise"
+            log(f"{name}: {len(channel_targets)} channel dreams at t={t:g}")
+            images = dreams(model, dream, lambda i: dream.channel(SITE, [channel_targets[j] for j in i]),
+                            channel_init, channel_seeds, t, renoise, args)  # fmt: skip
+            read = read_attributes(images)["colour"]
+            random_read = read[len(chosen) * n :]
+            variant = {"random_colours": [names[i] if i >= 0 else "none" for i in random_read]}
+            grids[f"{name}: random"] = images[len(chosen) * n :]
+            for j, c in enumerate(chosen):
+                block = read[j * n : (j + 1) * n]
+                variant[f"channel {c['channel']} ({c['colour']})"] = counts(
+                    block, random_read, start_read, c["colour_index"])  # fmt: skip
+                grids[f"{name}: ch {c['channel']} ({c['colour']})"] = images[j * n : (j + 1) * n]
+            if renoise or args.direction_both:
+                if not args.no_direction:
+                    vectors = torch.from_numpy(
+                        np.stack([c["direction"] for c in chosen for _ in seeds])
                     )
-                    grids[f"{name}: dir ({c['colour']})"] = images[j * n : (j + 1) * n]
-        out["variants"][name] = variant
-        log(json.dumps(variant, indent=1))
-        out["seconds"] = time.perf_counter() - started
-        text = json.dumps(out, indent=2)
-        if args.out:
-            from diffprobe.io import write_text
+                    init = starts[np.array(seeds * len(chosen))]
+                    log(f"{name}: {len(vectors)} direction dreams")
+                    images = dreams(model, dream, lambda i, v=vectors: dream.direction(SITE, v[i]), init,
+                                    seeds * len(chosen), t, renoise, args)  # fmt: skip
+                    read = read_attributes(images)["colour"]
+                    for j, c in enumerate(chosen):
+                        variant[f"direction ({c['colour']})"] = counts(
+                            read[j * n : (j + 1) * n], random_read, start_read, c["colour_index"]
+                        )
+                        grids[f"{name}: dir ({c['colour']})"] = images[j * n : (j + 1) * n]
+            out["variants"][name] = variant
+            log(json.dumps(variant, indent=1))
+            out["seconds"] = time.perf_counter() - started
+            text = json.dumps(out, indent=2)
+            if args.out:
+                from diffprobe.io import write_text
 
-            write_text(args.out, text + "\n")
+                write_text(args.out, text + "\n")
     print(text)
     if args.figures:
         from diffprobe.io import atomic_path
