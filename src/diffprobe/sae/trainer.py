@@ -162,6 +162,17 @@ def _dense_gradients(ctx, inputs, weight, rows, cols, g):
     return grad_inputs, grad_weight, grad_bias
 
 
+def _dense_decode(cols: Tensor, values: Tensor, weight: Tensor, dtype) -> Tensor:
+    """Σ_j values[i, j] · weight[cols[i, j]] through a dense (tokens, latents) matrix: on a GPU
+    the AuxK picks (k_aux = d_in / 2 per token: 640 at d_in 1280) are too many for a gather
+    and scatter-add of decoder rows, and one matmul on tensor cores does it instead. ``cols``
+    hold distinct latents per row (a top-k), so the scatter needs no accumulation."""
+    dtype = dtype or weight.dtype
+    dense = values.new_zeros(values.shape[0], weight.shape[0], dtype=dtype)
+    dense = dense.scatter(1, cols, values.to(dtype))
+    return (dense @ weight.to(dtype)).to(values.dtype)
+
+
 def batch_topk_select(hidden: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``k x tokens`` largest entries of ``hidden`` (tokens, latents): values, row and
     column indices, sorted by row. The candidates are each row's 4k largest; that is exact
@@ -234,8 +245,11 @@ class SAETrainer:
         loss = fvu
         aux_loss = fvu.new_zeros(())
         if dead_mask is not None:
-            aux_recon = F.embedding_bag(aux_cols, sae.W_dec, mode="sum",
-                                        per_sample_weights=aux_values)  # fmt: skip
+            if self.dense_backward:
+                aux_recon = _dense_decode(aux_cols, aux_values, sae.W_dec, self.matmul_dtype)
+            else:
+                aux_recon = F.embedding_bag(aux_cols, sae.W_dec, mode="sum",
+                                            per_sample_weights=aux_values)  # fmt: skip
             scale = min(num_dead / self.k_aux, 1.0)
             aux_loss = scale * (aux_recon - error.detach()).pow(2).sum() / total_variance
             loss = loss + cfg.aux_alpha * aux_loss
