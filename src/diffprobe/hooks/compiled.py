@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._dynamo
 from torch import nn
 
 __all__ = ["compile_regions", "compiled_regions", "is_compiled", "make_reachable", "uncompile"]
@@ -101,6 +100,8 @@ def _allow_recompiles() -> None:
     channels) shares it, and each channel count, input shape and grad mode (``no_grad`` in
     diffusers pipelines, ``inference_mode`` in extraction) is an entry. At the default limit of
     8 the later blocks silently ran eager (seen on the GPU: no speed-up at all)."""
+    import torch._dynamo  # here, not at import: it costs every `diffprobe` process ~2 s
+
     config = torch._dynamo.config
     for name, floor in (("recompile_limit", 64), ("cache_size_limit", 64),
                         ("accumulated_recompile_limit", 2048),
