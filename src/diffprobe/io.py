@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,8 +122,7 @@ def atomic_path(path: str | Path, *, record: bool = True) -> Iterator[Path]:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}{path.suffix}")
     try:
         yield temporary
-        if temporary.is_file():  # writers that make their own files privately (safetensors: 0600)
-            os.chmod(temporary, file_mode())
+        _widen_private(temporary)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -136,13 +136,22 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _widen_private(path: Path) -> None:
+    """Give a file that nobody but its owner may read :func:`file_mode`: third-party writers
+    make some privately (safetensors' ``save_file``, so ``save_pretrained``: 0600). Files
+    opened the usual way already have that mode and cost one ``stat``."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode) and not mode & 0o077:
+        os.chmod(path, file_mode())
+
+
 def normalise_modes(folder: Path) -> None:
-    """Give every file under ``folder`` :func:`file_mode` (third-party writers such as
-    ``save_pretrained`` write safetensors files 0600, unreadable to colleagues)."""
-    mode = file_mode()
+    """:func:`_widen_private` for every file under ``folder`` (a ``save_pretrained`` folder)."""
     for path in Path(folder).rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            os.chmod(path, mode)
+        _widen_private(path)
 
 
 def _is_temporary(name: str) -> bool:
