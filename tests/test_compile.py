@@ -129,3 +129,31 @@ def test_make_reachable_on_an_uncompiled_model_is_a_no_op():
     eager, _ = _models()
     make_reachable(eager.denoiser, eager.module("unet.mid_block"))
     assert not any("forward" in m.__dict__ for m in eager.denoiser.modules())
+
+
+def test_channels_last_and_tuned_options_reach_weights_and_compiler(monkeypatch):
+    from diffprobe.hooks import compiled as compiled_module
+
+    seen = []
+    real = torch.compile
+
+    def spy(fn, **options):
+        seen.append(options)
+        return real(fn, backend="eager")
+
+    monkeypatch.setattr(compiled_module.torch, "compile", spy)
+    eager, model = _models()
+    model.compile(channels_last=True, tuned=True)
+    conv = model.denoiser.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert model.pipe.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert seen and all(o["options"] == compiled_module.TUNED_INDUCTOR for o in seen)
+    x_t, t, cond = _inputs(eager)
+    with capture(eager, SITES[:2]) as a:
+        eager.denoise(x_t, t, cond)
+    with capture(model, SITES[:2]) as b:
+        model.denoise(x_t, t, cond)
+    for site in SITES[:2]:  # a layout changes the kernels, not the maths
+        torch.testing.assert_close(b.last(site), a.last(site), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        _models()[1].compile(tuned=True, mode="max-autotune")
