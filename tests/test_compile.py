@@ -157,3 +157,13 @@ def test_channels_last_and_tuned_options_reach_weights_and_compiler(monkeypatch)
         torch.testing.assert_close(b.last(site), a.last(site), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="mode"):
         _models()[1].compile(tuned=True, mode="max-autotune")
+
+
+def test_blocks_wrapped_by_another_tool_stay_eager_and_are_named(caplog):
+    _, model = _models()
+    block = model.denoiser.down_blocks[0]
+    block.forward = type(block).forward.__get__(block)  # as nnsight's Envoy patches it
+    with caplog.at_level("WARNING", logger="diffprobe.hooks.compiled"):
+        paths = model.compile(backend="eager")
+    assert "down_blocks.0" not in paths["unet"] and "down_blocks.1" in paths["unet"]
+    assert "down_blocks.0" in caplog.text and "stay eager" in caplog.text

@@ -19,6 +19,7 @@ differ from the eager run's by float rounding only (docs/performance.md states b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = ["compile_regions", "compiled_regions", "is_compiled", "make_reachable
 
 # module -> the arguments it was compiled with; kept on the root module
 _ATTRIBUTE = "_diffprobe_compiled"
+log = logging.getLogger(__name__)
 
 
 def _state(root: nn.Module) -> dict[str, Any] | None:
@@ -108,9 +110,19 @@ def compile_regions(
         state = {"options": {"dynamic": False, **options}, "regions": {}}
         denoiser.__dict__[_ATTRIBUTE] = state
     paths = {id(m): p for p, m in denoiser.named_modules()}
+    foreign = []
     for module in regions(denoiser):
+        if id(module) in state["regions"]:
+            continue
+        if "forward" in module.__dict__:  # another tool's wrapper (nnsight patches forwards)
+            foreign.append(paths[id(module)])
+            continue
         _compile_one(module, state["options"])
         state["regions"][id(module)] = module
+    if foreign:
+        log.warning("%d blocks stay eager: their forward is replaced on the instance already "
+                    "(another tool's wrapper, e.g. nnsight): %s", len(foreign),
+                    ", ".join(foreign[:4]) + (" ..." if len(foreign) > 4 else ""))  # fmt: skip
     return sorted(paths[id(m)] for m in state["regions"].values())
 
 
