@@ -32,7 +32,10 @@ Methods (token maps, each then aggregated as the mean over the chosen sites and 
   positions' maps left out), as ``diffprobe attribution --weighting rollout`` computes it;
   ``rollout_prompt_share`` / ``rollout_prompt_words``: then each pixel's share over the
   prompt's tokens / over its word tokens (start and end out; DAAM's ``normalize=True``), so
-  that a token that more of the attended positions draw from gets more of the pixel.
+  that a token that more of the attended positions draw from gets more of the pixel
+  (negative values, which only the output-space scores have, count as 0); and
+  ``rollout_prompt`` / ``rollout_prompt_words`` on ``output_dot`` and ``output_dot_projected``
+  (the last: the library's ``output-rollout-words``).
 
     PYTHONPATH=src python benchmarks/attribution_tiny_weighting.py \
         [--cache benchmarks/out/attribution_tiny_weighting.npz] \
@@ -83,7 +86,15 @@ CAUSAL = (
     "rollout_prompt_share",
     "rollout_prompt_words",
 )
-METHODS = BASE_METHODS + tuple(f"{b}+{c}" for b in ("raw", "value_norm") for c in CAUSAL)
+METHODS = (
+    BASE_METHODS
+    + tuple(f"{b}+{c}" for b in ("raw", "value_norm") for c in CAUSAL)
+    + tuple(
+        f"{b}+{c}"
+        for b in ("output_dot", "output_dot_projected")
+        for c in ("rollout_prompt", "rollout_prompt_words")
+    )
+)
 
 
 def rollout(attention: np.ndarray) -> np.ndarray:
@@ -120,6 +131,7 @@ def causal(maps: np.ndarray, kind: str, length: int, encoder: np.ndarray) -> np.
         if kind == "rollout_prompt_share":  # each pixel's share over the prompt's tokens
             out[:length] /= np.maximum(out[:length].sum(0, keepdims=True), 1e-12)
         elif kind == "rollout_prompt_words":  # ... over its word tokens (start, end out)
+            out[:length] = np.clip(out[:length], 0, None)  # signed scores: negatives count 0
             out[:length] /= np.maximum(out[1 : length - 1].sum(0, keepdims=True), 1e-12)
     return out.reshape(maps.shape)
 
@@ -301,7 +313,8 @@ def main() -> None:
             flush=True,
         )
 
-    # the library's functions (diffprobe attribution --weighting rollout / rollout-words) give
+    # the library's functions (diffprobe attribution --weighting rollout / rollout-words /
+    # output-rollout-words) give
     # these benchmark's own rollout_prompt / rollout_prompt_words maps
     parity = 0.0
     plain = token_maps("raw", "down+up", "all")
@@ -313,7 +326,7 @@ def main() -> None:
         for i in range(items):
             n = lengths[i]
             lib = maths.rollout_maps(plain[i, :n], maths.attention_rollout(encoder[i])[:n, :n])
-            if weighting == "rollout-words":
+            if weighting.endswith("rollout-words"):
                 lib = maths.word_share(lib, content[i, :n])
             scale = np.abs(ours[i, :n]).max()
             parity = max(parity, float(np.abs(lib - ours[i, :n]).max() / scale))

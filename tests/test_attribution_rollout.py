@@ -172,3 +172,77 @@ def test_cli_weighting_rollout(tmp_path, capsys):
               "--out", str(tmp_path / "bad"), "--quiet"])  # fmt: skip
     assert stopped.value.code == 2
     assert "weighting 'norms'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- value space
+
+
+def test_cross_value_scores_equal_an_independent_recomputation():
+    """(W_o o_i) · (W_o v_t) at every SD cross-attention site, first call, guidance off
+    (the whole batch), against softmax(q kᵀ/√d) v written out per head from the module's own
+    to_q/to_k/to_v/to_out weights."""
+    from diffprobe.hooks.attention import capture_attention
+
+    case = next(c for c in dummy_cases("sd") if c.name == "sd")
+    torch.manual_seed(0)
+    model = diffprobe.from_pipeline(case.build(0), name="dummy-sd")
+    sites = type(model).attention_sites(model.pipe)
+    inputs = {}
+
+    def keep(module, args, kwargs, site):
+        inputs.setdefault(site, (module, args, kwargs))
+
+    handles = [
+        model.module(s.site).register_forward_pre_hook(
+            lambda m, a, k, s=s: keep(m, a, k, s.site), with_kwargs=True
+        )
+        for s in sites
+    ]
+    try:
+        with torch.no_grad(), capture_attention(model, sites, outputs=True) as records:
+            model.generate("a red circle", steps=1, guidance_scale=1.0, size=case.resolution)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for site in sites:
+        first = next(r for r in records if r.site == site.site)
+        module, args, kwargs = inputs[site.site]
+        hidden = (kwargs.get("hidden_states", args[0] if args else None)).double()
+        context = kwargs["encoder_hidden_states"].double()
+        heads, weight = module.heads, module.to_out[0].weight.double()
+        q = hidden @ module.to_q.weight.double().T
+        k = context @ module.to_k.weight.double().T
+        v = context @ module.to_v.weight.double().T
+        d = q.shape[-1] // heads
+        out = torch.zeros_like(q)
+        for h in range(heads):
+            part = slice(h * d, (h + 1) * d)
+            probs = (q[..., part] @ k[..., part].transpose(1, 2) / d**0.5).softmax(-1)
+            out[..., part] = probs @ v[..., part]
+        expected = (out @ weight.T) @ (v @ weight.T).transpose(1, 2)
+        assert first.outputs is not None and first.outputs.shape == expected.shape
+        torch.testing.assert_close(first.outputs.double(), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_output_rollout_words_use_the_value_scores(tiny):
+    result = attribute_prompt(tiny, PROMPT, steps=2, weighting="output-rollout-words")
+    assert result.outputs is not None and result.output_sites == result.sites
+    scores = result.outputs[:, result.select()[0]].mean(axis=(1, 2))  # default layers
+    rolled = np.einsum("jt,j...->t...", result.rollout, scores)
+    rolled = np.clip(rolled, 0, None)
+    words = [not t.special for t in result.tokens]
+    expected = rolled / rolled[words].sum(0)
+    np.testing.assert_allclose(
+        result.token_maps(weighting="output-rollout-words"), expected, rtol=1e-5, atol=1e-9
+    )
+    # the probabilities' weighting on the same result differs (another map)
+    assert not np.allclose(result.token_maps(weighting="rollout-words"), expected)
+    with pytest.raises(AttributionError, match="value-space scores at every site"):
+        attribute_prompt(tiny, PROMPT, steps=1).token_maps(weighting="output-rollout-words")
+
+
+def test_output_weighting_is_refused_without_cross_attention():
+    case = next(c for c in dummy_cases("flux") if c.name == "flux")
+    model = diffprobe.from_pipeline(case.build(0), name="dummy-flux")
+    with pytest.raises(AttributionError, match="value-space scores of cross-attention"):
+        attribute_prompt(model, "a red circle", steps=1, weighting="output-rollout-words")

@@ -23,7 +23,10 @@ Definitions (the choices every function below states once):
   encoder's attention rollout (Abnar & Zuidema 2020). ``rollout-words`` then gives each
   pixel's share of those maps over the prompt's word tokens (:func:`word_share`: start and end
   tokens out, DAAM's ``normalize=True``), so the word that the attended positions draw most
-  from gets most of the pixel.
+  from gets most of the pixel. ``output-rollout-words`` does the same on the value-space
+  scores of UNet cross-attention (``(W_o o_i) · (W_o v_t)``, the pixel's attention output
+  against each token's value: ConceptAttention's output space where text tokens have no
+  outputs) instead of the probabilities.
 - **Output-space maps** (ConceptAttention style, MMDiT/FLUX): the image-token outputs dotted
   with the concept tokens' outputs, softmax over the concepts (:func:`concept_maps`).
 """
@@ -64,7 +67,7 @@ __all__ = [
 ]
 
 
-WEIGHTINGS = ("attention", "rollout", "rollout-words")
+WEIGHTINGS = ("attention", "rollout", "rollout-words", "output-rollout-words")
 
 
 class ThresholdError(DiffprobeError, ValueError):
@@ -283,10 +286,10 @@ def rollout_maps(maps: np.ndarray, rollout: np.ndarray) -> np.ndarray:
 
 
 def word_share(maps: np.ndarray, words: Sequence[bool]) -> np.ndarray:
-    """Each pixel's share over the word tokens: ``maps`` (tokens, ...) divided by the sum of
-    the maps of the tokens where ``words`` is True (start and end tokens False; DAAM's
-    ``normalize=True``); every token is divided, word or not."""
-    values = np.asarray(maps)
+    """Each pixel's share over the word tokens: ``maps`` (tokens, ...), negative values set
+    to 0, divided by the sum of the maps of the tokens where ``words`` is True (start and end
+    tokens False; DAAM's ``normalize=True``); every token is divided, word or not."""
+    values = np.clip(np.asarray(maps), 0, None)
     chosen = np.asarray(words, dtype=bool)
     if chosen.shape != values.shape[:1] or not chosen.any():
         raise DiffprobeError(
@@ -302,6 +305,6 @@ def check_weighting(weighting: str) -> str:
             f"weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)} (attention: the "
             "cross-attention map of each text position; rollout: of each input word, through "
             "the text encoder's attention rollout; rollout-words: then each pixel's share over "
-            "the prompt's words)"
+            "the prompt's words; output-rollout-words: the same on value-space scores)"
         )
     return weighting

@@ -78,7 +78,8 @@ def attribution_command(
         typer.Option(
             help="attention (each text position's map, as DAAM) | rollout (each input word's "
             "map through the text encoder's attention rollout; one-encoder families) | "
-            "rollout-words (then each pixel's share over the prompt's words)"
+            "rollout-words (then each pixel's share over the prompt's words) | "
+            "output-rollout-words (the same on value-space scores; UNet families)"
         ),
     ] = "attention",
     store: Annotated[

@@ -22,7 +22,9 @@ the word maps; ``diffprobe attribution --weighting rollout``): the map of input 
 attention rollout (:func:`encoder_rollout`), so a word's map also collects the maps of the
 later positions that read it (a causal encoder such as CLIP writes each word into every later
 position); ``rollout-words`` then takes each pixel's share over the prompt's word tokens
-(:func:`~diffprobe.analysis.attribution.word_share`). Families whose token positions are fed by one text encoder only (SD 1.x/2.x,
+(:func:`~diffprobe.analysis.attribution.word_share`); ``output-rollout-words`` does the same
+on the value-space scores of cross-attention (:mod:`diffprobe.hooks.attention`, UNet families
+only) instead of the probabilities. Families whose token positions are fed by one text encoder only (SD 1.x/2.x,
 `tiny`, FLUX, IF); SDXL's and SD3's positions mix two or three encoders and are refused.
 """
 
@@ -123,15 +125,23 @@ class PromptAttribution:
         """(tokens, rows, columns): the mean over the chosen layers and timesteps; with
         ``weighting="rollout"`` each input token's rollout map (see the module doc)."""
         keep_layers, keep_steps = self.select(layers, ranges)
-        maps = self.maps[:, keep_layers][:, :, keep_steps].mean(axis=(1, 2))
-        if maths.check_weighting(weighting).startswith("rollout"):
+        source = self.maps
+        if maths.check_weighting(weighting).startswith("output"):
+            if self.outputs is None or self.output_sites != self.sites:
+                raise AttributionError(
+                    f"weighting {weighting!r} needs value-space scores at every site: "
+                    f"attribute a UNet model with weighting={weighting!r}"
+                )
+            source = self.outputs
+        maps = source[:, keep_layers][:, :, keep_steps].mean(axis=(1, 2))
+        if "rollout" in weighting:
             if self.rollout is None:
                 raise AttributionError(
                     "weighting 'rollout' needs the text encoder's rollout: attribute with "
                     "weighting='rollout'"
                 )
             maps = maths.rollout_maps(maps, self.rollout)
-        if weighting == "rollout-words":
+        if weighting.endswith("rollout-words"):
             maps = maths.word_share(maps, [not t.special for t in self.tokens])
         return maps
 
@@ -315,16 +325,24 @@ def attribute_prompt(
     ``weighting="rollout"`` also keeps the text encoder's rollout (:func:`encoder_rollout`)."""
     sites = list(sites) if sites is not None else attention_sites_of(model)
     maths.check_weighting(weighting)
-    if weighting.startswith("rollout"):
+    if "rollout" in weighting:
         encoder_rollout(model, prompt)  # refuse before generating
+    if weighting.startswith("output") and any(s.kind != "cross" for s in sites):
+        raise AttributionError(
+            f"weighting {weighting!r} reads value-space scores of cross-attention (UNet "
+            f"families); {model.name or model.family!r} has {sorted({s.kind for s in sites})} "
+            "sites; use rollout-words"
+        )
     tokens = prompt_tokens(model, prompt)
     size = size or model.resolution
     height, width = size if isinstance(size, tuple) else (size, size)
     collector = _Collector(np.array([t.position for t in tokens]), (height, width))
     joint = any(s.kind in ("joint", "single") for s in sites)
+    values = weighting.startswith("output")
     with capture_attention(
-        model, sites, branches=CONDITIONAL, outputs=outputs and joint, on_record=collector
-    ):
+        model, sites, branches=CONDITIONAL, outputs=(outputs and joint) or values,
+        on_record=collector,
+    ):  # fmt: skip
         images = model.generate(
             prompt, steps=steps, guidance_scale=guidance_scale, seed=seed, size=size
         )
@@ -336,7 +354,7 @@ def attribute_prompt(
     tokens = [t for t in tokens if t.position < collector.text_length]
     output_names = [s for s in names if s in collector.outputs]
     rollout = None
-    if weighting.startswith("rollout"):  # padded as the denoiser's text was
+    if "rollout" in weighting:  # padded as the denoiser's text was
         length = min(collector.text_length, _length(_segments(model)[0][1]))
         rollout = encoder_rollout(model, prompt, length)[: len(tokens), : len(tokens)]
     return PromptAttribution(

@@ -44,7 +44,9 @@ CHOICES = {
     "weighting": "attention: each text position's map; rollout: each input token's map, "
     "sum_j R[j, t] map_j over the prompt's positions, R the text encoder's attention rollout "
     "(0.5 A + 0.5 I per layer, A mean over heads; Abnar & Zuidema 2020); rollout-words: "
-    "then each pixel's share over the prompt's word tokens (start and end out)",
+    "then each pixel's share over the prompt's word tokens (start and end out); "
+    "output-rollout-words: the same on value-space scores (W_o o_i) . (W_o v_t) of UNet "
+    "cross-attention instead of probabilities",
     "image": "bilinear resize to the image size; thresholds on min-max normalised maps",
     "output_space": "image-token SDPA outputs . concept-token outputs, softmax over the words "
     "per layer and call, then the mean (ConceptAttention style, MMDiT/FLUX only)",
