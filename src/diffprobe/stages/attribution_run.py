@@ -125,7 +125,8 @@ def run_attribution(
         from diffprobe.report.attribution import save_experiment
 
         folder = out / f"{index:03d}"
-        files = save_experiment(folder, result, cross, concept, truth)
+        label = "cross-attention" if weighting == "attention" else f"cross-attention, {weighting}"
+        files = save_experiment(folder, result, cross, concept, truth, label)
         entry: dict[str, Any] = {
             "prompt": result.prompt, "seed": result.seed, "folder": folder.name,
             "words": chosen, "files": files,
