@@ -16,6 +16,17 @@ Definitions (the choices every function below states once):
   into several tokens sums its pieces), then resized bilinearly to the image size.
 - **Thresholding** (for IoU) normalises a map to [0, 1] by its own minimum and maximum
   (:func:`normalise`) and keeps pixels ``>= threshold``; DAAM's published τ is 0.4.
+- **Weighting** ``rollout`` (:func:`attention_rollout`, :func:`rollout_maps`): the map of an
+  *input* word instead of a text *position*. A causal text encoder (CLIP) mixes each word
+  into every later position, so later positions' maps also show that word; rollout gives
+  input token t the maps of the positions that read it, Σ_j R[j, t] · map_j, R the text
+  encoder's attention rollout (Abnar & Zuidema 2020). ``rollout-words`` then gives each
+  pixel's share of those maps over the prompt's word tokens (:func:`word_share`: start and end
+  tokens out, DAAM's ``normalize=True``), so the word that the attended positions draw most
+  from gets most of the pixel. ``output-rollout-words`` does the same on the value-space
+  scores of UNet cross-attention (``(W_o o_i) · (W_o v_t)``, the pixel's attention output
+  against each token's value: ConceptAttention's output space where text tokens have no
+  outputs) instead of the probabilities.
 - **Output-space maps** (ConceptAttention style, MMDiT/FLUX): the image-token outputs dotted
   with the concept tokens' outputs, softmax over the concepts (:func:`concept_maps`).
 """
@@ -32,7 +43,9 @@ import torch.nn.functional as F
 from diffprobe.errors import DiffprobeError
 
 __all__ = [
+    "WEIGHTINGS",
     "ThresholdError",
+    "attention_rollout",
     "centre_of_mass",
     "centred_gaussian",
     "concept_maps",
@@ -42,6 +55,8 @@ __all__ = [
     "locate_tokens",
     "mean_iou",
     "normalise",
+    "rollout_maps",
+    "word_share",
     "threshold_sweep",
     "timestep_range",
     "to_common_grid",
@@ -50,6 +65,9 @@ __all__ = [
     "upsample",
     "word_map",
 ]
+
+
+WEIGHTINGS = ("attention", "rollout", "rollout-words", "output-rollout-words")
 
 
 class ThresholdError(DiffprobeError, ValueError):
@@ -232,3 +250,61 @@ def timestep_range(noise_level: float) -> str:
     if noise_level >= 1 / 3:
         return "middle"
     return "late"
+
+
+def attention_rollout(attentions: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema 2020) of a text encoder: ``attentions`` (layers,
+    tokens, tokens), each layer's self-attention averaged over heads, rows the queries, layers
+    in order. Each layer becomes 0.5 · A + 0.5 · I (the residual stream), rows renormalised;
+    R = Ã_L ⋯ Ã_1. Returns R (tokens, tokens), float64: R[j, t] is how much position j's
+    output draws from input token t (each row sums to 1)."""
+    layers = np.asarray(attentions, dtype=np.float64)
+    if layers.ndim != 3 or layers.shape[1] != layers.shape[2]:
+        raise DiffprobeError(
+            f"attention rollout needs (layers, tokens, tokens) attention; got {layers.shape}"
+        )
+    identity = np.eye(layers.shape[-1])
+    result = identity.copy()
+    for attention in layers:
+        mixed = 0.5 * attention + 0.5 * identity
+        result = (mixed / mixed.sum(-1, keepdims=True)) @ result
+    return result
+
+
+def rollout_maps(maps: np.ndarray, rollout: np.ndarray) -> np.ndarray:
+    """Maps of input tokens from maps of text positions: ``maps`` (positions, ...) and
+    ``rollout`` (positions, tokens), R[j, t] = share of input token t in position j ->
+    (tokens, ...) = Σ_j R[j, t] · maps[j]."""
+    values = np.asarray(maps)
+    weights = np.asarray(rollout, dtype=np.float64)
+    if weights.shape[0] != values.shape[0]:
+        raise DiffprobeError(
+            f"a rollout over {weights.shape[0]} positions for maps of {values.shape[0]} tokens"
+        )
+    flat = values.reshape(values.shape[0], -1).astype(np.float64)
+    return (weights.T @ flat).reshape(weights.shape[1], *values.shape[1:]).astype(values.dtype)
+
+
+def word_share(maps: np.ndarray, words: Sequence[bool]) -> np.ndarray:
+    """Each pixel's share over the word tokens: ``maps`` (tokens, ...), negative values set
+    to 0, divided by the sum of the maps of the tokens where ``words`` is True (start and end
+    tokens False; DAAM's ``normalize=True``); every token is divided, word or not."""
+    values = np.clip(np.asarray(maps), 0, None)
+    chosen = np.asarray(words, dtype=bool)
+    if chosen.shape != values.shape[:1] or not chosen.any():
+        raise DiffprobeError(
+            f"a word share needs one flag per token ({values.shape[0]}) and at least one word"
+        )
+    total = values[chosen].sum(0, keepdims=True)
+    return values / np.maximum(total, np.finfo(np.float32).tiny)
+
+
+def check_weighting(weighting: str) -> str:
+    if weighting not in WEIGHTINGS:
+        raise DiffprobeError(
+            f"weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)} (attention: the "
+            "cross-attention map of each text position; rollout: of each input word, through "
+            "the text encoder's attention rollout; rollout-words: then each pixel's share over "
+            "the prompt's words; output-rollout-words: the same on value-space scores)"
+        )
+    return weighting

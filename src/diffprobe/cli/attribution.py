@@ -73,6 +73,15 @@ def attribution_command(
     timesteps: Annotated[
         str, typer.Option(help="'all' or ranges: early (noise > 2/3), middle, late (< 1/3)")
     ] = "all",
+    weighting: Annotated[
+        str,
+        typer.Option(
+            help="attention (each text position's map, as DAAM) | rollout (each input word's "
+            "map through the text encoder's attention rollout; one-encoder families) | "
+            "rollout-words (then each pixel's share over the prompt's words) | "
+            "output-rollout-words (the same on value-space scores; UNet families)"
+        ),
+    ] = "attention",
     store: Annotated[
         bool, typer.Option("--store", help="stream every map to OUT/maps.zarr as float16")
     ] = False,
@@ -91,13 +100,14 @@ def attribution_command(
     """Per-word heat maps from the attention of image tokens to text tokens (every family with
     text attention), one DAAM experiment folder per prompt in OUT, attribution.json (printed)."""
     setup(quiet)
-    from diffprobe.analysis.attribution import check_threshold
+    from diffprobe.analysis.attribution import check_threshold, check_weighting
     from diffprobe.io import check_output
     from diffprobe.loading import load, parse_device, parse_dtype
     from diffprobe.stages.attribution import ATTRIBUTION_KIND, AttributionError
     from diffprobe.stages.attribution_run import run_attribution
 
     check_threshold(threshold)
+    check_weighting(weighting)
     if steps < 1:
         raise AttributionError(f"--steps {steps}: the sampler needs at least 1 step")
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
@@ -123,7 +133,7 @@ def attribution_command(
         loaded, prompt, out, words=word_list, seeds=[seed + i for i in range(len(prompt))],
         steps=steps, guidance_scale=guidance, size=chosen_size, layers=chosen_layers,
         timesteps=chosen_steps, store=store, masks=None if masks == "none" else masks,
-        threshold=threshold, progress=not quiet,
+        threshold=threshold, weighting=weighting, progress=not quiet,
     )  # fmt: skip
     typer.echo(str(folder / "attribution.json"))
 

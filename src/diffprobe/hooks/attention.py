@@ -25,7 +25,11 @@ keys** (image keys included for joint attention), **averaged over heads**:
 ``(items, image tokens, text tokens)`` float32. With ``outputs=True`` joint and single sites
 also give the ConceptAttention-style output-space scores: the SDPA outputs (heads
 concatenated, before the output projection) of image tokens dotted with those of text tokens,
-``(items, image tokens, text tokens)``. CFG branches are split by the hook engine's session
+``(items, image tokens, text tokens)``. With ``outputs=True`` cross sites (SD/SDXL ``attn2``)
+give the value-space scores instead (a UNet's text tokens have no outputs): the image tokens'
+SDPA outputs and the text tokens' values, heads concatenated and both through the module's
+output projection weight (``to_out[0]``, bias left out), dotted:
+``(W_o o_i) · (W_o v_t)``. CFG branches are split by the hook engine's session
 exactly as for :func:`~diffprobe.hooks.capture.capture`.
 """
 
@@ -86,6 +90,7 @@ class _Frame:
     image: slice | None = None  # positions of image tokens among the queries
     text: slice | None = None  # positions of text tokens among the keys
     done: bool = False
+    projection: torch.Tensor | None = None  # cross sites with outputs: to_out[0].weight
     results: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
@@ -134,6 +139,16 @@ def _output_scores(out: torch.Tensor, image: slice, text: slice) -> torch.Tensor
     return flat[:, image] @ flat[:, text].transpose(1, 2)
 
 
+def _value_scores(out: torch.Tensor, value: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Image-token outputs against text-token values, heads concatenated, both projected by
+    ``projection`` (channels, heads x width): (batch, image tokens, text tokens) float32."""
+    batch, heads, tokens, width = out.shape
+    weight = projection.float()
+    outputs = out.transpose(1, 2).reshape(batch, tokens, heads * width).float() @ weight.T
+    values = value.transpose(1, 2).reshape(batch, value.shape[2], heads * width).float()
+    return outputs @ (values @ weight.T).transpose(1, 2)
+
+
 def _patched_sdpa(query, key, value, attn_mask=None, *args: Any, **kwargs: Any):
     out = _ORIGINAL_SDPA(query, key, value, attn_mask, *args, **kwargs)
     frame = _ACTIVE.get()
@@ -148,6 +163,8 @@ def _patched_sdpa(query, key, value, attn_mask=None, *args: Any, **kwargs: Any):
         scores = None
         if frame.site.kind in ("joint", "single"):
             scores = _output_scores(out, frame.image, frame.text)
+        elif frame.projection is not None and value.dim() == 4:
+            scores = _value_scores(out, value, frame.projection)
     frame.results.append((probs, scores))
     return out
 
@@ -222,7 +239,8 @@ def capture_attention(
     ``branches``: keep only records of these CFG branches (e.g. ``("cond", "none")``: the
     conditional half under CFG, the whole batch without it); None keeps all. ``on_record``
     receives each record as it is made (to reduce or stream it) instead of the list keeping it.
-    ``outputs`` adds the output-space scores (joint and single sites).
+    ``outputs`` adds the output-space scores (joint and single sites; value-space scores at
+    cross sites, see the module doc).
     """
     if not sites:
         raise DiffprobeError("capture_attention needs at least one attention site")
@@ -265,6 +283,9 @@ def capture_attention(
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             image, text = _split(site, args, kwargs, text_length["value"])
             frame = _Frame(site, image, text)
+            out_projection = getattr(module, "to_out", None)
+            if outputs and site.kind == "cross" and out_projection is not None:
+                frame.projection = out_projection[0].weight.detach()
             token_holder["frame"] = frame
             token_holder["token"] = _ACTIVE.set(frame)
 

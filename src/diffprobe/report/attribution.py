@@ -59,9 +59,11 @@ def comparison_figure(
     prompt: str,
     cross: Mapping[str, np.ndarray],
     concept: Mapping[str, np.ndarray] | None = None,
+    label: str = "cross-attention",
 ) -> Any:
-    """The image, then one column per word: its cross-attention map (row 1) and, for
-    MMDiT/FLUX, its output-space map (row 2), each over the image with a colour bar."""
+    """The image, then one column per word: its cross-attention map (row 1, titled
+    ``label``: the weighting when not plain attention) and, for MMDiT/FLUX, its output-space
+    map (row 2), each over the image with a colour bar."""
     words = list(cross)
     rows = 2 if concept else 1
     figure = new_figure(figsize=(2.4 * (len(words) + 1), 2.5 * rows + 0.4), layout="constrained")
@@ -72,12 +74,12 @@ def comparison_figure(
         axes[row, 0].set_title("image" if row == 0 else "", fontsize=9)
         axes[row, 0].axis("off")
         table = cross if row == 0 else concept
-        label = "cross-attention" if row == 0 else "output space"
+        title = label if row == 0 else "output space"
         for column, word in enumerate(words, start=1):
             ax = axes[row, column]
             ax.imshow(image)
             shown = ax.imshow(normalise(table[word]), cmap="jet", alpha=0.55, vmin=0, vmax=1)
-            ax.set_title(f"{word!r}: {label}", fontsize=8)
+            ax.set_title(f"{word!r}: {title}", fontsize=8)
             ax.axis("off")
             colorbar(figure, shown, ax, "normalised map", shrink=0.7)
     return figure
@@ -89,6 +91,7 @@ def save_experiment(
     cross: Mapping[str, np.ndarray],
     concept: Mapping[str, np.ndarray] | None = None,
     masks: Mapping[str, np.ndarray] | None = None,
+    label: str = "cross-attention",
 ) -> list[str]:
     """Write one prompt's DAAM experiment folder (see the module doc); returns its files."""
     from PIL import Image
@@ -120,7 +123,7 @@ def save_experiment(
         files.append(f"{stem}.gt.png")
     if cross:
         save_figure(
-            comparison_figure(result.image, result.prompt, cross, concept),
+            comparison_figure(result.image, result.prompt, cross, concept, label),
             folder / "comparison.png",
         )
     return files

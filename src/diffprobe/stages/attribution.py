@@ -15,6 +15,17 @@ one segment per text encoder that feeds tokens (its :class:`~diffprobe.models.to
 positions), SD3 the 77 CLIP positions then the T5 tokens, FLUX the T5 tokens. A word is found
 in every segment by its own tokenizer (all occurrences; its pieces when it is split) and its
 map sums all those positions.
+
+Weighting ``rollout`` (``weighting="rollout"`` in :meth:`PromptAttribution.token_maps` and
+the word maps; ``diffprobe attribution --weighting rollout``): the map of input token t is
+Σ_j R[j, t] · map_j over the prompt's positions j (start .. end), R the text encoder's
+attention rollout (:func:`encoder_rollout`), so a word's map also collects the maps of the
+later positions that read it (a causal encoder such as CLIP writes each word into every later
+position); ``rollout-words`` then takes each pixel's share over the prompt's word tokens
+(:func:`~diffprobe.analysis.attribution.word_share`); ``output-rollout-words`` does the same
+on the value-space scores of cross-attention (:mod:`diffprobe.hooks.attention`, UNet families
+only) instead of the probabilities. Families whose token positions are fed by one text encoder only (SD 1.x/2.x,
+`tiny`, FLUX, IF); SDXL's and SD3's positions mix two or three encoders and are refused.
 """
 
 from __future__ import annotations
@@ -70,6 +81,7 @@ class PromptAttribution:
     outputs: np.ndarray | None = None
     output_sites: list[str] = field(default_factory=list)
     text_length: int = 0
+    rollout: np.ndarray | None = None  # (tokens, tokens) over ``tokens``: R[j, t]
 
     @property
     def size(self) -> tuple[int, int]:
@@ -109,17 +121,40 @@ class PromptAttribution:
             )
         return keep_layers, keep_steps
 
-    def token_maps(self, layers=None, ranges=None) -> np.ndarray:
-        """(tokens, rows, columns): the mean over the chosen layers and timesteps."""
+    def token_maps(self, layers=None, ranges=None, weighting: str = "attention") -> np.ndarray:
+        """(tokens, rows, columns): the mean over the chosen layers and timesteps; with
+        ``weighting="rollout"`` each input token's rollout map (see the module doc)."""
         keep_layers, keep_steps = self.select(layers, ranges)
-        return self.maps[:, keep_layers][:, :, keep_steps].mean(axis=(1, 2))
+        source = self.maps
+        if maths.check_weighting(weighting).startswith("output"):
+            if self.outputs is None or self.output_sites != self.sites:
+                raise AttributionError(
+                    f"weighting {weighting!r} needs value-space scores at every site: "
+                    f"attribute a UNet model with weighting={weighting!r}"
+                )
+            source = self.outputs
+        maps = source[:, keep_layers][:, :, keep_steps].mean(axis=(1, 2))
+        if "rollout" in weighting:
+            if self.rollout is None:
+                raise AttributionError(
+                    "weighting 'rollout' needs the text encoder's rollout: attribute with "
+                    "weighting='rollout'"
+                )
+            maps = maths.rollout_maps(maps, self.rollout)
+        if weighting.endswith("rollout-words"):
+            maps = maths.word_share(maps, [not t.special for t in self.tokens])
+        return maps
 
-    def word_map(self, word: str, model: Model, layers=None, ranges=None) -> np.ndarray:
+    def word_map(
+        self, word: str, model: Model, layers=None, ranges=None, weighting: str = "attention"
+    ) -> np.ndarray:
         """(height, width) at the image size: the word's token maps summed, resized."""
-        return self.map_of(self.positions(word, model), layers, ranges)
+        return self.map_of(self.positions(word, model), layers, ranges, weighting)
 
-    def map_of(self, indices: Sequence[int], layers=None, ranges=None) -> np.ndarray:
-        grid = torch.from_numpy(self.token_maps(layers, ranges))
+    def map_of(
+        self, indices: Sequence[int], layers=None, ranges=None, weighting: str = "attention"
+    ) -> np.ndarray:
+        grid = torch.from_numpy(np.ascontiguousarray(self.token_maps(layers, ranges, weighting)))
         summed = maths.word_map(grid, list(indices))
         return maths.upsample(summed, self.size).numpy()
 
@@ -205,6 +240,41 @@ def attention_sites_of(model: Model) -> list[AttentionSite]:
     return sites
 
 
+def encoder_rollout(model: Model, prompt: str, length: int | None = None) -> np.ndarray:
+    """The text encoder's attention rollout over the prompt's tokens
+    (:func:`prompt_tokens`): (tokens, tokens), R[j, t] (:func:`~diffprobe.analysis.
+    attribution.attention_rollout` of the encoder run on the prompt's ids padded to
+    ``length`` (default: the tokenizer's maximum; the denoiser's text length), every layer up
+    to the one the pipeline reads, then the prompt's rows and columns). Raises
+    :class:`AttributionError` when token positions mix several encoders (SDXL, SD3)."""
+    towers = [(n, t) for n, t in model.text_towers(model.pipe).items() if t.tokens is not None]
+    segments = _segments(model)
+    if len(towers) != 1 or len(segments) != 1:
+        raise AttributionError(
+            f"weighting 'rollout' needs token positions fed by one text encoder; "
+            f"{model.name or model.family!r} has {len(towers)} "
+            f"({', '.join(n for n, _ in towers)}); use weighting 'attention'"
+        )
+    name, tower = towers[0]
+    encoder, tokenizer = getattr(model.pipe, name), segments[0][1]
+    ids = tokenizer(
+        prompt, padding="max_length", max_length=length or _length(tokenizer), truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(next(encoder.parameters()).device)  # fmt: skip
+    previous = encoder.config._attn_implementation
+    encoder.set_attn_implementation("eager")  # sdpa gives no probabilities
+    try:
+        with torch.no_grad():
+            attentions = encoder(ids, output_attentions=True).attentions
+    finally:
+        encoder.set_attn_implementation(previous)
+    read = tower.num_layers if tower.pipeline_layer is None else tower.pipeline_layer
+    layers = torch.stack([a[0].float().mean(0) for a in attentions[:read]]).cpu().numpy()
+    rollout = maths.attention_rollout(layers)
+    count = len(_prompt_ids(tokenizer, prompt))
+    return rollout[:count, :count]
+
+
 # ------------------------------------------------------------------------------ capture
 
 
@@ -249,17 +319,30 @@ def attribute_prompt(
     size: int | tuple[int, int] | None = None,
     sites: Sequence[AttentionSite] | None = None,
     outputs: bool = True,
+    weighting: str = "attention",
 ) -> PromptAttribution:
-    """Generate ``prompt`` once and return its per-token maps (conditional branch only)."""
+    """Generate ``prompt`` once and return its per-token maps (conditional branch only);
+    ``weighting="rollout"`` also keeps the text encoder's rollout (:func:`encoder_rollout`)."""
     sites = list(sites) if sites is not None else attention_sites_of(model)
+    maths.check_weighting(weighting)
+    if "rollout" in weighting:
+        encoder_rollout(model, prompt)  # refuse before generating
+    if weighting.startswith("output") and any(s.kind != "cross" for s in sites):
+        raise AttributionError(
+            f"weighting {weighting!r} reads value-space scores of cross-attention (UNet "
+            f"families); {model.name or model.family!r} has {sorted({s.kind for s in sites})} "
+            "sites; use rollout-words"
+        )
     tokens = prompt_tokens(model, prompt)
     size = size or model.resolution
     height, width = size if isinstance(size, tuple) else (size, size)
     collector = _Collector(np.array([t.position for t in tokens]), (height, width))
     joint = any(s.kind in ("joint", "single") for s in sites)
+    values = weighting.startswith("output")
     with capture_attention(
-        model, sites, branches=CONDITIONAL, outputs=outputs and joint, on_record=collector
-    ):
+        model, sites, branches=CONDITIONAL, outputs=(outputs and joint) or values,
+        on_record=collector,
+    ):  # fmt: skip
         images = model.generate(
             prompt, steps=steps, guidance_scale=guidance_scale, seed=seed, size=size
         )
@@ -270,6 +353,10 @@ def attribute_prompt(
     # tokens beyond the sequence the denoiser got (a shorter T5 length) have no maps
     tokens = [t for t in tokens if t.position < collector.text_length]
     output_names = [s for s in names if s in collector.outputs]
+    rollout = None
+    if "rollout" in weighting:  # padded as the denoiser's text was
+        length = min(collector.text_length, _length(_segments(model)[0][1]))
+        rollout = encoder_rollout(model, prompt, length)[: len(tokens), : len(tokens)]
     return PromptAttribution(
         prompt=prompt,
         seed=seed,
@@ -281,6 +368,7 @@ def attribute_prompt(
         outputs=collector.stacked(collector.outputs, output_names) if output_names else None,
         output_sites=output_names,
         text_length=collector.text_length,
+        rollout=rollout,
     )
 
 
@@ -293,6 +381,7 @@ def attribute(
     guidance_scale: float | None = None,
     size: int | tuple[int, int] | None = None,
     outputs: bool = True,
+    weighting: str = "attention",
     store: Any = None,
     each: Callable[[int, PromptAttribution], None] | None = None,
     progress: bool = True,
@@ -311,6 +400,7 @@ def attribute(
         result = attribute_prompt(
             model, prompts[index], seed=seeds[index], steps=steps,
             guidance_scale=guidance_scale, size=size, sites=sites, outputs=outputs,
+            weighting=weighting,
         )  # fmt: skip
         if store is not None:
             store.write(index, result)

@@ -41,6 +41,12 @@ CHOICES = {
     "(default: every site but the UNet mid block, as DAAM)",
     "timesteps": "mean over the chosen denoiser calls",
     "words": "sum over the word's tokens: every occurrence, every encoder segment",
+    "weighting": "attention: each text position's map; rollout: each input token's map, "
+    "sum_j R[j, t] map_j over the prompt's positions, R the text encoder's attention rollout "
+    "(0.5 A + 0.5 I per layer, A mean over heads; Abnar & Zuidema 2020); rollout-words: "
+    "then each pixel's share over the prompt's word tokens (start and end out); "
+    "output-rollout-words: the same on value-space scores (W_o o_i) . (W_o v_t) of UNet "
+    "cross-attention instead of probabilities",
     "image": "bilinear resize to the image size; thresholds on min-max normalised maps",
     "output_space": "image-token SDPA outputs . concept-token outputs, softmax over the words "
     "per layer and call, then the mean (ConceptAttention style, MMDiT/FLUX only)",
@@ -98,11 +104,13 @@ def run_attribution(
     store: bool = False,
     masks: str | None = None,
     threshold: float = 0.4,
+    weighting: str = "attention",
     progress: bool = True,
 ) -> Path:
     """Attribute ``prompts`` and write the attribution folder ``out`` (see the module doc).
     ``masks="reader"`` writes ``<word>.gt.png`` for shape and colour words and scores them."""
     maths.check_threshold(threshold)
+    maths.check_weighting(weighting)
     check_words(model, prompts, words)
     out = claim_output(out, ATTRIBUTION_KIND, entries=(MAPS_STORE,) if store else ())
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
@@ -111,13 +119,14 @@ def run_attribution(
 
     def each(index: int, result: PromptAttribution) -> None:
         chosen = list(words) if words else prompt_words(model, result.prompt)
-        cross = {w: result.word_map(w, model, layers, timesteps) for w in chosen}
+        cross = {w: result.word_map(w, model, layers, timesteps, weighting) for w in chosen}
         concept = result.concept_maps(chosen, model) if result.outputs is not None else {}
         truth = reader_masks(result.image, chosen) if masks == "reader" else {}
         from diffprobe.report.attribution import save_experiment
 
         folder = out / f"{index:03d}"
-        files = save_experiment(folder, result, cross, concept, truth)
+        label = "cross-attention" if weighting == "attention" else f"cross-attention, {weighting}"
+        files = save_experiment(folder, result, cross, concept, truth, label)
         entry: dict[str, Any] = {
             "prompt": result.prompt, "seed": result.seed, "folder": folder.name,
             "words": chosen, "files": files,
@@ -133,7 +142,7 @@ def run_attribution(
     map_store = MapStore(out, len(prompts)) if store else None
     attribute(
         model, prompts, seeds=seeds, steps=steps, guidance_scale=guidance_scale, size=size,
-        store=map_store, each=each, progress=progress,
+        weighting=weighting, store=map_store, each=each, progress=progress,
     )  # fmt: skip
     write_json(
         out / "attribution.json",
@@ -147,6 +156,7 @@ def run_attribution(
             else model.default_guidance_scale,
             "layers": list(layers) if layers else "default",
             "timesteps": list(timesteps) if timesteps else "all",
+            "weighting": weighting,
             "choices": CHOICES,
             "threshold": threshold,
             "mIoU": float(np.mean(scores)) if scores else None,
