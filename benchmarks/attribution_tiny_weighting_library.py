@@ -47,10 +47,17 @@ def main() -> None:
     parser.add_argument(
         "--out", default="benchmarks/results/attribution_tiny_weighting_library.json"
     )
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        default=0,
+        help="score items --items .. --items + FRESH instead: captions and images the study never "
+        "saw (the shapes sample is prefix-stable; the random token continues the same draws)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = diffprobe.load("tiny")
-    sample = shapes.sample(args.items, seed=0, split="train")
+    sample = shapes.sample(args.items + args.fresh, seed=0, split="train")
     scores = json.loads(Path(args.scores).read_text())
     rng = np.random.default_rng(0)
     shape_at, random_at = [], []
@@ -62,7 +69,11 @@ def main() -> None:
         others = [j for j, r in enumerate(roles) if r not in ("start", "end", "shape", "colour")]
         random_at.append(int(rng.choice(others)))
         shape_at.append([j for j, r in enumerate(roles) if r == "shape"])
-    report = {"items": list(range(args.items // 2, args.items)), "runs": {}}
+    chosen = (
+        range(args.items, args.items + args.fresh) if args.fresh
+        else range(args.items // 2, args.items)
+    )  # fmt: skip
+    report = {"items": list(chosen), "runs": {}}
     for weighting, (layers, ranges, method, layer_set) in RUNS.items():
         row = next(
             r
