@@ -401,6 +401,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=32)
     parser.add_argument("--start-seed", type=int, default=0,
                         help="seed of the start latents (a fresh set of starts for a replication)")  # fmt: skip
+    parser.add_argument("--random-directions", action="store_true",
+                        help="the baseline arm dreams random unit directions, not random channels")  # fmt: skip
     parser.add_argument("--mask-shape", action="store_true",
                         help="objectives average over the start's shape, not the whole map")  # fmt: skip
     parser.add_argument("--colours", type=int, default=3)
@@ -474,13 +476,28 @@ def main() -> None:
             return leaf if masks is None else masked(leaf, masks[start_index], args.site)
 
         channel_targets = [c["channel"] for c in chosen for _ in seeds] + random_channels
+        first_random = len(chosen) * n
+        if args.random_directions:  # unit Gaussian directions of the site's width, one per seed
+            random_vectors = torch.from_numpy(np.random.default_rng(2).standard_normal((n, width)))
+            random_vectors = (random_vectors / random_vectors.norm(dim=1, keepdim=True)).float()
+            out["random_directions"] = True
+
+        def arm_leaf(index):
+            """The channel objective of a batch, or (--random-directions) the random arm's
+            random directions; a batch never mixes the two (the arms are multiples of n)."""
+            if args.random_directions:
+                if index[0] < first_random <= index[-1]:
+                    raise ValueError("a batch mixes selective channels and random directions: "
+                                     "make --seeds a multiple of --batch")  # fmt: skip
+                if index[0] >= first_random:
+                    return dream.direction(args.site, random_vectors[index - first_random])
+            return dream.channel(args.site, [channel_targets[j] for j in index])
         channel_seeds = seeds * (len(chosen) + 1)
         channel_init = starts[np.array(channel_seeds)]
         for renoise in (True, False):
             name = "renoise" if renoise else "no_renoise"
             log(f"{name}: {len(channel_targets)} channel dreams at t={t:g}")
-            images = dreams(model, dream, lambda i: objective(dream.channel(args.site, [channel_targets[j] for j in i]),
-                                                              [channel_seeds[j] for j in i]),
+            images = dreams(model, dream, lambda i: objective(arm_leaf(i), [channel_seeds[j] for j in i]),
                             channel_init, channel_seeds, t, renoise, args)  # fmt: skip
             read = read_attributes(images)["colour"]
             random_read = read[len(chosen) * n :]
