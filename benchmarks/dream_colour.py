@@ -4,7 +4,8 @@ The objective a dream maximises is a channel's activation under the *empty promp
 thesis' setting), so selectivity is measured the same way: shapes-world images of every colour
 (``--images`` per colour, drawn by the generator, VAE-encoded), noised to t with seeded noise
 and passed through the denoiser with the empty prompt; the selectivity of channel c for colour
-k at t is the ROC AUC of its spatial mean at ``unet.up_blocks.1`` (colour k against the rest).
+k at t is the ROC AUC of its spatial mean at ``--site`` (default ``unet.up_blocks.1``; colour
+k against the rest).
 (Captured during generation from colour captions instead, as ``dream_tiny.py`` does, a channel
 can be selective for the caption's colour *word*, which a dream under the empty prompt never
 sees.)
@@ -26,7 +27,7 @@ sigma 0.5 -> 0), with and without renoise:
   diagonal-LDA direction (mean of colour k minus mean of the rest, divided by the per-channel
   variance, unit norm) of the same activations, dreamt with ``dream.direction``.
 
-With ``--sae PATH`` (an SAE of SITE, e.g. the one ``benchmarks/sae_tiny.py --stage train``
+With ``--sae PATH`` (an SAE of the site, e.g. the one ``benchmarks/sae_tiny.py --stage train``
 writes to runs/sae-tiny/sae) the arms are SAE features instead, through ``dream.sae_feature``
 with the thesis' SAE settings (TV 0, moment 0.5, range 0.5, no blur): the features named by
 ``--sae-features`` (default ``2:blue``, the blue feature of docs/sae.md), the ``--sae-best``
@@ -52,6 +53,24 @@ random one is), and how many dreams turn to the colour from a start that is not 
     PYTHONPATH=src nice .venv/bin/python benchmarks/dream_colour.py --seeds 32 --timestep 101 \
         --sae runs/sae-tiny/sae --sae-features 2:blue --sae-best 2 --lr 0.01 --tag _sae_lr001 \
         --out benchmarks/results/dream_colour_sae_lr001.json --figures docs/figures
+
+Sites other than ``unet.up_blocks.1`` (``--site``). ``--site auto`` first surveys held-out
+selectivity at the ``--survey`` sites (default: conv_in, down_blocks.0.resnets.0, down_blocks.0,
+down_blocks.1, up_blocks.1) and candidate timesteps, each colour's images split in halves (the
+best channel on the first half, its AUC on the second), and picks by a rule fixed in advance:
+the (site, t >= 100) with the highest mean held-out AUC, its ``--colours`` colours with the
+highest held-out AUC, one channel each (see :func:`survey`); ``--survey-only`` stops there.
+``--mask-shape``: every activation objective (selective and random arms) is averaged over the
+start's shape (the reader's core pixels, area-pooled to the site's map) instead of the whole
+map. ``--random-directions``: the baseline dreams random unit directions instead of random
+channels. ``--start-seed``: a fresh set of start latents (a replication).
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dream_colour.py \
+        --site auto --survey-only --threads 1 --out benchmarks/results/dream_colour_survey.json
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dream_colour.py \
+        --site auto --seeds 64 --start-seed 1 --colours 3 --direction-both --lr 0.02 \
+        --threads 1 --tag _convin_confirm_lr002 \
+        --out benchmarks/results/dream_colour_convin_confirm_lr002.json --figures docs/figures
 
 (Results and figures in docs/dream.md; the figure shows the first 16 seeds.)
 """
@@ -338,7 +357,9 @@ def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grid
     names = shapes.COLOUR_NAMES
     sae = load_sae(args.sae)
     log(f"SAE {args.sae}: d_in {sae.d_in}, d_sae {sae.d_sae}, k {sae.k}; selectivity at t={t:g}")
-    acts = channel_means(model, z, t, args.site, sae=sae)  # (items, d_sae): the dream's objective values
+    acts = channel_means(
+        model, z, t, args.site, sae=sae
+    )  # (items, d_sae): the dream's objective values
     live = (acts > 0).any(0)
     table = np.stack([auc(acts, labels == k) for k in range(len(names))])  # (colours, d_sae)
     ranks = (-table).argsort(1).argsort(1) + 1  # 1 = the colour's most selective feature
@@ -492,6 +513,7 @@ def main() -> None:
                 if index[0] >= first_random:
                     return dream.direction(args.site, random_vectors[index - first_random])
             return dream.channel(args.site, [channel_targets[j] for j in index])
+
         channel_seeds = seeds * (len(chosen) + 1)
         channel_init = starts[np.array(channel_seeds)]
         for renoise in (True, False):
