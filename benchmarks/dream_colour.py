@@ -4,7 +4,8 @@ The objective a dream maximises is a channel's activation under the *empty promp
 thesis' setting), so selectivity is measured the same way: shapes-world images of every colour
 (``--images`` per colour, drawn by the generator, VAE-encoded), noised to t with seeded noise
 and passed through the denoiser with the empty prompt; the selectivity of channel c for colour
-k at t is the ROC AUC of its spatial mean at ``unet.up_blocks.1`` (colour k against the rest).
+k at t is the ROC AUC of its spatial mean at ``--site`` (default ``unet.up_blocks.1``; colour
+k against the rest).
 (Captured during generation from colour captions instead, as ``dream_tiny.py`` does, a channel
 can be selective for the caption's colour *word*, which a dream under the empty prompt never
 sees.)
@@ -26,7 +27,7 @@ sigma 0.5 -> 0), with and without renoise:
   diagonal-LDA direction (mean of colour k minus mean of the rest, divided by the per-channel
   variance, unit norm) of the same activations, dreamt with ``dream.direction``.
 
-With ``--sae PATH`` (an SAE of SITE, e.g. the one ``benchmarks/sae_tiny.py --stage train``
+With ``--sae PATH`` (an SAE of the site, e.g. the one ``benchmarks/sae_tiny.py --stage train``
 writes to runs/sae-tiny/sae) the arms are SAE features instead, through ``dream.sae_feature``
 with the thesis' SAE settings (TV 0, moment 0.5, range 0.5, no blur): the features named by
 ``--sae-features`` (default ``2:blue``, the blue feature of docs/sae.md), the ``--sae-best``
@@ -53,6 +54,24 @@ random one is), and how many dreams turn to the colour from a start that is not 
         --sae runs/sae-tiny/sae --sae-features 2:blue --sae-best 2 --lr 0.01 --tag _sae_lr001 \
         --out benchmarks/results/dream_colour_sae_lr001.json --figures docs/figures
 
+Sites other than ``unet.up_blocks.1`` (``--site``). ``--site auto`` first surveys held-out
+selectivity at the ``--survey`` sites (default: conv_in, down_blocks.0.resnets.0, down_blocks.0,
+down_blocks.1, up_blocks.1) and candidate timesteps, each colour's images split in halves (the
+best channel on the first half, its AUC on the second), and picks by a rule fixed in advance:
+the (site, t >= 100) with the highest mean held-out AUC, its ``--colours`` colours with the
+highest held-out AUC, one channel each (see :func:`survey`); ``--survey-only`` stops there.
+``--mask-shape``: every activation objective (selective and random arms) is averaged over the
+start's shape (the reader's core pixels, area-pooled to the site's map) instead of the whole
+map. ``--random-directions``: the baseline dreams random unit directions instead of random
+channels. ``--start-seed``: a fresh set of start latents (a replication).
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dream_colour.py \
+        --site auto --survey-only --threads 1 --out benchmarks/results/dream_colour_survey.json
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dream_colour.py \
+        --site auto --seeds 64 --start-seed 1 --colours 3 --direction-both --lr 0.02 \
+        --threads 1 --tag _convin_confirm_lr002 \
+        --out benchmarks/results/dream_colour_convin_confirm_lr002.json --figures docs/figures
+
 (Results and figures in docs/dream.md; the figure shows the first 16 seeds.)
 """
 
@@ -68,8 +87,10 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SITE = "unet.up_blocks.1"
+DEFAULT_SITE = "unet.up_blocks.1"
 CANDIDATE_TIMESTEPS = (1, 51, 101, 201, 301, 501)
+SURVEY_SITES = ("unet.conv_in", "unet.down_blocks.0.resnets.0", "unet.down_blocks.0",
+                "unet.down_blocks.1", "unet.up_blocks.1")  # fmt: skip
 
 
 def log(message: str) -> None:
@@ -86,8 +107,8 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def channel_means(model, z: torch.Tensor, timestep: float, sae=None) -> np.ndarray:
-    """(items, channels) spatial means at SITE of z noised to ``timestep`` with
+def channel_means(model, z: torch.Tensor, timestep: float, site: str, sae=None) -> np.ndarray:
+    """(items, channels) spatial means at ``site`` of z noised to ``timestep`` with
     ``item_noise(shape, 0, items)`` under the empty prompt: ``dream.measure``'s view. With
     ``sae``: (items, d_sae) token means of the SAE's dense pre-activations instead, what
     ``dream.sae_feature`` maximises (in chunks of 32 items)."""
@@ -98,15 +119,77 @@ def channel_means(model, z: torch.Tensor, timestep: float, sae=None) -> np.ndarr
     x_t, t = model.add_noise(z, timestep=timestep, noise=noise)
     out = []
     for chunk in torch.split(torch.arange(len(z)), 32):
-        with diffprobe.capture(model, SITE, stop_early=True) as cache:
+        with diffprobe.capture(model, site, stop_early=True) as cache:
             model.denoise(x_t[chunk], t[chunk], model.encode_prompt([""] * len(chunk)))
-        maps = cache.last(SITE).float()
+        maps = cache.last(site).float()
         if sae is None:
             out.append(maps.mean((2, 3)))
         else:
             tokens = maps.flatten(2).transpose(1, 2).to(sae.dtype)  # (items, tokens, d_in)
             out.append(sae.pre_acts(tokens).float().mean(1))
     return torch.cat(out).cpu().numpy()
+
+
+def survey(model, args, z: torch.Tensor, labels: np.ndarray) -> dict:
+    """``--site auto``: held-out selectivity at every ``--survey`` site and candidate t, and
+    the pick of site, t, colours and channels by a rule fixed before any dream is rendered.
+
+    The images of each colour are split in halves (first half: selection, second: held out).
+    Per (site, t, colour): the channel with the highest ROC AUC on the selection half and its
+    AUC on the held-out half. The dream's (site, t): the highest mean over colours of that
+    held-out AUC among t >= 100 (``--timestep`` fixes t); its colours: the ``--colours`` with
+    the highest held-out AUC there (one distinct channel each). The diagonal-LDA direction is
+    fitted on the selection half and scored on the held-out half. Sets ``args.site``."""
+    from diffprobe.data import shapes
+
+    names = shapes.COLOUR_NAMES
+    half = (np.arange(len(labels)) % args.images) < args.images // 2  # True: selection
+    sites = [s for s in args.survey.split(",") if s]
+    timesteps = CANDIDATE_TIMESTEPS if args.timestep is None else (args.timestep,)
+    table: dict = {}
+    activity: dict = {}
+    for site in sites:
+        for t in timesteps:
+            a = channel_means(model, z, t, site)  # (items, channels)
+            activity[(site, t)] = a
+            picks = []
+            for k in range(len(names)):
+                selection = auc(a[half], labels[half] == k)
+                c = int(selection.argmax())
+                held = float(auc(a[~half][:, c : c + 1], labels[~half] == k)[0])
+                picks.append([c, round(float(selection[c]), 3), round(held, 3)])
+            table[(site, t)] = picks
+            log(f"  {site} t={t:g}: mean held-out AUC "
+                f"{np.mean([p[2] for p in picks]):.3f} ({a.shape[1]} channels)")  # fmt: skip
+    eligible = [key for key in table if key[1] >= 100 or args.timestep is not None]
+    site, timestep = max(eligible, key=lambda key: np.mean([p[2] for p in table[key]]))
+    args.site = site
+    picks = table[(site, timestep)]
+    a = activity[(site, timestep)]
+    chosen, taken = [], set()
+    for k in np.argsort([-p[2] for p in picks]):
+        selection = auc(a[half], labels[half] == k)
+        c = next(int(c) for c in np.argsort(-selection) if int(c) not in taken)
+        taken.add(c)
+        positive = labels == k
+        held = float(auc(a[~half][:, c : c + 1], positive[~half])[0])
+        w = (a[half & positive].mean(0) - a[half & ~positive].mean(0)) / a[half].var(0)
+        w = w / np.linalg.norm(w)
+        chosen.append({"colour": names[k], "colour_index": int(k), "channel": c,
+                       "auc": held, "auc_selection": float(selection[c]),
+                       "direction": w.astype(np.float32),
+                       "direction_auc": float(auc(a[~half] @ w[:, None], positive[~half])[0])})  # fmt: skip
+        if len(chosen) == args.colours:
+            break
+    return {
+        "rule": "site, t: highest mean over colours of the held-out AUC of the selection-half "
+                "best channel, t >= 100; colours: highest held-out AUC there",
+        "site": site, "timestep": timestep, "images_per_colour": args.images,
+        "survey": {f"{s} t={t:g}": {"mean_heldout_auc": round(float(np.mean([p[2] for p in v])), 4),
+                                    **{names[k]: v[k] for k in range(len(names))}}
+                   for (s, t), v in table.items()},
+        "chosen": chosen,
+    }  # fmt: skip
 
 
 def selectivity(model, args) -> dict:
@@ -122,7 +205,9 @@ def selectivity(model, args) -> dict:
     with torch.no_grad():
         z = torch.cat([model.encode_images(chunk).float()
                        for chunk in np.array_split(np.concatenate(images), 8)])  # fmt: skip
-    activity = {t: channel_means(model, z, t) for t in CANDIDATE_TIMESTEPS}
+    if args.site == "auto":
+        return survey(model, args, z, labels), z, labels
+    activity = {t: channel_means(model, z, t, args.site) for t in CANDIDATE_TIMESTEPS}
     aucs = {t: np.stack([auc(a, labels == k) for k in range(len(names))])
             for t, a in activity.items()}  # fmt: skip  # t -> (colours, channels)
     if args.timestep is None:
@@ -131,7 +216,7 @@ def selectivity(model, args) -> dict:
     else:
         timestep = args.timestep
         if timestep not in activity:
-            activity[timestep] = channel_means(model, z, timestep)
+            activity[timestep] = channel_means(model, z, timestep, args.site)
             aucs[timestep] = np.stack([auc(activity[timestep], labels == k)
                                        for k in range(len(names))])  # fmt: skip
     table = aucs[timestep]
@@ -179,6 +264,41 @@ def dreams(model, dream, objective, init, seeds, timestep, renoise, args, sae=Fa
     return np.concatenate(images)
 
 
+def shape_masks(images: np.ndarray) -> torch.Tensor:
+    """(items, 64, 64) float masks of the shape in each uint8 image (items, 64, 64, 3): pixels
+    whose distance to the median border colour is at least half the 0.997 quantile of that
+    distance (the attribute reader's "core"); all ones where an image has no such pixel."""
+    pixels = images.astype(np.float32)
+    border = np.concatenate([pixels[:, :4].reshape(len(pixels), -1, 3),
+                             pixels[:, -4:].reshape(len(pixels), -1, 3),
+                             pixels[:, :, :4].reshape(len(pixels), -1, 3),
+                             pixels[:, :, -4:].reshape(len(pixels), -1, 3)], axis=1)  # fmt: skip
+    ink = np.linalg.norm(pixels - np.median(border, axis=1)[:, None, None], axis=-1)
+    strongest = np.quantile(ink.reshape(len(ink), -1), 0.997, axis=1)
+    masks = (ink >= 0.5 * np.maximum(strongest, 1.0)[:, None, None]).astype(np.float32)
+    masks[masks.reshape(len(masks), -1).sum(1) == 0] = 1.0
+    return torch.from_numpy(masks)
+
+
+def masked(leaf, masks: torch.Tensor, site: str):
+    """``leaf`` (a channel or direction objective of ``site``) with its mean over space
+    replaced by the mean over each item's mask (items, H, W), area-resampled to the site's map:
+    the activation where the start's shape is."""
+    import torch.nn.functional as F
+
+    from diffprobe.interventions.dream.objectives import Leaf
+
+    def value(step):
+        activations = dict(step.activations)
+        for key, v in step.activations.items():
+            if key[0] == site:  # v * m with m of mean 1: the mean over space becomes m-weighted
+                m = F.interpolate(masks.to(v.device)[:, None], size=v.shape[-2:], mode="area")
+                activations[key] = v * (m / m.mean((2, 3), keepdim=True).clamp_min(1e-8))
+        return leaf.value(type(step)(activations, step.z, step.timestep))
+
+    return Leaf(f"masked {leaf.name}", value, leaf.needs)
+
+
 def counts(read: np.ndarray, random_read: np.ndarray, start_read: np.ndarray, k: int) -> dict:
     from scipy.stats import binomtest, fisher_exact
 
@@ -201,6 +321,23 @@ def counts(read: np.ndarray, random_read: np.ndarray, start_read: np.ndarray, k:
     }  # fmt: skip
 
 
+def pooled(rows: list[dict]) -> dict:
+    """The colours' counts summed: selective hits against the random arm's hits for each arm's
+    colour (the random arm is shared, so its dreams count once per colour); one-sided Fisher."""
+    from scipy.stats import fisher_exact
+
+    hits = sum(r["selective"] for r in rows)
+    random_hits = sum(r["random"] for r in rows)
+    n = sum(r["of"] for r in rows)
+    return {
+        "selective": hits, "random": random_hits, "of": n,
+        "fisher_p": float(fisher_exact([[hits, n - hits], [random_hits, n - random_hits]],
+                                       alternative="greater")[1]),
+        "pairs_only_selective": sum(r["pairs_only_selective"] for r in rows),
+        "pairs_only_random": sum(r["pairs_only_random"] for r in rows),
+    }  # fmt: skip
+
+
 def parse_features(text: str) -> list[tuple[int, str]]:
     """``"2:blue,784:yellow"`` -> [(2, "blue"), (784, "yellow")]."""
     pairs = [item.split(":") for item in text.split(",") if item]
@@ -220,7 +357,9 @@ def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grid
     names = shapes.COLOUR_NAMES
     sae = load_sae(args.sae)
     log(f"SAE {args.sae}: d_in {sae.d_in}, d_sae {sae.d_sae}, k {sae.k}; selectivity at t={t:g}")
-    acts = channel_means(model, z, t, sae=sae)  # (items, d_sae): the dream's objective values
+    acts = channel_means(
+        model, z, t, args.site, sae=sae
+    )  # (items, d_sae): the dream's objective values
     live = (acts > 0).any(0)
     table = np.stack([auc(acts, labels == k) for k in range(len(names))])  # (colours, d_sae)
     ranks = (-table).argsort(1).argsort(1) + 1  # 1 = the colour's most selective feature
@@ -252,7 +391,7 @@ def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grid
     for renoise in (True, False):
         name = "renoise" if renoise else "no_renoise"
         log(f"{name}: {len(targets)} SAE feature dreams at t={t:g}")
-        images = dreams(model, dream, lambda i: dream.sae_feature(SITE, sae, [targets[j] for j in i]),
+        images = dreams(model, dream, lambda i: dream.sae_feature(args.site, sae, [targets[j] for j in i]),
                         init, dream_seeds, t, renoise, args, sae=True)  # fmt: skip
         read = read_attributes(images)["colour"]
         random_read = read[len(chosen) * n :]
@@ -274,7 +413,19 @@ def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grid
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--site", default=DEFAULT_SITE,
+                        help="the dreamt site; 'auto': pick it (and t) from --survey by held-out AUC")  # fmt: skip
+    parser.add_argument("--survey", default=",".join(SURVEY_SITES),
+                        help="sites whose held-out selectivity --site auto compares")  # fmt: skip
+    parser.add_argument("--survey-only", action="store_true",
+                        help="print the selectivity survey and stop (no dreams)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=32)
+    parser.add_argument("--start-seed", type=int, default=0,
+                        help="seed of the start latents (a fresh set of starts for a replication)")  # fmt: skip
+    parser.add_argument("--random-directions", action="store_true",
+                        help="the baseline arm dreams random unit directions, not random channels")  # fmt: skip
+    parser.add_argument("--mask-shape", action="store_true",
+                        help="objectives average over the start's shape, not the whole map")  # fmt: skip
     parser.add_argument("--colours", type=int, default=3)
     parser.add_argument("--images", type=int, default=32, help="shapes images per colour")
     parser.add_argument("--timestep", type=float, default=None)
@@ -305,20 +456,30 @@ def main() -> None:
     model = diffprobe.load(args.model)
     chosen_info, z, labels = selectivity(model, args)
     t, chosen = chosen_info["timestep"], chosen_info["chosen"]
+    if args.survey_only:
+        text = json.dumps({**chosen_info, "chosen": [{k: v for k, v in c.items() if k != "direction"}
+                                                      for c in chosen]}, indent=1)  # fmt: skip
+        print(text)
+        if args.out:
+            from diffprobe.io import write_text
+
+            write_text(args.out, text + "\n")
+        return
     log(f"t={t:g}: " + ", ".join(f"{c['colour']} ch {c['channel']} (AUC {c['auc']:.2f}, "
                                  f"direction {c['direction_auc']:.2f})" for c in chosen))  # fmt: skip
     n = args.seeds
     seeds = list(range(n))
     rng = np.random.default_rng(0)
-    others = [c for c in range(64) if c not in {e["channel"] for e in chosen}]
+    width = len(chosen[0]["direction"])
+    others = [c for c in range(width) if c not in {e["channel"] for e in chosen}]
     random_channels = [int(c) for c in rng.choice(others, size=n, replace=n > len(others))]
     log(f"generating {n} empty-prompt start latents")
-    starts = model.generate([""] * n, steps=25, guidance_scale=1.0, seed=0,
+    starts = model.generate([""] * n, steps=25, guidance_scale=1.0, seed=args.start_seed,
                             output_type="latent").float().cpu()  # fmt: skip
     start_images = dream.decode(model, starts)
     start_read = read_attributes(start_images)["colour"]
     out: dict = {
-        "model": args.model, "site": SITE, "args": {k: str(v) for k, v in vars(args).items()},
+        "model": args.model, "site": args.site, "args": {k: str(v) for k, v in vars(args).items()},
         "selectivity": {**chosen_info, "chosen": [{k: v for k, v in c.items() if k != "direction"}
                                                   for c in chosen]},
         "directions": {c["colour"]: [round(float(v), 5) for v in c["direction"]] for c in chosen},
@@ -329,13 +490,36 @@ def main() -> None:
     if args.sae:
         text = sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grids)
     else:
+        masks = shape_masks(start_images) if args.mask_shape else None
+
+        def objective(leaf, start_index):
+            """``leaf``, or with --mask-shape its mean over the shapes of the starts."""
+            return leaf if masks is None else masked(leaf, masks[start_index], args.site)
+
         channel_targets = [c["channel"] for c in chosen for _ in seeds] + random_channels
+        first_random = len(chosen) * n
+        if args.random_directions:  # unit Gaussian directions of the site's width, one per seed
+            random_vectors = torch.from_numpy(np.random.default_rng(2).standard_normal((n, width)))
+            random_vectors = (random_vectors / random_vectors.norm(dim=1, keepdim=True)).float()
+            out["random_directions"] = True
+
+        def arm_leaf(index):
+            """The channel objective of a batch, or (--random-directions) the random arm's
+            random directions; a batch never mixes the two (the arms are multiples of n)."""
+            if args.random_directions:
+                if index[0] < first_random <= index[-1]:
+                    raise ValueError("a batch mixes selective channels and random directions: "
+                                     "make --seeds a multiple of --batch")  # fmt: skip
+                if index[0] >= first_random:
+                    return dream.direction(args.site, random_vectors[index - first_random])
+            return dream.channel(args.site, [channel_targets[j] for j in index])
+
         channel_seeds = seeds * (len(chosen) + 1)
         channel_init = starts[np.array(channel_seeds)]
         for renoise in (True, False):
             name = "renoise" if renoise else "no_renoise"
             log(f"{name}: {len(channel_targets)} channel dreams at t={t:g}")
-            images = dreams(model, dream, lambda i: dream.channel(SITE, [channel_targets[j] for j in i]),
+            images = dreams(model, dream, lambda i: objective(arm_leaf(i), [channel_seeds[j] for j in i]),
                             channel_init, channel_seeds, t, renoise, args)  # fmt: skip
             read = read_attributes(images)["colour"]
             random_read = read[len(chosen) * n :]
@@ -353,14 +537,19 @@ def main() -> None:
                     )
                     init = starts[np.array(seeds * len(chosen))]
                     log(f"{name}: {len(vectors)} direction dreams")
-                    images = dreams(model, dream, lambda i, v=vectors: dream.direction(SITE, v[i]), init,
-                                    seeds * len(chosen), t, renoise, args)  # fmt: skip
+                    images = dreams(model, dream, lambda i, v=vectors: objective(dream.direction(args.site, v[i]),
+                                                                                 [seeds[j % n] for j in i]),
+                                    init, seeds * len(chosen), t, renoise, args)  # fmt: skip
                     read = read_attributes(images)["colour"]
                     for j, c in enumerate(chosen):
                         variant[f"direction ({c['colour']})"] = counts(
                             read[j * n : (j + 1) * n], random_read, start_read, c["colour_index"]
                         )
                         grids[f"{name}: dir ({c['colour']})"] = images[j * n : (j + 1) * n]
+            for arm in ("channel", "direction"):
+                rows = [v for key, v in variant.items() if key.startswith(arm)]
+                if rows:
+                    variant[f"pooled {arm}s"] = pooled(rows)
             out["variants"][name] = variant
             log(json.dumps(variant, indent=1))
             out["seconds"] = time.perf_counter() - started
@@ -378,7 +567,7 @@ def main() -> None:
         shown = min(n, 16)
         grid = dream_grid([(label, list(imgs[:shown])) for label, imgs in grids.items()],
                           [f"seed {s}" for s in seeds[:shown]],
-                          f"tiny {SITE}, t={t:g}, lr {args.lr:g}: colour-selective vs random")  # fmt: skip
+                          f"tiny {args.site}, t={t:g}, lr {args.lr:g}: colour-selective vs random")  # fmt: skip
         with atomic_path(args.figures / f"dream_colour_grid{args.tag}.png", record=False) as tmp:
             grid.save(tmp, format="PNG")
 
