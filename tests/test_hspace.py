@@ -280,6 +280,30 @@ def test_mean_difference_direction_is_per_step_group_mean_of_h(ddpm, tmp_path):
                                    rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+def test_mean_difference_groups_are_colour_twins(ddpm, tmp_path):
+    """The two groups of the mean difference differ in colour only: item i of the blue stream
+    is item i of the red stream repainted (checked against the renderer), so the direction is
+    the paired mean difference (no shape, position or background term), and direction.json
+    says so."""
+    import json
+
+    from diffprobe.data import shapes
+    from diffprobe.stages.hspace import make_direction, paired_groups, source_images
+
+    red, blue = source_images("red", 8, start=10_000), source_images("blue", 8, start=10_000)
+    assert paired_groups(red, blue)
+    for i in range(8):
+        f = red.item(i)
+        twin = shapes.render(f["shape"], "blue", f["size"], f["x"], f["y"], f["background"],
+                             f["rotation"])  # fmt: skip
+        np.testing.assert_array_equal(blue.images[i], twin)
+    assert not np.array_equal(red.images, blue.images)
+    assert not paired_groups(red, source_images("blue", 8, start=10_001))  # the check can fail
+    out = make_direction(ddpm, tmp_path / "md", source="red", target="blue", items=2, steps=2,
+                         progress=False)  # fmt: skip
+    assert json.loads((out / "direction.json").read_text())["paired"] is True
+
+
 def test_inverted_chains_of_a_clipping_ddpm_reconstruct():
     """tiny-ddpm's scheduler clips x0 (``clip_sample``); DDIM inversion does not, so the edit
     path samples inverted chains unclipped (as Asyrp): clipped, the reconstruction is lost

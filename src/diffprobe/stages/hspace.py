@@ -38,7 +38,15 @@ from diffprobe.interventions.hspace.training import (
 )
 from diffprobe.io import claim_output, write_json
 
-__all__ = ["HSPACE_KIND", "edit_images", "evaluate", "make_direction", "source_images", "train"]
+__all__ = [
+    "HSPACE_KIND",
+    "edit_images",
+    "evaluate",
+    "make_direction",
+    "paired_groups",
+    "source_images",
+    "train",
+]
 
 HSPACE_KIND = "hspace"
 
@@ -57,6 +65,17 @@ def source_images(colour: str, items: int, seed: int = 0, start: int = 0):
         raise HSpaceError(f"the shapes world has no colour {colour!r}; use one of "
                           f"{', '.join(shapes.COLOUR_NAMES)}")  # fmt: skip
     return shapes.sample(items, seed=seed, split="all", start=start, colour=colour)
+
+
+def paired_groups(first, second) -> bool:
+    """True when item i of the two ``ShapesSample`` groups differs in colour only (same shape,
+    size, position, rotation, background): items of one seed, split and start are twins across
+    colours, because the colour filter keeps the pool's order and every colour has the same
+    combinations. The mean difference of twins has no shape, position or background term."""
+    keys = [k for k in first.factors if k not in ("colour", "template")]
+    return len(first) == len(second) and all(
+        np.array_equal(first.factors[k], second.factors[k]) for k in keys
+    )
 
 
 def to_uint8(pixels: torch.Tensor, size: int = 64) -> np.ndarray:
@@ -164,18 +183,21 @@ def make_direction(model, out: str | Path, *, source: str, target: str,
                    seed: int = 0, progress: bool = True,
                    overwrite: bool = False) -> Path:  # fmt: skip
     """Training-free Δh: ``mean-difference`` — per sampling step, mean h of ``target``-colour
-    chains minus mean h of ``source``-colour chains (a free Δh per step, no training); or
+    chains minus mean h of ``source``-colour chains (a free Δh per step, no training); the two
+    groups are twins (:func:`paired_groups`: item i differs in colour only), so this is the
+    paired mean difference, recorded as ``paired`` in ``direction.json``; or
     ``pca`` — the first principal direction of h over both groups and all steps, signed to
     point from source to target (a constant Δh, scaled to the mean-difference norm)."""
     check_texts(source, target)
     if method not in ("mean-difference", "pca"):
         raise HSpaceError(f"unknown direction method {method!r}; use mean-difference or pca")
     out = claim_output(out, HSPACE_KIND, overwrite=overwrite)
-    h = {}
+    h, groups = {}, {}
     for name, colour in (("source", source), ("target", target)):
-        data = source_images(colour, items, seed=seed, start=10_000)
-        _, x_T = invert(model, data.images, steps, progress)
+        groups[name] = source_images(colour, items, seed=seed, start=10_000)
+        _, x_T = invert(model, groups[name].images, steps, progress)
         h[name] = capture_h(model, x_T, steps)
+    twins = paired_groups(groups["source"], groups["target"])
     difference = h["target"].mean(1) - h["source"].mean(1)  # (steps, C, H, W)
     if method == "mean-difference":
         delta = FreeDelta(*difference.shape[1:], steps)
@@ -190,7 +212,8 @@ def make_direction(model, out: str | Path, *, source: str, target: str,
         sign = torch.sign((direction * mean_diff).sum())
         delta = ConstantDelta(sign * direction * mean_diff.norm())
     info = {"model": model.name, "source": source, "target": target, "method": method,
-            "items": items, "train_steps": steps if method == "mean-difference" else None}  # fmt: skip
+            "items": items, "paired": twins,
+            "train_steps": steps if method == "mean-difference" else None}  # fmt: skip
     save_delta(out / "delta.safetensors", delta, info)
     write_json(out / "direction.json", {**info, "norm_per_step": difference.flatten(1).norm(
         dim=1).tolist()})  # fmt: skip
