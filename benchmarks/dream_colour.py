@@ -426,22 +426,27 @@ def fired_features(model, z: torch.Tensor, timestep: float, site: str, sae) -> n
     return fired.numpy()
 
 
-def heldout_pick(acts: np.ndarray, labels: np.ndarray, images: int, colours: int) -> tuple:
+def heldout_pick(acts: np.ndarray, labels: np.ndarray, images: int, colours: int,
+                 allowed: np.ndarray | None = None) -> tuple:  # fmt: skip
     """The held-out rule of :func:`survey` for SAE features: per colour, the feature with the
     highest AUC on the selection half (the first half of each colour's images) and its AUC on
     the held-out half; the ``colours`` colours with the highest held-out AUC, one distinct
-    feature each (a taken feature passes to the colour's next best on the selection half)."""
+    feature each (a taken feature passes to the colour's next best on the selection half).
+    ``allowed`` (d_sae,) bool: only these features compete (``--sae-alive-only``)."""
     from diffprobe.data import shapes
 
     names = shapes.COLOUR_NAMES
     half = (np.arange(len(labels)) % images) < images // 2
     selection = np.stack([auc(acts[half], labels[half] == k) for k in range(len(names))])
+    if allowed is not None:
+        selection[:, ~allowed] = -np.inf
     held = np.stack([auc(acts[~half], labels[~half] == k) for k in range(len(names))])
     best = selection.argmax(1)
     per_colour = [float(held[k, best[k]]) for k in range(len(names))]
     chosen, taken = [], set()
     for k in np.argsort([-a for a in per_colour]):
-        f = next(int(f) for f in np.argsort(-selection[k]) if int(f) not in taken)
+        f = next(int(f) for f in np.argsort(-selection[k])
+                 if int(f) not in taken and (allowed is None or allowed[f]))  # fmt: skip
         taken.add(f)
         chosen.append({"feature": f, "colour": names[k], "colour_index": int(k), "source": "heldout",
                        "auc": float(held[k, f]), "auc_selection": float(selection[k, f])})  # fmt: skip
@@ -473,7 +478,8 @@ def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grid
     heldout_best = None
     if args.sae_heldout:  # the survey's held-out rule; alive: in some token's TopK
         live = fired_features(model, z, t, args.site, sae)
-        chosen, heldout_best = heldout_pick(acts, labels, args.images, args.sae_best)
+        chosen, heldout_best = heldout_pick(acts, labels, args.images, args.sae_best,
+                                            live if args.sae_alive_only else None)  # fmt: skip
     else:
         chosen = [{"feature": f, "colour": c, "colour_index": names.index(c), "source": "given"}
                   for f, c in parse_features(args.sae_features)]  # fmt: skip
@@ -570,6 +576,8 @@ def main() -> None:
                         help="also the N colours' features most selective under the dream's view")  # fmt: skip
     parser.add_argument("--sae-heldout", action="store_true",
                         help="--sae-best features by the survey's held-out rule (no --sae-features)")  # fmt: skip
+    parser.add_argument("--sae-alive-only", action="store_true",
+                        help="--sae-heldout picks only among alive features (in some token's TopK)")  # fmt: skip
     parser.add_argument("--sae-penalties", choices=("sae", "channel"), default="sae",
                         help="thesis SAE settings (TV 0, moment 0.5, no blur) or the channel ones")  # fmt: skip
     parser.add_argument("--sae-train", type=Path, default=None,
