@@ -72,6 +72,23 @@ channels. ``--start-seed``: a fresh set of start latents (a replication).
         --threads 1 --tag _convin_confirm_lr002 \
         --out benchmarks/results/dream_colour_convin_confirm_lr002.json --figures docs/figures
 
+SAE features at a site near the input (docs/dream.md, "SAE features at ``unet.conv_in``"):
+``--sae-train DIR`` trains a TopK SAE of ``--site`` at ``--timestep`` on shapes images disjoint
+from the selectivity images (see :func:`train_site_sae`) and stops; ``--sae-heldout`` picks
+the ``--sae-best`` features by the survey's held-out rule (:func:`heldout_pick`; with
+``--sae-alive-only`` only among features in some token's TopK); ``--sae-penalties channel``
+dreams them with the channel settings (TV 0.5, blur) instead of the thesis' SAE ones;
+``--mask-shape`` averages the feature's pre-activation over the start's shape.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dream_colour.py \
+        --site unet.conv_in --timestep 101 --sae-train runs/sae-convin-e40 --sae-epochs 40 \
+        --threads 1 --out benchmarks/results/dream_sae_convin_train.json
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dream_colour.py \
+        --site unet.conv_in --timestep 101 --sae runs/sae-convin-e40 --sae-heldout --sae-best 3 \
+        --sae-penalties channel --mask-shape --lr 0.05 --seeds 64 --start-seed 1 --threads 1 \
+        --tag _sae_convin_mask_lr005 --out benchmarks/results/dream_colour_sae_convin_mask_lr005.json \
+        --figures docs/figures
+
 (Results and figures in docs/dream.md; the figure shows the first 16 seeds.)
 """
 
