@@ -72,6 +72,23 @@ channels. ``--start-seed``: a fresh set of start latents (a replication).
         --threads 1 --tag _convin_confirm_lr002 \
         --out benchmarks/results/dream_colour_convin_confirm_lr002.json --figures docs/figures
 
+SAE features at a site near the input (docs/dream.md, "SAE features at ``unet.conv_in``"):
+``--sae-train DIR`` trains a TopK SAE of ``--site`` at ``--timestep`` on shapes images disjoint
+from the selectivity images (see :func:`train_site_sae`) and stops; ``--sae-heldout`` picks
+the ``--sae-best`` features by the survey's held-out rule (:func:`heldout_pick`; with
+``--sae-alive-only`` only among features in some token's TopK); ``--sae-penalties channel``
+dreams them with the channel settings (TV 0.5, blur) instead of the thesis' SAE ones;
+``--mask-shape`` averages the feature's pre-activation over the start's shape.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dream_colour.py \
+        --site unet.conv_in --timestep 101 --sae-train runs/sae-convin-e40 --sae-epochs 40 \
+        --threads 1 --out benchmarks/results/dream_sae_convin_train.json
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dream_colour.py \
+        --site unet.conv_in --timestep 101 --sae runs/sae-convin-e40 --sae-heldout --sae-best 3 \
+        --sae-penalties channel --mask-shape --lr 0.05 --seeds 64 --start-seed 1 --threads 1 \
+        --tag _sae_convin_mask_lr005 --out benchmarks/results/dream_colour_sae_convin_mask_lr005.json \
+        --figures docs/figures
+
 (Results and figures in docs/dream.md; the figure shows the first 16 seeds.)
 """
 
@@ -344,6 +361,118 @@ def parse_features(text: str) -> list[tuple[int, str]]:
     return [(int(f), colour) for f, colour in pairs]
 
 
+def train_site_sae(model, args) -> dict:
+    """``--sae-train DIR``: a TopK SAE of ``--site`` at ``--timestep`` under the empty prompt,
+    trained on every spatial token of ``--sae-train-images`` shapes images per colour drawn
+    with seeds 1000 + colour (the selectivity images use 20 + colour: disjoint streams), VAE
+    encoded and noised with noise seed 1 (selectivity: 0); expansion ``--sae-expansion``,
+    k ``--sae-k``, seed 0. Writes the SAE to DIR; returns its training record."""
+    import diffprobe
+    from diffprobe.data import shapes
+    from diffprobe.models.noise import item_noise
+    from diffprobe.sae import train_sae
+
+    images = np.concatenate([shapes.sample(args.sae_train_images, seed=1000 + k, colour=name,
+                                           split="all").images
+                             for k, name in enumerate(shapes.COLOUR_NAMES)])  # fmt: skip
+    with torch.no_grad():
+        z = torch.cat([model.encode_images(chunk).float()
+                       for chunk in np.array_split(images, 16)])  # fmt: skip
+        noise = item_noise(z.shape[1:], 1, range(len(z)))
+        x_t, t = model.add_noise(z, timestep=args.timestep, noise=noise)
+        tokens = []
+        for chunk in torch.split(torch.arange(len(z)), 32):
+            with diffprobe.capture(model, args.site, stop_early=True) as cache:
+                model.denoise(x_t[chunk], t[chunk], model.encode_prompt([""] * len(chunk)))
+            tokens.append(cache.last(args.site).float().flatten(2).transpose(1, 2).flatten(0, 1))
+    tokens = torch.cat(tokens)  # (images * H * W, channels)
+    log(f"training an SAE on {tuple(tokens.shape)} tokens of {args.site} at t={args.timestep:g}")
+    options = dict(expansion=args.sae_expansion, k=args.sae_k, seed=0, batch_size=1024,
+                   epochs=args.sae_epochs, aux_alpha=1 / 32, dead_tokens=100_000)  # fmt: skip
+    sae = train_sae(tokens, args.sae_train, device="cpu", overwrite=True, progress=False,
+                    metadata={"model_name": args.model, "site": args.site, "branch": "cond",
+                              "timesteps": [args.timestep]}, **options)  # fmt: skip
+    with torch.no_grad():
+        reconstruction = sae(tokens).reconstruction
+        fvu = float(((reconstruction - tokens) ** 2).sum() / ((tokens - tokens.mean(0)) ** 2).sum())
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+        codes = sae.encode_sparse(tokens)
+        fired[codes.indices[codes.values > 0].unique()] = True
+    record = {"path": str(args.sae_train), "tokens": int(len(tokens)), "images": len(images),
+              "options": options, "fvu_train": fvu, "fired_on_train": int(fired.sum()),
+              "d_sae": sae.d_sae}  # fmt: skip
+    log(json.dumps(record))
+    return record
+
+
+def masked_sae_feature(site: str, sae, features, masks: torch.Tensor):
+    """``dream.sae_feature`` with its mean over tokens replaced by the mean over each item's
+    mask (items, H, W), area-resampled to the site's map (a weighted mean of the dense
+    pre-activation, which is not linear in the activations, so ``masked`` does not apply)."""
+    import torch.nn.functional as F
+
+    from diffprobe.interventions.dream.objectives import _per_item, _pick, _site_leaf
+
+    index = _per_item(features, "feature")
+
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        m = F.interpolate(masks.to(v.device)[:, None], size=v.shape[-2:], mode="area").flatten(1)
+        weights = m / m.sum(1, keepdim=True).clamp_min(1e-8)  # (items, tokens)
+        codes = sae.pre_acts(v.float().flatten(2).transpose(1, 2).to(sae.dtype)).float()
+        return (_pick(codes.transpose(1, 2), index, "feature", site) * weights).sum(-1)
+
+    return _site_leaf(f"masked sae_feature({site})", site, None, "cond", mean)
+
+
+@torch.no_grad()
+def fired_features(model, z: torch.Tensor, timestep: float, site: str, sae) -> np.ndarray:
+    """(d_sae,) bool: the SAE features in the TopK of at least one token of ``z`` noised to
+    ``timestep`` as :func:`channel_means` does (the alive features)."""
+    import diffprobe
+    from diffprobe.models.noise import item_noise
+
+    noise = item_noise(z.shape[1:], 0, range(len(z)))
+    x_t, t = model.add_noise(z, timestep=timestep, noise=noise)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    for chunk in torch.split(torch.arange(len(z)), 32):
+        with diffprobe.capture(model, site, stop_early=True) as cache:
+            model.denoise(x_t[chunk], t[chunk], model.encode_prompt([""] * len(chunk)))
+        tokens = cache.last(site).float().flatten(2).transpose(1, 2).to(sae.dtype)
+        codes = sae.encode_sparse(tokens)
+        fired[codes.indices[codes.values > 0].unique()] = True
+    return fired.numpy()
+
+
+def heldout_pick(acts: np.ndarray, labels: np.ndarray, images: int, colours: int,
+                 allowed: np.ndarray | None = None) -> tuple:  # fmt: skip
+    """The held-out rule of :func:`survey` for SAE features: per colour, the feature with the
+    highest AUC on the selection half (the first half of each colour's images) and its AUC on
+    the held-out half; the ``colours`` colours with the highest held-out AUC, one distinct
+    feature each (a taken feature passes to the colour's next best on the selection half).
+    ``allowed`` (d_sae,) bool: only these features compete (``--sae-alive-only``)."""
+    from diffprobe.data import shapes
+
+    names = shapes.COLOUR_NAMES
+    half = (np.arange(len(labels)) % images) < images // 2
+    selection = np.stack([auc(acts[half], labels[half] == k) for k in range(len(names))])
+    if allowed is not None:
+        selection[:, ~allowed] = -np.inf
+    held = np.stack([auc(acts[~half], labels[~half] == k) for k in range(len(names))])
+    best = selection.argmax(1)
+    per_colour = [float(held[k, best[k]]) for k in range(len(names))]
+    chosen, taken = [], set()
+    for k in np.argsort([-a for a in per_colour]):
+        f = next(int(f) for f in np.argsort(-selection[k])
+                 if int(f) not in taken and (allowed is None or allowed[f]))  # fmt: skip
+        taken.add(f)
+        chosen.append({"feature": f, "colour": names[k], "colour_index": int(k), "source": "heldout",
+                       "auc": float(held[k, f]), "auc_selection": float(selection[k, f])})  # fmt: skip
+        if len(chosen) == colours:
+            break
+    return chosen, {names[k]: [int(best[k]), round(float(selection[k, best[k]]), 3),
+                               round(per_colour[k], 3)] for k in range(len(names))}  # fmt: skip
+
+
 def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grids) -> str:
     """The SAE arms: the given features (``--sae-features``) and the ``--sae-best`` features
     most selective under the dream's view (the empty prompt at t), against ``--seeds`` random
@@ -363,16 +492,25 @@ def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grid
     live = (acts > 0).any(0)
     table = np.stack([auc(acts, labels == k) for k in range(len(names))])  # (colours, d_sae)
     ranks = (-table).argsort(1).argsort(1) + 1  # 1 = the colour's most selective feature
-    chosen = [{"feature": f, "colour": c, "colour_index": names.index(c), "source": "given"}
-              for f, c in parse_features(args.sae_features)]  # fmt: skip
+    heldout_best = None
+    if args.sae_heldout:  # the survey's held-out rule; alive: in some token's TopK
+        live = fired_features(model, z, t, args.site, sae)
+        chosen, heldout_best = heldout_pick(acts, labels, args.images, args.sae_best,
+                                            live if args.sae_alive_only else None)  # fmt: skip
+    else:
+        chosen = [{"feature": f, "colour": c, "colour_index": names.index(c), "source": "given"}
+                  for f, c in parse_features(args.sae_features)]  # fmt: skip
+        taken = {e["feature"] for e in chosen}
+        for k in np.argsort(-table.max(1))[: args.sae_best]:
+            f = next(int(f) for f in np.argsort(-table[k]) if int(f) not in taken)
+            chosen.append({"feature": f, "colour": names[k], "colour_index": int(k),
+                           "source": "best"})  # fmt: skip
+            taken.add(f)
     taken = {e["feature"] for e in chosen}
-    for k in np.argsort(-table.max(1))[: args.sae_best]:
-        f = next(int(f) for f in np.argsort(-table[k]) if int(f) not in taken)
-        chosen.append({"feature": f, "colour": names[k], "colour_index": int(k), "source": "best"})
-        taken.add(f)
     for e in chosen:
         k, f = e["colour_index"], e["feature"]
-        e.update(auc=float(table[k, f]), rank=int(ranks[k, f]), live=bool(live[f]))
+        e.setdefault("auc", float(table[k, f]))
+        e.update(auc_all=float(table[k, f]), rank=int(ranks[k, f]), live=bool(live[f]))
     log("SAE arms: " + ", ".join(f"feature {e['feature']} ({e['colour']}, AUC {e['auc']:.2f}, "
                                  f"rank {e['rank']})" for e in chosen))  # fmt: skip
     n = args.seeds
@@ -384,15 +522,25 @@ def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grid
         "live_features": int(live.sum()), "chosen": chosen, "random_features": random_features,
         "best_per_colour": {names[k]: [int(table[k].argmax()), round(float(table[k].max()), 3)]
                             for k in range(len(names))},
+        "heldout_best_per_colour": heldout_best, "penalties": args.sae_penalties,
+        "mask_shape": args.mask_shape,
     }  # fmt: skip
+    sae_settings = args.sae_penalties == "sae"
+    masks = shape_masks(grids["start"]) if args.mask_shape else None
+
+    def leaf(index):
+        features = [targets[j] for j in index]
+        if masks is None:
+            return dream.sae_feature(args.site, sae, features)
+        return masked_sae_feature(args.site, sae, features, masks[[dream_seeds[j] for j in index]])
+
     targets = [e["feature"] for e in chosen for _ in seeds] + random_features
     dream_seeds = seeds * (len(chosen) + 1)
     init = starts[np.array(dream_seeds)]
     for renoise in (True, False):
         name = "renoise" if renoise else "no_renoise"
         log(f"{name}: {len(targets)} SAE feature dreams at t={t:g}")
-        images = dreams(model, dream, lambda i: dream.sae_feature(args.site, sae, [targets[j] for j in i]),
-                        init, dream_seeds, t, renoise, args, sae=True)  # fmt: skip
+        images = dreams(model, dream, leaf, init, dream_seeds, t, renoise, args, sae=sae_settings)
         read = read_attributes(images)["colour"]
         random_read = read[len(chosen) * n :]
         variant = {"random_colours": [names[i] if i >= 0 else "none" for i in random_read]}
@@ -402,6 +550,8 @@ def sae_variants(model, dream, args, t, z, labels, starts, start_read, out, grid
             variant[label] = counts(read[j * n : (j + 1) * n], random_read, start_read,
                                     e["colour_index"])  # fmt: skip
             grids[f"{name}: f {e['feature']} ({e['colour']})"] = images[j * n : (j + 1) * n]
+        variant["pooled features"] = pooled([v for key, v in variant.items()
+                                             if key.startswith("feature")])  # fmt: skip
         out["variants"][name] = variant
         log(json.dumps(variant, indent=1))
         text = json.dumps(out, indent=2)
@@ -441,6 +591,18 @@ def main() -> None:
                         help="FEATURE:colour,... dreamt with --sae (docs/sae.md: 2 is blue)")  # fmt: skip
     parser.add_argument("--sae-best", type=int, default=1,
                         help="also the N colours' features most selective under the dream's view")  # fmt: skip
+    parser.add_argument("--sae-heldout", action="store_true",
+                        help="--sae-best features by the survey's held-out rule (no --sae-features)")  # fmt: skip
+    parser.add_argument("--sae-alive-only", action="store_true",
+                        help="--sae-heldout picks only among alive features (in some token's TopK)")  # fmt: skip
+    parser.add_argument("--sae-penalties", choices=("sae", "channel"), default="sae",
+                        help="thesis SAE settings (TV 0, moment 0.5, no blur) or the channel ones")  # fmt: skip
+    parser.add_argument("--sae-train", type=Path, default=None,
+                        help="train an SAE of --site at --timestep into this folder and stop")  # fmt: skip
+    parser.add_argument("--sae-train-images", type=int, default=64, help="per colour")
+    parser.add_argument("--sae-expansion", type=int, default=8)
+    parser.add_argument("--sae-k", type=int, default=4)
+    parser.add_argument("--sae-epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--figures", type=Path, default=None)
@@ -454,6 +616,13 @@ def main() -> None:
     names = shapes.COLOUR_NAMES
     started = time.perf_counter()
     model = diffprobe.load(args.model)
+    if args.sae_train:
+        record = train_site_sae(model, args)
+        if args.out:
+            from diffprobe.io import write_text
+
+            write_text(args.out, json.dumps(record, indent=1) + "\n")
+        return
     chosen_info, z, labels = selectivity(model, args)
     t, chosen = chosen_info["timestep"], chosen_info["chosen"]
     if args.survey_only:
