@@ -77,3 +77,13 @@ def test_inverted_input_of_the_wrong_size():
     edit = H.HSpaceEdit([H.ConstantDelta(torch.zeros(32, 8, 8))])  # Δh made at 16 px
     with pytest.raises(H.HSpaceError, match=r"h of shape \(32, 12, 12\).*made for \(32, 8, 8\)"):
         H.sample(model, torch.zeros(1, 3, 24, 24), steps=2, hspace=edit)
+
+
+def test_paired_objective_without_twins(refused):
+    refused([*TRAIN, "--source", "red", "--target", "smiling", "--objective", "paired"],
+            ["--target", "'smiling'", "shapes-world colour", "--objective clip"])  # fmt: skip
+
+
+def test_unknown_objective(refused):
+    refused([*TRAIN, "--source", "red", "--target", "blue", "--objective", "lpips"],
+            ["--objective", "'lpips'", "clip or paired"])  # fmt: skip

@@ -45,36 +45,58 @@ def train_command(
     kind: Annotated[str, typer.Option(help="conv (Asyrp DeltaBlock) | transformer | free")] = "conv",
     items: Annotated[int, typer.Option(help="training images of the source colour")] = 16,
     steps: Annotated[int, typer.Option(help="DDIM steps of inversion and chain")] = 40,
-    epochs: int = 1,
-    batch_size: int = 4,
-    optimizer: Annotated[str, typer.Option(help="sgd | adamw")] = "sgd",
-    lr: float = 0.5,
+    objective: Annotated[str, typer.Option(
+        help="clip (Asyrp's directional CLIP loss) | paired (shapes-world colour twins)")] = "clip",
+    epochs: Annotated[int | None, typer.Option(help="default 1 (clip), 150 (paired)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="default 4 (clip), 16 (paired)")] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        help="sgd | adamw; default sgd (clip), adamw (paired)")] = None,
+    lr: Annotated[float | None, typer.Option(help="default 0.5 (clip), 1e-2 (paired)")] = None,
     lambda_clip: float = 1.0,
-    lambda_recon: float = 3.0,
+    lambda_recon: Annotated[float | None, typer.Option(
+        help="L1 to the unedited P_t (clip; default 3) / to the unedited output outside the "
+        "shape (paired; default 0.1)")] = None,
+    paired_loss: Annotated[str, typer.Option(help="paired: mse | l1 to the twin")] = "mse",
+    paired_at: Annotated[str, typer.Option(
+        help="paired: final (whole chain) | pt (P_t per step, Asyrp's loop)")] = "final",
     t_edit: Annotated[int | None, typer.Option(help="default: from the distance curve")] = None,
     t_boost: Annotated[int | None, typer.Option(help="default: from the curve; -1 = off")] = None,
     clip: Annotated[str, typer.Option(help="tiny-clip or a CLIPModel folder / hub id")] = "tiny-clip",
     seed: int = 0, device: str = "cpu", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:  # fmt: skip
-    """Train a Δh network with Asyrp's directional CLIP + L1 loss; writes delta.safetensors."""
+    """Train a Δh network (Asyrp's directional CLIP + L1 loss, or colour twins with
+    --objective paired); writes delta.safetensors."""
     setup(quiet)
+    from dataclasses import asdict
+
     from diffprobe.interventions.hspace import HSpaceError
     from diffprobe.interventions.hspace.deltas import KINDS
-    from diffprobe.interventions.hspace.training import TrainConfig
+    from diffprobe.interventions.hspace.paired import PAIRED_AT, PAIRED_LOSSES
+    from diffprobe.interventions.hspace.training import OBJECTIVES, PAIRED_DEFAULTS, TrainConfig
     from diffprobe.io import check_output
-    from diffprobe.stages.hspace import HSPACE_KIND, source_images, train
+    from diffprobe.stages.hspace import HSPACE_KIND, paired_data, source_images, train
 
     _check(steps, items, source, target)
     if kind not in KINDS:
         raise HSpaceError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
-    if optimizer not in ("sgd", "adamw"):
+    if objective not in OBJECTIVES:
+        raise HSpaceError(f"--objective {objective!r}: expected {' or '.join(OBJECTIVES)}")
+    if paired_loss not in PAIRED_LOSSES or paired_at not in PAIRED_AT:
+        raise HSpaceError(f"--paired-loss {paired_loss!r} / --paired-at {paired_at!r}: expected "
+                          "mse or l1 / final or pt")  # fmt: skip
+    defaults = {**asdict(TrainConfig()), **(PAIRED_DEFAULTS if objective == "paired" else {})}
+    given = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
+             "learning_rate": lr, "lambda_recon": lambda_recon}  # fmt: skip
+    chosen = {k: defaults[k] if v is None else v for k, v in given.items()}
+    if chosen["optimizer"] not in ("sgd", "adamw"):
         raise HSpaceError(f"--optimizer {optimizer!r}: expected sgd or adamw")
     source_images(source, 1)
+    if objective == "paired":
+        paired_data(source, target, 1, seed)
     check_output(out, HSPACE_KIND, overwrite=overwrite)
     loaded = _load(model, device)
-    config = TrainConfig(steps=steps, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                         learning_rate=lr, lambda_clip=lambda_clip, lambda_recon=lambda_recon,
-                         seed=seed)  # fmt: skip
+    config = TrainConfig(steps=steps, lambda_clip=lambda_clip, seed=seed, objective=objective,
+                         paired_loss=paired_loss, paired_at=paired_at, **chosen)  # fmt: skip
     folder = train(loaded, out, source=source, target=target, kind=kind, items=items, clip=clip,
                    config=config, t_edit=t_edit, t_boost=t_boost, seed=seed,
                    progress=not quiet, overwrite=overwrite)  # fmt: skip

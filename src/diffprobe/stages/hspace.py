@@ -29,8 +29,10 @@ from diffprobe.interventions.hspace import (
 )
 from diffprobe.interventions.hspace.clip import ClipScorer, load_clip
 from diffprobe.interventions.hspace.deltas import ConstantDelta, FreeDelta, build_delta
+from diffprobe.interventions.hspace.paired import train_paired
 from diffprobe.interventions.hspace.process import SITE
 from diffprobe.interventions.hspace.training import (
+    OBJECTIVES,
     TrainConfig,
     choose_timesteps,
     distance_curve,
@@ -43,6 +45,7 @@ __all__ = [
     "edit_images",
     "evaluate",
     "make_direction",
+    "paired_data",
     "paired_groups",
     "source_images",
     "train",
@@ -133,21 +136,58 @@ def timesteps_from_curve(model, x0, steps: int, scorer: ClipScorer, source: str,
         "boost_fraction": boost_fraction}  # fmt: skip
 
 
+def paired_data(source: str, target: str, items: int, seed: int = 0):
+    """(source group, target twins) for ``--objective paired``, or one clear line why not."""
+    from diffprobe.data import shapes
+
+    for name, colour in (("--source", source), ("--target", target)):
+        if colour not in shapes.COLOUR_NAMES:
+            raise HSpaceError(f"--objective paired trains on shapes-world colour twins, but "
+                              f"{name} {colour!r} is not a shapes-world colour (use one of "
+                              f"{', '.join(shapes.COLOUR_NAMES)}); free text needs "
+                              "--objective clip")  # fmt: skip
+    first, second = source_images(source, items, seed), source_images(target, items, seed)
+    if not paired_groups(first, second):
+        raise HSpaceError(f"--objective paired: the {source} and {target} images are not "
+                          "twins (they differ in more than colour); nothing to pair")  # fmt: skip
+    return first, second
+
+
+def keep_mask(model, masks: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """(items, 1, H, W) weight of the pixels outside the shape (1 − area-resized mask)."""
+    size = decode(model, like[:1]).shape[-2:]
+    mask = torch.from_numpy(np.asarray(masks)).float()[:, None]
+    return 1 - torch.nn.functional.interpolate(mask, size=tuple(size), mode="area")
+
+
 def train(model, out: str | Path, *, source: str, target: str, kind: str = "conv",
           items: int = 16, clip: str = "tiny-clip", config: TrainConfig | None = None,
           t_edit: int | None = None, t_boost: int | None = None, seed: int = 0,
           progress: bool = True, overwrite: bool = False) -> Path:  # fmt: skip
     """Train a Δh source (conv, transformer, free) on ``items`` inverted images of the
-    ``source`` colour; writes ``delta.safetensors`` and ``train.json``."""
+    ``source`` colour; writes ``delta.safetensors`` and ``train.json``. ``config.objective``:
+    ``clip`` (Asyrp's directional CLIP + L1 loss) or ``paired`` (the target-colour twins'
+    chains, :mod:`~diffprobe.interventions.hspace.paired`; t_edit 0 and no boosting unless
+    given; no CLIP)."""
     check_texts(source, target)
     config = config or TrainConfig()
-    scorer = load_clip(clip)
+    if config.objective not in OBJECTIVES:
+        raise HSpaceError(f"--objective {config.objective!r}: expected clip or paired")
+    paired = config.objective == "paired"
+    if paired:
+        data, twins = paired_data(source, target, items, seed)
+        clip = None
+    scorer = None if paired else load_clip(clip)
     shape = h_shape(model)
     out = claim_output(out, HSPACE_KIND, overwrite=overwrite)
-    data = source_images(source, items, seed=seed)
+    if not paired:
+        data = source_images(source, items, seed=seed)
     x0, x_T = invert(model, data.images, config.steps, progress)
     curve = None
-    if t_edit is None or t_boost is None:
+    if paired:
+        t_edit = 0 if t_edit is None else t_edit
+        t_boost = -1 if t_boost is None else t_boost
+    elif t_edit is None or t_boost is None:
         chosen_edit, chosen_boost, curve = timesteps_from_curve(model, x0, config.steps, scorer,
                                                                 source, target)  # fmt: skip
         t_edit = chosen_edit if t_edit is None else t_edit
@@ -155,11 +195,17 @@ def train(model, out: str | Path, *, source: str, target: str, kind: str = "conv
     config = TrainConfig(**{**asdict(config), "t_edit": t_edit})
     torch.manual_seed(seed)
     delta = build_delta(kind, shape, config.steps)
-    result = train_delta(model, delta, x0, x_T, scorer, source, target, config,
-                         progress=progress)  # fmt: skip
+    if paired:
+        _, twin_T = invert(model, twins.images, config.steps, progress)
+        result = train_paired(model, delta, x_T, twin_T, keep_mask(model, data.masks, x0),
+                              config, progress=progress)  # fmt: skip
+    else:
+        result = train_delta(model, delta, x0, x_T, scorer, source, target, config,
+                             progress=progress)  # fmt: skip
     info = {"model": model.name, "source": source, "target": target, "kind": kind,
             "train_steps": config.steps, "t_edit": t_edit, "t_boost": t_boost,
-            "clip": clip, "templates": list(scorer.templates), "items": items,
+            "objective": config.objective, "clip": clip,
+            "templates": None if paired else list(scorer.templates), "items": items,
             "config": asdict(config)}  # fmt: skip
     save_delta(out / "delta.safetensors", delta, info)
     write_json(out / "train.json", {**info, "curve": curve, "h_shape": list(shape),
@@ -255,6 +301,10 @@ def evaluate(model, deltas: Sequence[str | Path], out: str | Path, *, source: st
     target_index = shapes.COLOUR_NAMES.index(target) if target in shapes.COLOUR_NAMES else None
     colour_texts = scorer.texts([f"a {c} shape" for c in shapes.COLOUR_NAMES])
     read_original = read_attributes(original_u8)
+    with torch.no_grad():  # the unedited (α = 0, no Δh) reconstruction of the same chains
+        plain = decode(model, sample(model, x_T, steps=steps, t_boost=t_boost, seed=seed,
+                                     clip_sample=False))  # fmt: skip
+    read_plain = read_attributes(to_uint8(plain))
     rows, grid = [], []
     for strength in strengths:
         pixels = edit_images(model, x_T, sources, strength=float(strength), steps=steps,
@@ -277,6 +327,10 @@ def evaluate(model, deltas: Sequence[str | Path], out: str | Path, *, source: st
             "quadrant_kept": float(np.mean(read["quadrant"] == read_original["quadrant"])),
             "shape_true": float(np.mean(read["shape"] == data.factors["shape"])),
             "quadrant_true": float(np.mean(read["quadrant"] == data.factors["quadrant"])),
+            "shape_kept_reconstruction": float(np.mean(read["shape"] == read_plain["shape"])),
+            "quadrant_kept_reconstruction": float(
+                np.mean(read["quadrant"] == read_plain["quadrant"])
+            ),
             "clip_target_probability": float(probability[:, target_index].mean())
             if target_index is not None
             else None,
@@ -301,6 +355,19 @@ def evaluate(model, deltas: Sequence[str | Path], out: str | Path, *, source: st
         "clip": clip,
         "templates": list(scorer.templates),
         "feature_extractor": f"{clip} image embeddings (dim {original_emb.shape[1]})",
+        "kept_definitions": {
+            "*_kept": "reader on the edit == reader on the original image",
+            "*_true": "reader on the edit == the generator's factor",
+            "*_kept_reconstruction": "reader on the edit == reader on the unedited "
+            "reconstruction (same chain, no Δh)",
+        },
+        "reconstruction": {
+            "shape_true": float(np.mean(read_plain["shape"] == data.factors["shape"])),
+            "quadrant_true": float(np.mean(read_plain["quadrant"] == data.factors["quadrant"])),
+            "source_colour": float(
+                np.mean(read_plain["colour"] == shapes.COLOUR_NAMES.index(source))
+            ),
+        },
         "rows": rows,
         "linearity": {
             key: linearity(xs, np.array([r[key] for r in rows]))

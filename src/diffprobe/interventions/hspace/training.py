@@ -37,7 +37,15 @@ from diffprobe.interventions.hspace.process import (
     schedule,
 )
 
-__all__ = ["TrainConfig", "choose_timesteps", "directional_loss", "distance_curve", "train_delta"]
+__all__ = [
+    "OBJECTIVES",
+    "PAIRED_DEFAULTS",
+    "TrainConfig",
+    "choose_timesteps",
+    "directional_loss",
+    "distance_curve",
+    "train_delta",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,15 @@ class TrainConfig:
     lambda_recon: float = 3.0
     t_edit: int = 500
     seed: int = 0
+    objective: str = "clip"  # "clip" (Asyrp) or "paired" (colour twins: hspace/paired.py)
+    paired_loss: str = "mse"  # paired: distance to the twin, "mse" or "l1"
+    paired_at: str = "final"  # paired: "final" (whole chain) or "pt" (P_t, Asyrp's loop)
+
+
+# the paired objective's recipe (Adam-type optimiser, whole chain: many passes at a small lr)
+PAIRED_DEFAULTS = {"epochs": 150, "batch_size": 16, "optimizer": "adamw", "learning_rate": 1e-2,
+                   "lambda_recon": 0.1}  # fmt: skip
+OBJECTIVES = ("clip", "paired")
 
 
 def directional_loss(delta_image: torch.Tensor, delta_text: torch.Tensor) -> torch.Tensor:
