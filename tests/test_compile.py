@@ -131,6 +131,7 @@ def test_make_reachable_on_an_uncompiled_model_is_a_no_op():
     assert not any("forward" in m.__dict__ for m in eager.denoiser.modules())
 
 
+@pytest.mark.slow
 def test_channels_last_and_tuned_options_reach_weights_and_compiler(monkeypatch):
     from diffprobe.hooks import compiled as compiled_module
 
