@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from diffprobe.interventions.hspace.deltas import HSpaceError
 from diffprobe.interventions.hspace.process import (
-    HSpaceEdit,
     _conditioning,
     asymmetric_step,
     decode,
@@ -90,16 +89,9 @@ def train_paired(model: Any, source: nn.Module, x_T: torch.Tensor, twin_T: torch
     plan = schedule(model, config.steps)
     reference, reference_pt = plain_chain(model, x_T, config.steps)
     target, target_pt = plain_chain(model, twin_T, config.steps)
-    parameters = [p for p in source.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=config.learning_rate)
-    else:
-        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-    hspace = HSpaceEdit([source], t_edit=config.t_edit, train_steps=config.steps)
-    source.train()
-    edited = [(i, t) for i, t in enumerate(plan.timesteps) if t >= config.t_edit]
-    batches = [list(range(a, min(a + config.batch_size, len(x_T))))
-               for a in range(0, len(x_T), config.batch_size)]  # fmt: skip
+    from diffprobe.interventions.hspace.training import training_setup
+
+    optimizer, hspace, edited, batches = training_setup(source, config, plan, len(x_T))
     per_batch = 1 if config.paired_at == "final" else len(edited)
     bar = tqdm(total=config.epochs * len(batches) * per_batch, desc=f"h-space paired {source.kind}",
                disable=not progress)  # fmt: skip

@@ -78,6 +78,21 @@ def directional_loss(delta_image: torch.Tensor, delta_text: torch.Tensor) -> tor
     return -torch.log((1 + cosine).clamp_min(1e-6) / 2)
 
 
+def training_setup(source: nn.Module, config: Any, plan: Any, items: int) -> tuple:
+    """What both trainers (CLIP and paired) set up the same way: the optimiser of ``source``'s
+    trainable parameters (``config.optimizer``: sgd or AdamW), the h-space edit, the edited
+    (step index, timestep) pairs of ``plan`` and the batches of ``items``."""
+    parameters = [p for p in source.parameters() if p.requires_grad]
+    kind = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.AdamW
+    optimizer = kind(parameters, lr=config.learning_rate)
+    hspace = HSpaceEdit([source], t_edit=config.t_edit, train_steps=config.steps)
+    source.train()
+    edited = [(i, t) for i, t in enumerate(plan.timesteps) if t >= config.t_edit]
+    batches = [list(range(a, min(a + config.batch_size, items)))
+               for a in range(0, items, config.batch_size)]  # fmt: skip
+    return optimizer, hspace, edited, batches
+
+
 def train_delta(model: Any, source: nn.Module, x0: torch.Tensor, x_T: torch.Tensor,
                 scorer: ClipScorer, source_text: str, target_text: str, config: TrainConfig, *,
                 prompts: Sequence[str] | None = None, guidance_scale: float | None = None,
@@ -92,17 +107,8 @@ def train_delta(model: Any, source: nn.Module, x0: torch.Tensor, x_T: torch.Tens
     # CLIP can place the two texts apart (tiny-clip: red vs blue −0.39), where that factor would
     # reward leaving the reference: it is then 1.
     recon_weight = text_cos if text_cos > 0 else 1.0
-    parameters = [p for p in source.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=config.learning_rate)
-    else:
-        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-    hspace = HSpaceEdit([source], t_edit=config.t_edit, train_steps=config.steps)
-    source.train()
+    optimizer, hspace, edited, batches = training_setup(source, config, plan, len(x0))
     history: list[dict[str, float]] = []
-    edited = [(i, t) for i, t in enumerate(plan.timesteps) if t >= config.t_edit]
-    batches = [list(range(a, min(a + config.batch_size, len(x0))))
-               for a in range(0, len(x0), config.batch_size)]  # fmt: skip
     total = config.epochs * len(batches) * len(edited)
     bar = tqdm(total=total, desc=f"h-space {source.kind}", disable=not progress)
     began = time.perf_counter()
