@@ -240,13 +240,9 @@ def attention_sites_of(model: Model) -> list[AttentionSite]:
     return sites
 
 
-def encoder_rollout(model: Model, prompt: str, length: int | None = None) -> np.ndarray:
-    """The text encoder's attention rollout over the prompt's tokens
-    (:func:`prompt_tokens`): (tokens, tokens), R[j, t] (:func:`~diffprobe.analysis.
-    attribution.attention_rollout` of the encoder run on the prompt's ids padded to
-    ``length`` (default: the tokenizer's maximum; the denoiser's text length), every layer up
-    to the one the pipeline reads, then the prompt's rows and columns). Raises
-    :class:`AttributionError` when token positions mix several encoders (SDXL, SD3)."""
+def _single_encoder(model: Model) -> tuple[str, Any, Any]:
+    """(name, tower, tokenizer) of the one text encoder that feeds every token position;
+    :class:`AttributionError` when positions mix several (SDXL, SD3)."""
     towers = [(n, t) for n, t in model.text_towers(model.pipe).items() if t.tokens is not None]
     segments = _segments(model)
     if len(towers) != 1 or len(segments) != 1:
@@ -255,8 +251,18 @@ def encoder_rollout(model: Model, prompt: str, length: int | None = None) -> np.
             f"{model.name or model.family!r} has {len(towers)} "
             f"({', '.join(n for n, _ in towers)}); use weighting 'attention'"
         )
-    name, tower = towers[0]
-    encoder, tokenizer = getattr(model.pipe, name), segments[0][1]
+    return (*towers[0], segments[0][1])
+
+
+def encoder_rollout(model: Model, prompt: str, length: int | None = None) -> np.ndarray:
+    """The text encoder's attention rollout over the prompt's tokens
+    (:func:`prompt_tokens`): (tokens, tokens), R[j, t] (:func:`~diffprobe.analysis.
+    attribution.attention_rollout` of the encoder run on the prompt's ids padded to
+    ``length`` (default: the tokenizer's maximum; the denoiser's text length), every layer up
+    to the one the pipeline reads, then the prompt's rows and columns). Raises
+    :class:`AttributionError` when token positions mix several encoders (SDXL, SD3)."""
+    name, tower, tokenizer = _single_encoder(model)
+    encoder = getattr(model.pipe, name)
     ids = tokenizer(
         prompt, padding="max_length", max_length=length or _length(tokenizer), truncation=True,
         return_tensors="pt",
@@ -326,7 +332,7 @@ def attribute_prompt(
     sites = list(sites) if sites is not None else attention_sites_of(model)
     maths.check_weighting(weighting)
     if "rollout" in weighting:
-        encoder_rollout(model, prompt)  # refuse before generating
+        _single_encoder(model)  # refuse before generating
     if weighting.startswith("output") and any(s.kind != "cross" for s in sites):
         raise AttributionError(
             f"weighting {weighting!r} reads value-space scores of cross-attention (UNet "
@@ -355,7 +361,7 @@ def attribute_prompt(
     output_names = [s for s in names if s in collector.outputs]
     rollout = None
     if "rollout" in weighting:  # padded as the denoiser's text was
-        length = min(collector.text_length, _length(_segments(model)[0][1]))
+        length = min(collector.text_length, _length(_single_encoder(model)[2]))
         rollout = encoder_rollout(model, prompt, length)[: len(tokens), : len(tokens)]
     return PromptAttribution(
         prompt=prompt,
