@@ -7,18 +7,24 @@ For each configuration it times, after warm-ups and with the device synchronised
 - ``capture``: one pass through the hook engine capturing the 9 benchmark sites (mean pooled)
   with early stop after the deepest, as ``extract`` runs it;
 - ``encode``: the VAE encoding of the batch (``Model.encode_images``);
-- ``extract``: ``diffprobe.extract.extract`` of ``--items`` items × ``--noise`` noise levels
+- ``extract``: ``diffprobe.extract.extract`` of ``--items`` items × the 11 noise levels
   into a fresh run folder (store writes included), from which MFU is computed with and without
   the encoder's FLOPs.
 
-Configurations, in this order (each one's JSON row is written as soon as it is measured):
-eager; eager + ``cudnn.benchmark``; eager + channels_last weights + ``cudnn.benchmark``;
-regional compile (``Model.compile``); + ``cudnn.benchmark``; + channels_last (recompiles);
-and, with ``--tuned``, inductor's ``conv_1x1_as_mm`` and ``coordinate_descent_tuning`` on top
-(recompiles). FLOPs are counted once (``FlopCounterMode``) on the eager model.
+``--variants``: ``eager`` and then at most one compiled variant per process (compiled graphs
+are not undone): ``compiled`` (``Model.compile``), ``compiled+channels_last``,
+``compiled+tuned`` (inductor's ``conv_1x1_as_mm`` and coordinate-descent tuning),
+``compiled+channels_last+tuned``; the layout is set before compiling. ``--nnsight`` times
+nnsight on an eager copy of the pipeline (nnsight replaces the wrapped blocks' ``forward``,
+which ``Model.compile`` then leaves eager). Each row is written to ``--out`` as soon as it is
+measured. FLOPs are counted once (``FlopCounterMode``) on the eager model. (The first run,
+``benchmarks/results/gpu-knobs-sd1.5-h100-partial.json``, came from an earlier version that
+toggled ``cudnn.benchmark`` and converted layouts in one process; its note says which rows
+hold.)
 
     python3 benchmarks/gpu_knobs.py --full-size sd1.5 --size 512 --batch 32 --dtype bf16 \
-        --items 128 --out knobs-sd15.json
+        --items 128 --variants eager,compiled --nnsight --out knobs-sd15.json
+    python3 benchmarks/gpu_knobs.py ... --variants compiled+channels_last+tuned --out k2.json
 """
 
 from __future__ import annotations
