@@ -186,6 +186,9 @@ def test_label_three_tokens_with_clicks(recorder, inspector, demo_like_run, tmp_
     click(5, 5)  # a fourth click, taken back
     with page.expect_response(lambda r: r.url.endswith("/api/labels")):
         page.click("#undo")
+    # the page redraws after the response's body is read: wait for it rather than race it
+    page.wait_for_function("document.querySelectorAll('#label-canvas rect.label').length === 1")
+    page.wait_for_function("document.querySelector('#scores').textContent.includes('3 groups')")
     assert len(page.query_selector_all("#label-canvas rect.label")) == 1
     # the saved files: one per image, with the clicked upper-left tokens
     saved = {}

@@ -270,6 +270,7 @@ async function anomaliesPage(args) {
     const site = lab.key.split("|")[0];
     if (remember) lab.history.push({ item: lab.item, key: lab.key, groups: groupsOf().slice() });
     data.labels[`${lab.item}|${site}`] = groups;
+    draw();  // the marks show at once; the scores follow when the server has saved them
     data.scores = await getJSON("/api/labels", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ run, stage, key: lab.key, item: lab.item, groups }) });
     draw();
