@@ -121,3 +121,42 @@ def test_paired_objective_without_twins_is_refused():
     with pytest.raises(H.HSpaceError, match="not a shapes-world colour") as info:
         paired_data("red", "a smiling face", 2)
     assert "\n" not in str(info.value) and "--objective clip" in str(info.value)
+
+
+@pytest.mark.parametrize("recon", ["l1", "mse"])
+def test_recon_term_equals_the_kept_distance_of_the_edit(ddpm, recon):
+    """With a trained (non-zero) f_t and lr 0, the first row's recon is Σ keep·ρ(X − R) / Σ keep
+    of the edited output X and the plain output R, both recomputed with ``edit_images`` /
+    ``H.sample``; ρ = |·| or (·)² by ``paired_recon``, and the two differ."""
+    from diffprobe.stages.hspace import edit_images
+
+    steps = 4
+    x_T, twin_T, keep = _pairs(ddpm, steps)
+    torch.manual_seed(0)
+    delta = H.build_delta("conv", H.h_shape(ddpm), steps)
+    train_paired(ddpm, delta, x_T, twin_T, keep, _config(epochs=3, learning_rate=5e-2),
+                 progress=False)  # fmt: skip
+    result = train_paired(ddpm, delta, x_T, twin_T, keep,
+                          _config(learning_rate=0.0, paired_recon=recon), progress=False)  # fmt: skip
+    with torch.no_grad():
+        edited = edit_images(ddpm, x_T, [delta], strength=1.0, steps=steps, t_edit=0,
+                             t_boost=-1, train_steps=steps)  # fmt: skip
+        plain = H.sample(ddpm, x_T, steps=steps, clip_sample=False)
+    diff = edited - plain
+    weight = keep.expand_as(diff)
+    per_pixel = {"l1": diff.abs(), "mse": diff**2}
+    expected = {k: float((weight * v).sum() / weight.sum()) for k, v in per_pixel.items()}
+    assert abs(expected["l1"] - expected["mse"]) > 1e-4  # the two distances differ here
+    first = result["history"][0]
+    assert first["recon"] == pytest.approx(expected[recon], rel=1e-4)
+    twin = H.sample(ddpm, twin_T, steps=steps, clip_sample=False)
+    assert first["twin"] == pytest.approx(float(((edited - twin) ** 2).mean()), rel=1e-4)
+
+
+def test_unknown_recon_distance_is_refused(ddpm):
+    x_T, twin_T, keep = _pairs(ddpm, 2)
+    delta = H.build_delta("conv", H.h_shape(ddpm), 2)
+    with pytest.raises(H.HSpaceError, match="paired recon 'l2': expected l1 or mse") as info:
+        train_paired(ddpm, delta, x_T, twin_T, keep, _config(steps=2, paired_recon="l2"),
+                     progress=False)  # fmt: skip
+    assert "\n" not in str(info.value)
