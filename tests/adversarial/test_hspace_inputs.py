@@ -87,8 +87,3 @@ def test_paired_objective_without_twins(refused):
 def test_unknown_objective(refused):
     refused([*TRAIN, "--source", "red", "--target", "blue", "--objective", "lpips"],
             ["--objective", "'lpips'", "clip or paired"])  # fmt: skip
-
-
-def test_unknown_paired_recon_distance(refused):
-    refused([*TRAIN, "--source", "red", "--target", "blue", "--objective", "paired",
-             "--paired-recon", "l2"], ["--paired-recon", "'l2'", "l1 or mse"])  # fmt: skip

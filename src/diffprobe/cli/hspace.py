@@ -59,8 +59,6 @@ def train_command(
     paired_loss: Annotated[str, typer.Option(help="paired: mse | l1 to the twin")] = "mse",
     paired_at: Annotated[str, typer.Option(
         help="paired: final (whole chain) | pt (P_t per step, Asyrp's loop)")] = "final",
-    paired_recon: Annotated[str, typer.Option(
-        help="paired: l1 | mse, the recon distance outside the shape")] = "l1",
     t_edit: Annotated[int | None, typer.Option(help="default: from the distance curve")] = None,
     t_boost: Annotated[int | None, typer.Option(help="default: from the curve; -1 = off")] = None,
     clip: Annotated[str, typer.Option(help="tiny-clip or a CLIPModel folder / hub id")] = "tiny-clip",
@@ -73,7 +71,7 @@ def train_command(
 
     from diffprobe.interventions.hspace import HSpaceError
     from diffprobe.interventions.hspace.deltas import KINDS
-    from diffprobe.interventions.hspace.paired import PAIRED_AT, PAIRED_LOSSES, PAIRED_RECONS
+    from diffprobe.interventions.hspace.paired import PAIRED_AT, PAIRED_LOSSES
     from diffprobe.interventions.hspace.training import OBJECTIVES, PAIRED_DEFAULTS, TrainConfig
     from diffprobe.io import check_output
     from diffprobe.stages.hspace import HSPACE_KIND, paired_data, source_images, train
@@ -86,8 +84,6 @@ def train_command(
     if paired_loss not in PAIRED_LOSSES or paired_at not in PAIRED_AT:
         raise HSpaceError(f"--paired-loss {paired_loss!r} / --paired-at {paired_at!r}: expected "
                           "mse or l1 / final or pt")  # fmt: skip
-    if paired_recon not in PAIRED_RECONS:
-        raise HSpaceError(f"--paired-recon {paired_recon!r}: expected l1 or mse")
     defaults = {**asdict(TrainConfig()), **(PAIRED_DEFAULTS if objective == "paired" else {})}
     given = {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
              "learning_rate": lr, "lambda_recon": lambda_recon}  # fmt: skip
@@ -100,8 +96,7 @@ def train_command(
     check_output(out, HSPACE_KIND, overwrite=overwrite)
     loaded = _load(model, device)
     config = TrainConfig(steps=steps, lambda_clip=lambda_clip, seed=seed, objective=objective,
-                         paired_loss=paired_loss, paired_at=paired_at, paired_recon=paired_recon,
-                         **chosen)  # fmt: skip
+                         paired_loss=paired_loss, paired_at=paired_at, **chosen)  # fmt: skip
     folder = train(loaded, out, source=source, target=target, kind=kind, items=items, clip=clip,
                    config=config, t_edit=t_edit, t_boost=t_boost, seed=seed,
                    progress=not quiet, overwrite=overwrite)  # fmt: skip

@@ -10,14 +10,13 @@ shape). Two places for the loss (``paired_at``):
   unedited pass is a constant, as in Asyrp; x_t is *not* detached). With X the decoded output,
   R the unedited reconstruction and Y the twin's reconstruction (its plain chain from x_T(y)):
 
-      L = d(X, Y) + λ_recon · Σ keep·ρ(X − R) / Σ keep
+      L = d(X, Y) + λ_recon · Σ keep·|X − R| / Σ keep
 
 - ``pt``: Asyrp's loop (one optimiser step per timestep, x_t detached): at each t ≥ t_edit,
-  L_t = d(P_t^edit, P_t^twin) + λ_recon · Σ keep·ρ(P_t^edit − P_t^ref) / Σ keep, P_t^twin the
+  L_t = d(P_t^edit, P_t^twin) + λ_recon · Σ keep·|P_t^edit − P_t^ref| / Σ keep, P_t^twin the
   twin chain's predicted x0 at the same step.
 
-d is the mean squared error (``paired_loss="mse"``) or the mean absolute error (``"l1"``);
-ρ, per pixel and channel, is |·| (``paired_recon="l1"``, default) or (·)² (``"mse"``).
+d is the mean squared error (``paired_loss="mse"``) or the mean absolute error (``"l1"``).
 Targets are the twin's *reconstructions*, not its pixels, so the loss asks only for what the
 model can draw. One optimiser step per batch (``final``) or per batch and timestep (``pt``).
 """
@@ -42,10 +41,9 @@ from diffprobe.interventions.hspace.process import (
     schedule,
 )
 
-__all__ = ["PAIRED_AT", "PAIRED_LOSSES", "PAIRED_RECONS", "plain_chain", "train_paired"]
+__all__ = ["PAIRED_AT", "PAIRED_LOSSES", "plain_chain", "train_paired"]
 
 PAIRED_LOSSES = ("mse", "l1")
-PAIRED_RECONS = ("l1", "mse")
 PAIRED_AT = ("final", "pt")
 
 
@@ -56,14 +54,8 @@ def _distance(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _kept_l1(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return _kept(a, b, keep, "l1")
-
-
-def _kept(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor, kind: str) -> torch.Tensor:
-    """Σ keep·ρ(a − b) / Σ keep, ρ = |·| (``l1``) or (·)² (``mse``), keep broadcast over channels."""
     weight = keep.expand_as(a)
-    diff = (a - b).abs() if kind == "l1" else (a - b) ** 2
-    return (weight * diff).sum() / weight.sum().clamp_min(1e-6)
+    return (weight * (a - b).abs()).sum() / weight.sum().clamp_min(1e-6)
 
 
 @torch.no_grad()
@@ -85,12 +77,9 @@ def train_paired(model: Any, source: nn.Module, x_T: torch.Tensor, twin_T: torch
                  log: Callable[[dict], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Train ``source`` in place so that the edited chains of ``x_T`` (items, ...) become the
     chains of their twins ``twin_T``; ``config`` a ``TrainConfig`` (steps, epochs,
-    batch_size, optimizer, learning_rate, lambda_recon, t_edit, paired_loss, paired_at,
-    paired_recon)."""
+    batch_size, optimizer, learning_rate, lambda_recon, t_edit, paired_loss, paired_at)."""
     if config.paired_loss not in PAIRED_LOSSES:
         raise HSpaceError(f"paired loss {config.paired_loss!r}: expected mse or l1")
-    if config.paired_recon not in PAIRED_RECONS:
-        raise HSpaceError(f"paired recon {config.paired_recon!r}: expected l1 or mse")
     if config.paired_at not in PAIRED_AT:
         raise HSpaceError(f"paired_at {config.paired_at!r}: expected final or pt")
     if x_T.shape != twin_T.shape:
@@ -130,7 +119,7 @@ def train_paired(model: Any, source: nn.Module, x_T: torch.Tensor, twin_T: torch
                                            plan.alpha(plan.previous(index)))  # fmt: skip
                 output = decode(model, x)
                 twin = distance(output, target[batch])
-                recon = _kept(output, reference[batch], keep_b, config.paired_recon)
+                recon = _kept_l1(output, reference[batch], keep_b)
                 loss = twin + config.lambda_recon * recon
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -148,7 +137,7 @@ def train_paired(model: Any, source: nn.Module, x_T: torch.Tensor, twin_T: torch
                     p_twin = decode(model, target_pt[index][batch])
                     p_ref = decode(model, reference_pt[index][batch])
                 twin = distance(p_edit, p_twin)
-                recon = _kept(p_edit, p_ref, keep_b, config.paired_recon)
+                recon = _kept_l1(p_edit, p_ref, keep_b)
                 loss = twin + config.lambda_recon * recon
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -64,7 +64,6 @@ class TrainConfig:
     objective: str = "clip"  # "clip" (Asyrp) or "paired" (colour twins: hspace/paired.py)
     paired_loss: str = "mse"  # paired: distance to the twin, "mse" or "l1"
     paired_at: str = "final"  # paired: "final" (whole chain) or "pt" (P_t, Asyrp's loop)
-    paired_recon: str = "l1"  # paired: recon distance outside the shape, "l1" or "mse"
 
 
 # the paired objective's recipe (Adam-type optimiser, whole chain: many passes at a small lr)
