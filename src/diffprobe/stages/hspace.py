@@ -176,12 +176,11 @@ def train(model, out: str | Path, *, source: str, target: str, kind: str = "conv
     paired = config.objective == "paired"
     if paired:
         data, twins = paired_data(source, target, items, seed)
-        clip = None
-    scorer = None if paired else load_clip(clip)
+        clip, scorer = None, None
+    else:
+        data, scorer = source_images(source, items, seed=seed), load_clip(clip)
     shape = h_shape(model)
     out = claim_output(out, HSPACE_KIND, overwrite=overwrite)
-    if not paired:
-        data = source_images(source, items, seed=seed)
     x0, x_T = invert(model, data.images, config.steps, progress)
     curve = None
     if paired:

@@ -40,6 +40,7 @@ from diffprobe.interventions.hspace.process import (
     predicted_x0,
     schedule,
 )
+from diffprobe.interventions.hspace.training import training_setup
 
 __all__ = ["PAIRED_AT", "PAIRED_LOSSES", "plain_chain", "train_paired"]
 
@@ -89,8 +90,6 @@ def train_paired(model: Any, source: nn.Module, x_T: torch.Tensor, twin_T: torch
     plan = schedule(model, config.steps)
     reference, reference_pt = plain_chain(model, x_T, config.steps)
     target, target_pt = plain_chain(model, twin_T, config.steps)
-    from diffprobe.interventions.hspace.training import training_setup
-
     optimizer, hspace, edited, batches = training_setup(source, config, plan, len(x_T))
     per_batch = 1 if config.paired_at == "final" else len(edited)
     bar = tqdm(total=config.epochs * len(batches) * per_batch, desc=f"h-space paired {source.kind}",
